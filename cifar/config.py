@@ -1,0 +1,207 @@
+"""Experiment recipes: defaults -> ``experiments/<name>.yaml`` -> command-line overrides.
+
+A recipe is a tree of frozen dataclasses. ``--set optim.lr=0.2`` changes one leaf, with its
+type checked; an unknown key or a wrong type is a clear error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar.errors import CifarError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "fastnet"
+    width: float = 1.0  # channel multiplier (not every model supports it)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    bias_lr_scale: float = 1.0  # learning-rate multiplier for BatchNorm and bias parameters
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "onecycle"  # onecycle (linear warm-up then linear decay) | cosine | constant
+    warmup_fraction: float = 0.2
+    final_lr_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    translate: int = 2
+    cutout: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 512
+    eval_batch_size: int = 1000
+    label_smoothing: float = 0.2
+    ema_decay: float = 0.0  # 0 = no weight EMA
+    tta: bool = True  # flip test-time augmentation at evaluation
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    subset: int = 0  # training images to use (0 = all); val shrinks in proportion, test never
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr": 0.1, ...}``: the recipe as MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def _check_value(path: str, expected: Any, value: Any) -> Any:
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise CifarError(f"'{path}' must be {expected.__name__}, got {value!r} ({type(value).__name__}).")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, origin: str) -> Any:
+    if not isinstance(values, dict):
+        raise CifarError(f"{origin}: '{prefix or 'the recipe'}' must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise CifarError(
+            f"{origin}: unknown field '{where}{unknown[0]}'. Known fields{' of ' + prefix if prefix else ''}: "
+            f"{', '.join(sorted(known))}."
+        )
+    kwargs = {}
+    for name, value in values.items():
+        path = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path, origin)
+        else:
+            kwargs[name] = _check_value(path, hint, value)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"optim.lr=0.2"`` -> ``{"optim": {"lr": 0.2}}`` (the value is read as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise CifarError(f"--set expects KEY=VALUE (e.g. optim.lr=0.2), got '{text}'.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def experiment_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise CifarError(f"config file '{name_or_path}' does not exist.")
+        return path
+    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise CifarError(
+            f"unknown experiment '{name_or_path}'. Available: {', '.join(available_experiments())} "
+            f"(files in {EXPERIMENTS_DIR}), or pass a path to a .yaml recipe."
+        )
+    return candidate
+
+
+def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Resolve a recipe: dataclass defaults, then the YAML file, then each ``KEY=VALUE`` override."""
+    path = experiment_path(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CifarError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise CifarError(f"{path} must hold a mapping of recipe fields.")
+    values.setdefault("name", path.stem)
+    _build(ExperimentConfig, values, "", str(path))  # errors name the file, not the override
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+        _build(ExperimentConfig, values, "", f"--set {text}")
+    return _build(ExperimentConfig, values, "", str(path))

@@ -1,0 +1,316 @@
+"""Where CIFAR-10 comes from: the canonical download, its archive or folder, or an ImageFolder tree.
+
+Every reader returns a ``RawDataset`` of decoded uint8 arrays; nothing here writes the cache.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifar.errors import CifarError
+from cifar.preprocess import decode_image
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_BATCH = "test_batch"
+_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    train_images: np.ndarray  # N x 32 x 32 x 3 uint8
+    train_labels: np.ndarray  # N int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+    source_format: str
+
+
+def load_source(source: str, data_dir: Path, workers: int | None = None) -> RawDataset:
+    """Read CIFAR-10 from ``source``: ``cifar10`` (download) or a path in any supported format."""
+    if source == "cifar10":
+        archive = download_cifar10(data_dir)
+        return read_canonical_archive(archive)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CifarError(
+            f"data source '{source}' does not exist. Pass --source cifar10 to download CIFAR-10, "
+            "or a path to cifar-10-python.tar.gz, a cifar-10-batches-py/ folder, "
+            "an ImageFolder tree (train/<class>/*, test/<class>/*) or a .tar.gz of one."
+        )
+    if path.is_dir():
+        return _read_directory(path, workers)
+    if tarfile.is_tarfile(path):
+        names = _tar_names(path)
+        if any(Path(name).name == _TRAIN_BATCHES[0] for name in names):
+            return read_canonical_archive(path)
+        return read_imagefolder_archive(path, workers)
+    raise CifarError(f"data source '{source}' is neither a folder nor a .tar/.tar.gz archive.")
+
+
+# --- the canonical download ----------------------------------------------------------------
+def download_cifar10(data_dir: Path, url: str | None = None, md5: str | None = None) -> Path:
+    """Download ``cifar-10-python.tar.gz`` into ``data_dir`` and verify its MD5 (torchvision).
+
+    ``$CIFAR10_URL`` / ``$CIFAR10_MD5`` point at a mirror. A file that fails the checksum is
+    deleted, never used.
+    """
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    url = url or os.environ.get("CIFAR10_URL", CIFAR10_URL)
+    md5 = md5 or os.environ.get("CIFAR10_MD5", CIFAR10_MD5)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = data_dir / CIFAR10_ARCHIVE
+    if archive.exists() and check_integrity(str(archive), md5):
+        return archive
+    try:
+        download_url(url, str(data_dir), filename=CIFAR10_ARCHIVE, md5=md5)
+    except RuntimeError as exc:
+        archive.unlink(missing_ok=True)
+        if "corrupted" in str(exc) or "not found" in str(exc).lower():
+            raise CifarError(
+                f"the download from {url} failed its MD5 checksum (expected {md5}); "
+                "the partial file was deleted. Try again, or pass --source PATH to a local copy."
+            ) from None
+        raise CifarError(f"could not download CIFAR-10 from {url}: {exc}") from None
+    except OSError as exc:
+        archive.unlink(missing_ok=True)
+        raise CifarError(
+            f"could not download CIFAR-10 from {url} ({exc}). Without internet access, pass "
+            "--source PATH (or set $CIFAR_SOURCE) to a local archive or image folder."
+        ) from None
+    return archive
+
+
+# --- canonical python batches ----------------------------------------------------------------
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles the canonical batch files but refuses any global except NumPy's array pieces."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data batch")
+        return super().find_class(module, name)
+
+
+def _parse_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+        pixels = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except Exception as exc:  # any malformed batch gets the same clear message
+        raise CifarError(f"'{name}' is not a valid CIFAR-10 python batch ({exc}).") from None
+    return np.ascontiguousarray(images), labels
+
+
+def _assemble_canonical(batches: dict[str, bytes], source: str, fmt: str) -> RawDataset:
+    missing = [b for b in (*_TRAIN_BATCHES, _TEST_BATCH) if b not in batches]
+    if missing:
+        raise CifarError(f"{source} is missing {', '.join(missing)}: it is not a complete CIFAR-10 copy.")
+    train = [_parse_batch(batches[b], b) for b in _TRAIN_BATCHES]
+    test_images, test_labels = _parse_batch(batches[_TEST_BATCH], _TEST_BATCH)
+    classes = CIFAR10_CLASSES
+    if "batches.meta" in batches:
+        meta = _BatchUnpickler(io.BytesIO(batches["batches.meta"]), encoding="bytes").load()
+        classes = tuple(n.decode() for n in meta[b"label_names"])
+    return RawDataset(
+        np.concatenate([t[0] for t in train]),
+        np.concatenate([t[1] for t in train]),
+        test_images,
+        test_labels,
+        classes,
+        source,
+        fmt,
+    )
+
+
+def read_canonical_archive(path: Path) -> RawDataset:
+    wanted = {*_TRAIN_BATCHES, _TEST_BATCH, "batches.meta"}
+    batches: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and Path(member.name).name in wanted:
+                    batches[Path(member.name).name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise CifarError(f"archive {path} is truncated or corrupt ({exc}). Delete it and download it again.") from None
+    return _assemble_canonical(batches, str(path), "cifar10-python-archive")
+
+
+def read_canonical_folder(folder: Path) -> RawDataset:
+    batches = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    return _assemble_canonical(batches, str(folder), "cifar10-python-folder")
+
+
+# --- ImageFolder trees and archives of them ------------------------------------------------------
+def _check_classes(found: dict[str, set[str]], source: str) -> None:
+    expected = set(CIFAR10_CLASSES)
+    for split in _SPLITS:
+        classes = found.get(split, set())
+        missing, extra = sorted(expected - classes), sorted(classes - expected)
+        if missing or extra:
+            parts = [
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unexpected {', '.join(extra)}" if extra else "",
+            ]
+            raise CifarError(
+                f"ImageFolder {source}: {split}/ must hold exactly the 10 CIFAR-10 class folders "
+                f"({', '.join(CIFAR10_CLASSES)}); {'; '.join(p for p in parts if p)}."
+            )
+
+
+def _decode_chunk(items: list[tuple[str, bytes | str]]) -> list[np.ndarray | str]:
+    out: list[np.ndarray | str] = []
+    for name, data in items:
+        try:
+            out.append(decode_image(data if isinstance(data, bytes) else Path(data), name))
+        except CifarError as exc:
+            out.append(str(exc))
+    return out
+
+
+def _decode_all(items: list[tuple[str, bytes | str]], workers: int | None, source: str) -> np.ndarray:
+    """Decode images on all cores; report every unreadable file at once."""
+    workers = workers or os.cpu_count() or 1
+    chunk = max(256, len(items) // (workers * 8) + 1)
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = [r for part in pool.map(_decode_chunk, chunks) for r in part]
+    else:
+        results = [r for part in map(_decode_chunk, chunks) for r in part]
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        shown = "\n  ".join(errors[:5])
+        raise CifarError(
+            f"{len(errors)} unreadable image(s) in {source}:\n  {shown}\nRemove or replace them, then prepare again."
+        )
+    return np.stack(results) if results else np.zeros((0, 32, 32, 3), np.uint8)
+
+
+def _to_dataset(
+    entries: list[tuple[str, str, str, bytes | str]], source: str, fmt: str, workers: int | None
+) -> RawDataset:
+    """entries: (split, class, name, bytes-or-path), decoded and labelled in CIFAR-10 class order."""
+    found: dict[str, set[str]] = {}
+    for split, cls, _, _ in entries:
+        found.setdefault(split, set()).add(cls)
+    _check_classes(found, source)
+    entries = sorted(entries, key=lambda e: (e[0], CIFAR10_CLASSES.index(e[1]), e[2]))
+    images = _decode_all([(e[2], e[3]) for e in entries], workers, source)
+    labels = np.array([CIFAR10_CLASSES.index(e[1]) for e in entries], dtype=np.int64)
+    is_train = np.array([e[0] == "train" for e in entries])
+    return RawDataset(
+        images[is_train],
+        labels[is_train],
+        images[~is_train],
+        labels[~is_train],
+        CIFAR10_CLASSES,
+        source,
+        fmt,
+    )
+
+
+def _imagefolder_root(path: Path) -> Path | None:
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return path
+    children = [c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1:
+        return _imagefolder_root(children[0])
+    return None
+
+
+def read_imagefolder(root: Path, workers: int | None = None) -> RawDataset:
+    entries = []
+    for split in _SPLITS:
+        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            for file in sorted(class_dir.iterdir()):
+                if file.is_file() and not file.name.startswith("."):
+                    entries.append((split, class_dir.name, str(file.relative_to(root)), str(file)))
+    return _to_dataset(entries, str(root), "imagefolder", workers)
+
+
+def _iter_tar_images(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or Path(member.name).name.startswith("."):
+                continue
+            for i, part in enumerate(parts[:-2]):
+                if part in _SPLITS and len(parts) - i == 3:
+                    yield part, parts[i + 1], member.name, tar.extractfile(member).read()
+                    break
+
+
+def read_imagefolder_archive(path: Path, workers: int | None = None) -> RawDataset:
+    """Read an ImageFolder tree straight from a tar(.gz): no extraction, so no path can escape."""
+    try:
+        entries = list(_iter_tar_images(path))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise CifarError(f"archive {path} is truncated or corrupt ({exc}). Replace it and try again.") from None
+    if not entries:
+        raise CifarError(
+            f"archive {path} holds no ImageFolder tree (train/<class>/*, test/<class>/*) "
+            "and no CIFAR-10 python batches."
+        )
+    return _to_dataset(entries, str(path), "imagefolder-archive", workers)
+
+
+def _read_directory(path: Path, workers: int | None) -> RawDataset:
+    if (path / _TRAIN_BATCHES[0]).is_file():
+        return read_canonical_folder(path)
+    if (path / "cifar-10-batches-py" / _TRAIN_BATCHES[0]).is_file():
+        return read_canonical_folder(path / "cifar-10-batches-py")
+    root = _imagefolder_root(path)
+    if root is None:
+        raise CifarError(
+            f"folder {path} is neither cifar-10-batches-py/ nor an ImageFolder tree with "
+            "train/<class>/ and test/<class>/ subfolders."
+        )
+    return read_imagefolder(root, workers)
+
+
+def _tar_names(path: Path) -> list[str]:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = []
+            for member in tar:
+                names.append(member.name)
+                if len(names) > 64:  # enough to tell the format; the rest is streamed later
+                    break
+            return names
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise CifarError(f"archive {path} is truncated or corrupt ({exc}). Replace it and try again.") from None

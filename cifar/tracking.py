@@ -1,0 +1,202 @@
+"""The only module that talks to MLflow about runs: what a training run logs, and how.
+
+Store: ``$MLFLOW_TRACKING_URI`` when set (a team server), else MLflow 3's embedded default,
+``sqlite:///mlflow.db`` with artifacts in ``./mlruns``. Per-epoch metrics go out
+asynchronously; figures, weights and the ONNX model are logged after the training clock stops.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifar.config import PROJECT_ROOT, ExperimentConfig
+from cifar.errors import CifarError
+
+MODEL_ARTIFACT = "model"
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+def check_tracking_store() -> str:
+    """Fail early, with the URI tried, if the tracking server cannot be reached."""
+    mlflow = _mlflow()
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the tracking URI"
+            raise CifarError(
+                f"cannot reach the MLflow tracking server at {uri} (from {source}): {type(exc).__name__}. "
+                "Start the server, or unset MLFLOW_TRACKING_URI to log to the local store (mlflow.db here)."
+            ) from None
+    return uri
+
+
+def git_state() -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower() if commit else "unknown"}
+
+
+def _log_figure(fig, path: str) -> None:
+    _mlflow().log_figure(fig, path)
+
+
+class TrainingRun:
+    """Context manager around one MLflow run of a training.
+
+    Joins the run that ``mlflow run`` created (``$MLFLOW_RUN_ID``) instead of making a second;
+    an exception ends the run FAILED with its traceback as an artifact, Ctrl-C ends it KILLED.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        nested: bool = False,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.experiment_name = experiment_name or cfg.name
+        self.run_name = run_name
+        self.tags = tags or {}
+        self.nested = nested
+        self.parent_run_id = parent_run_id
+        self.run_id: str | None = None
+        self.model_uri: str | None = None
+
+    def __enter__(self) -> TrainingRun:
+        mlflow = _mlflow()
+        check_tracking_store()
+        if not os.environ.get("MLFLOW_RUN_ID") and not self.parent_run_id:
+            mlflow.set_experiment(self.experiment_name)
+        run = mlflow.start_run(run_name=self.run_name, nested=self.nested, parent_run_id=self.parent_run_id)
+        self.run_id = run.info.run_id
+        if self.run_name:
+            mlflow.set_tag("mlflow.runName", self.run_name)
+        mlflow.set_tags({**git_state(), **self.tags})
+        mlflow.log_params(self.cfg.flat())
+        mlflow.log_text(self.cfg.to_yaml(), "config/experiment.yaml")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        mlflow = _mlflow()
+        if exc_type is None:
+            mlflow.end_run("FINISHED")
+            return False
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error/traceback.txt")
+            mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:5000])
+        finally:
+            mlflow.end_run(status)
+        return False
+
+    # --- what a training run logs ----------------------------------------------------------
+    def log_data(self, data, source: str) -> None:
+        """Params for the split sizes and dataset lineage (the cache digest) for each split."""
+        mlflow = _mlflow()
+        sizes = data.sizes()
+        mlflow.log_params({f"data.{split}_size": n for split, n in sizes.items()})
+        mlflow.set_tags({"data_source": source, "data_digest": data.digest})
+        contexts = {"train": "training", "val": "validation", "test": "testing"}
+        for split, context in contexts.items():
+            dataset = mlflow.data.from_numpy(
+                np.asarray(data.images[split]),
+                targets=np.asarray(data.labels[split]),
+                name=f"cifar10-{split}",
+                digest=f"{data.digest[:10]}-{split}{sizes[split]}",
+            )
+            mlflow.log_input(dataset, context=context, tags={"images": str(sizes[split]), "source": source})
+
+    def log_epoch(self, metrics) -> None:
+        _mlflow().log_metrics(metrics.as_dict(), step=metrics.epoch, synchronous=False)
+
+    def log_results(self, *, fit, test, model, data, metadata: dict[str, Any]) -> None:
+        """Final metrics, evaluation figures, safetensors weights and the ONNX MLflow model."""
+        from cifar.export import export_onnx, onnx_parity, save_weights
+        from cifar.metrics import confusion_matrix, per_class_report
+        from cifar.plots import confusion_matrix_figure, training_curves
+
+        mlflow = _mlflow()
+        mlflow.flush_async_logging()
+        cm = confusion_matrix(test.labels, test.predictions, len(data.classes))
+        report = per_class_report(cm, data.classes)
+        mlflow.log_metrics(
+            {
+                "best_val_accuracy": fit.best_val_accuracy,
+                "best_epoch": fit.best_epoch,
+                "test_accuracy": test.accuracy,
+                "test_loss": test.loss,
+                "train_seconds": fit.train_seconds,
+            }
+        )
+        _log_figure(training_curves(fit.history, fit.best_epoch), "plots/training_curves.png")
+        _log_figure(confusion_matrix_figure(cm, data.classes, "Test split"), "evaluation/confusion_matrix.png")
+        mlflow.log_text(report.to_csv(index=False, float_format="%.4f"), "evaluation/per_class.csv")
+        mlflow.log_dict({"matrix": cm.tolist(), "classes": list(data.classes)}, "evaluation/confusion_matrix.json")
+
+        metadata = {
+            **metadata,
+            "run_id": self.run_id,
+            "val_accuracy": fit.best_val_accuracy,
+            "test_accuracy": test.accuracy,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            save_weights(model, Path(tmp) / "weights", metadata)
+            mlflow.log_artifacts(str(Path(tmp) / "weights"), "weights")
+            proto = export_onnx(model, Path(tmp) / "model.onnx", metadata)
+        sample = np.asarray(data.images["val"][:64]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+        parity = onnx_parity(model, proto, sample, tta=bool(metadata.get("tta")))
+        mlflow.log_metric("onnx_max_abs_diff", parity)
+        if parity > 1e-3:
+            raise CifarError(f"the exported ONNX model disagrees with PyTorch (max |diff| {parity:.2e}).")
+        self.model_uri = log_onnx_model(proto, metadata, sample[:2])
+        mlflow.set_tag("model_uri", self.model_uri)
+
+
+def log_onnx_model(proto, metadata: dict[str, Any], example: np.ndarray) -> str:
+    """Log an ONNX model as an MLflow model (loads with pyfunc, no torch, no pickle)."""
+    mlflow = _mlflow()
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(metadata["classes"])), "logits")]),
+    )
+    info = mlflow.onnx.log_model(
+        proto,
+        name=MODEL_ARTIFACT,
+        signature=signature,
+        input_example={"image": example},
+        metadata=metadata,
+        save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"],
+    )
+    return info.model_uri

@@ -1,0 +1,125 @@
+"""Shared fixtures: real CIFAR-10 images (tests/fixtures) in every source format, and temp stores."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "cifar10-mini"
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def mini_dir() -> Path:
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def mini_raw(mini_dir):
+    """The fixture decoded once: (train_images, train_labels, test_images, test_labels)."""
+    from cifar.data.sources import read_imagefolder
+
+    raw = read_imagefolder(mini_dir, workers=1)
+    return raw
+
+
+def write_canonical_batches(folder: Path, raw) -> Path:
+    """Write CIFAR-10's canonical python batches (5 train + test + meta) from decoded arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, images: np.ndarray, labels: np.ndarray) -> None:
+        data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels.tolist(),
+            b"data": data,
+            b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+    order = np.random.default_rng(0).permutation(len(raw.train_labels))
+    for i, part in enumerate(np.array_split(order, 5), start=1):
+        dump(f"data_batch_{i}", raw.train_images[part], raw.train_labels[part])
+    dump("test_batch", raw.test_images, raw.test_labels)
+    meta = {b"label_names": [c.encode() for c in raw.classes], b"num_cases_per_batch": 10000}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def make_tar(path: Path, root: Path, arcname: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root, arcname=arcname)
+    return path
+
+
+@pytest.fixture(scope="session")
+def canonical_folder(tmp_path_factory, mini_raw) -> Path:
+    return write_canonical_batches(tmp_path_factory.mktemp("canon") / "cifar-10-batches-py", mini_raw)
+
+
+@pytest.fixture(scope="session")
+def canonical_archive(tmp_path_factory, canonical_folder) -> Path:
+    return make_tar(
+        tmp_path_factory.mktemp("canon-tar") / "cifar-10-python.tar.gz", canonical_folder, "cifar-10-batches-py"
+    )
+
+
+@pytest.fixture(scope="session")
+def imagefolder_archive(tmp_path_factory, mini_dir) -> Path:
+    return make_tar(tmp_path_factory.mktemp("if-tar") / "cifar10-mini.tar.gz", mini_dir, "cifar10-mini")
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, mini_dir) -> Path:
+    """The fixture prepared into a cache (400 train / 100 val / 200 test)."""
+    from cifar.data import prepare_cache
+
+    data_dir = tmp_path_factory.mktemp("prepared")
+    prepare_cache(str(mini_dir), data_dir, val_size=100, seed=0, workers=1)
+    return data_dir
+
+
+@pytest.fixture
+def tracking_env(tmp_path, monkeypatch):
+    """A private SQLite tracking store; runs from tmp_path so ./mlruns lands there too."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], *, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run a project command in a subprocess, as a user would."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [PYTHON, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,84 @@
+"""Recipes: shipped experiments load; overrides are typed; mistakes are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cifar.config import ExperimentConfig, available_experiments, load_experiment, parse_override
+from cifar.errors import CifarError
+from cifar.models import available_models
+
+
+@pytest.mark.parametrize("name", available_experiments())
+def test_shipped_experiments_load(name):
+    cfg = load_experiment(name)
+    assert cfg.name == name and cfg.description
+    assert cfg.model.name in available_models()
+
+
+def test_required_experiments_exist():
+    assert {"cpu", "baseline", "speedrun", "best"} <= set(available_experiments())
+    assert load_experiment("baseline").model.name == "resnet18"
+
+
+def test_overrides_are_typed():
+    cfg = load_experiment("cpu", ["optim.lr=0.2", "train.epochs=3", "train.tta=false", "optim.weight_decay=2e-3"])
+    assert cfg.optim.lr == 0.2 and cfg.train.epochs == 3 and cfg.train.tta is False
+    assert cfg.optim.weight_decay == 0.002  # YAML 1.1 reads 2e-3 as a string; still a float here
+    assert load_experiment("cpu", ["optim.lr=1"]).optim.lr == 1.0  # int where float is expected
+
+
+def test_config_is_frozen():
+    cfg = load_experiment("cpu")
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 3
+
+
+def test_yaml_round_trip_reproduces_the_recipe(tmp_path):
+    cfg = load_experiment("cpu", ["optim.lr=0.3", "data.subset=1000"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_experiment(str(path)) == cfg
+
+
+def test_flat_params():
+    flat = load_experiment("cpu").flat()
+    assert flat["optim.lr"] == load_experiment("cpu").optim.lr
+    assert flat["model.name"] == "fastnet" and "train.seed" in flat
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", "unknown field 'optim.lrr'"),
+        ("optimizer.lr=0.1", "unknown field 'optimizer'"),
+        ("train.epochs=three", "'train.epochs' must be int"),
+        ("train.epochs=2.5", "'train.epochs' must be int"),
+        ("train.tta=3", "'train.tta' must be bool"),
+        ("optim=0.1", "'optim' must be a mapping"),
+        ("no-equals-sign", "--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(CifarError, match=message):
+        load_experiment("cpu", [override])
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(CifarError, match="unknown experiment 'nope'. Available: .*cpu"):
+        load_experiment("nope")
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name: fastnet\n")
+    with pytest.raises(CifarError, match="not valid YAML"):
+        load_experiment(str(path))
+
+
+def test_parse_override_nests():
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_defaults():
+    assert ExperimentConfig().train.epochs > 0

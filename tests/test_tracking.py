@@ -1,0 +1,208 @@
+"""A training run as users run it (``python train.py``), read back from a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, free_port, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, mini_dir):
+    """One tracked run of the smoke recipe; prepared on the fly from $CIFAR_SOURCE."""
+    root = tmp_path_factory.mktemp("tracked")
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "CIFAR_DATA": str(root / "data"),
+        "CIFAR_SOURCE": str(mini_dir),
+    }
+    result = run_cli(
+        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "4", "--run-name", "smoke-test", "--no-progress"],
+        env=env,
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("smoke")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return {"root": root, "env": env, "client": client, "run": run, "stdout": result.stdout}
+
+
+def test_run_finished_with_tags_and_params(store):
+    run = store["run"]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "smoke-test"
+    tags, params = run.data.tags, run.data.params
+    for tag in ("git_commit", "git_dirty", "experiment_file", "device", "torch_version", "data_source", "data_digest"):
+        assert tags.get(tag), tag
+    assert tags["device"] == "cpu" and tags["data_source"].endswith("cifar10-mini")
+    assert params["model.name"] == "small_cnn" and params["train.epochs"] == "4"
+    assert float(params["optim.lr"]) == 0.05 and params["train.seed"] == "0"
+    assert (params["data.train_size"], params["data.val_size"], params["data.test_size"]) == ("450", "50", "200")
+
+
+def test_per_epoch_and_final_metrics(store):
+    client, run_id = store["client"], store["run"].info.run_id
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "images_per_second",
+        "epoch_seconds",
+    ):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
+    metrics = store["run"].data.metrics
+    val = [m.value for m in client.get_metric_history(run_id, "val_accuracy")]
+    assert metrics["best_val_accuracy"] == max(val)
+    assert val[int(metrics["best_epoch"]) - 1] == max(val)
+    for key in ("test_accuracy", "test_loss", "train_seconds"):
+        assert key in metrics
+    assert metrics["onnx_max_abs_diff"] < 1e-4
+
+
+def test_dataset_lineage(store):
+    inputs = store["run"].inputs.dataset_inputs
+    by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_context) == {"training", "validation", "testing"}
+    digest = store["run"].data.tags["data_digest"]
+    assert all(d.digest.startswith(digest[:10]) for d in by_context.values())
+    assert by_context["training"].name == "cifar10-train"
+
+
+def test_artifacts(store):
+    client, run_id = store["client"], store["run"].info.run_id
+    listed = {
+        a.path for folder in ("config", "plots", "evaluation", "weights") for a in client.list_artifacts(run_id, folder)
+    }
+    assert {
+        "config/experiment.yaml",
+        "plots/training_curves.png",
+        "evaluation/confusion_matrix.png",
+        "evaluation/per_class.csv",
+        "evaluation/confusion_matrix.json",
+        "weights/model.safetensors",
+        "weights/model_config.json",
+    } <= listed
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="evaluation", tracking_uri=store["env"]["MLFLOW_TRACKING_URI"]
+    )
+    cm = np.array(json.load(open(f"{local}/confusion_matrix.json"))["matrix"])
+    assert cm.sum() == 200 and cm.shape == (10, 10)
+    assert np.trace(cm) / 200 == pytest.approx(store["run"].data.metrics["test_accuracy"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def test_images(mini_dir):
+    from cifar.data.sources import read_imagefolder
+
+    raw = read_imagefolder(mini_dir, workers=1)
+    return raw.test_images.transpose(0, 3, 1, 2).astype(np.float32) / 255, raw.test_labels
+
+
+def test_logged_model_loads_with_pyfunc_and_predicts(store, test_images):
+    import mlflow
+
+    mlflow.set_tracking_uri(store["env"]["MLFLOW_TRACKING_URI"])
+    run = store["run"]
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.source_run_id == run.info.run_id
+    assert run.data.tags["model_uri"] == f"models:/{logged.model_id}"
+    model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    images, labels = test_images
+    logits = model.predict({"image": images})["logits"]
+    accuracy = float((logits.argmax(1) == labels).mean())
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)  # served == evaluated
+    assert accuracy > 0.2  # chance is 0.1
+    assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+
+
+def test_onnx_matches_pytorch_from_safetensors(store, test_images):
+    """Rebuild the model from safetensors + JSON (no pickle) and compare with ONNX Runtime."""
+    import mlflow
+    import onnxruntime as ort
+
+    from cifar.export import load_weights, servable
+
+    uri = store["env"]["MLFLOW_TRACKING_URI"]
+    run_id = store["run"].info.run_id
+    weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights", tracking_uri=uri)
+    model, config = load_weights(weights)
+    model = servable(model, config)
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(store["run"].data.tags["model_uri"])
+    session = ort.InferenceSession(f"{local}/model.onnx", providers=["CPUExecutionProvider"])
+    images, _ = test_images
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    actual = session.run(None, {"image": images})[0]
+    assert np.abs(actual - expected).max() < 1e-4
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["cifar"])
+    assert meta["classes"][3] == "cat" and meta["run_id"] == run_id
+
+
+def test_config_artifact_reproduces_the_run(store):
+    """``train.py --config <the run's experiment.yaml>`` trains the same recipe to the same numbers."""
+    import mlflow
+
+    uri = store["env"]["MLFLOW_TRACKING_URI"]
+    path = mlflow.artifacts.download_artifacts(
+        run_id=store["run"].info.run_id, artifact_path="config/experiment.yaml", tracking_uri=uri
+    )
+    result = run_cli(
+        [str(ROOT / "train.py"), "--config", path, "--no-progress", "--mlflow-experiment", "again"],
+        env=store["env"],
+        cwd=store["root"],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = store["client"]
+    (again,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
+    first = store["run"]
+    recipe = {k: v for k, v in first.data.params.items() if not k.startswith("data.")}
+    assert {k: again.data.params[k] for k in recipe} == recipe
+    assert again.data.metrics["val_accuracy"] == first.data.metrics["val_accuracy"]
+
+
+def test_failure_inside_training_marks_the_run_failed(tmp_path, prepared_dir):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CIFAR_DATA": str(prepared_dir)}
+    result = run_cli(
+        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "1", "--set", "optim.lr=1e12", "--no-progress"],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged")
+    assert "Traceback" not in result.stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["error"]
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="error/traceback.txt", tracking_uri=env["MLFLOW_TRACKING_URI"]
+    )
+    assert "Traceback" in open(local).read()
+
+
+def test_unreachable_tracking_server(tmp_path, prepared_dir):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_cli(
+        [str(ROOT / "train.py"), "--experiment", "smoke"],
+        env={"MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir)},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert uri in message and "unset MLFLOW_TRACKING_URI" in message and "Traceback" not in result.stderr
