@@ -20,6 +20,7 @@ from cifar.config import PROJECT_ROOT, ExperimentConfig
 from cifar.errors import CifarError
 
 MODEL_ARTIFACT = "model"
+TRIAL_RUN_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
 
 
 def _mlflow():
@@ -43,6 +44,12 @@ def check_tracking_store() -> str:
                 f"cannot reach the MLflow tracking server at {uri} (from {source}): {type(exc).__name__}. "
                 "Start the server, or unset MLFLOW_TRACKING_URI to log to the local store (mlflow.db here)."
             ) from None
+    else:
+        from cifar.locks import sqlite_lock
+
+        # Two processes creating a new SQLite store at once race on its tables: one at a time.
+        with sqlite_lock(uri, "init"):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     return uri
 
 
@@ -93,7 +100,9 @@ class TrainingRun:
     def __enter__(self) -> TrainingRun:
         mlflow = _mlflow()
         check_tracking_store()
-        if not os.environ.get("MLFLOW_RUN_ID") and not self.parent_run_id:
+        if self.parent_run_id:  # a child lives in its parent's experiment, whoever created the parent
+            mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(self.parent_run_id).info.experiment_id)
+        elif not os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_experiment(self.experiment_name)
         run = mlflow.start_run(run_name=self.run_name, nested=self.nested, parent_run_id=self.parent_run_id)
         self.run_id = run.info.run_id
@@ -106,8 +115,15 @@ class TrainingRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         mlflow = _mlflow()
+        pruned = exc_type is not None and exc_type.__name__ == "TrialPruned"  # optuna.TrialPruned
+        if "optuna_trial" in self.tags:
+            mlflow.set_tag("trial_state", "COMPLETE" if exc_type is None else "PRUNED" if pruned else "FAIL")
         if exc_type is None:
             mlflow.end_run("FINISHED")
+            return False
+        if pruned:  # stopped early on purpose: not a failure
+            mlflow.set_tag("pruned", str(exc))
+            mlflow.end_run("KILLED")
             return False
         status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         try:
@@ -200,3 +216,110 @@ def log_onnx_model(proto, metadata: dict[str, Any], example: np.ndarray) -> str:
         onnx_execution_providers=["CPUExecutionProvider"],
     )
     return info.model_uri
+
+
+# --- studies (cifar.search) -----------------------------------------------------------------
+def redact_url(url: str) -> str:
+    """Hide a password in a database URL before it is printed or logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def close_run(run_id: str, status: str, tags: dict[str, str]) -> None:
+    client = _mlflow().MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
+
+
+def study_parent_run(study, attr: str, experiment: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The one MLflow parent run of a study, shared by every worker through a study attribute.
+
+    Under ``mlflow run -e tune`` the run it created is the parent. Two workers that start at
+    once may both create one: the attribute decides, and the loser deletes its own.
+    """
+    import time
+
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    existing = study.user_attrs.get(attr)
+    if existing:
+        return existing
+    # Under `mlflow run` its run is the parent. Take the id out of the environment, or every
+    # trial's start_run(parent_run_id=...) would resume that run instead of nesting under it.
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if not run_id:
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
+        run_id = client.create_run(experiment_id, run_name=f"{experiment}-study", tags=tags).info.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    study.set_user_attr(attr, run_id)
+    time.sleep(0.5)
+    winner = study.user_attrs.get(attr)
+    if winner != run_id:
+        client.delete_run(run_id)
+    return winner
+
+
+def summarize_study(study, parent_run_id: str) -> None:
+    """Best trial (value, params) and Optuna's plots (matplotlib, offline) on the parent run."""
+    import time
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    client.log_batch(
+        parent_run_id,
+        metrics=[
+            mlflow.entities.Metric(f"trials_{state.lower()}", states.count(state), int(time.time() * 1000), 0)
+            for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+        ],
+    )
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if completed:
+        best = study.best_trial
+        client.log_metric(parent_run_id, "best_val_accuracy", best.value)
+        client.set_tag(parent_run_id, "best_trial", str(best.number))
+        if best.user_attrs.get(TRIAL_RUN_ATTR):
+            client.set_tag(parent_run_id, "best_run_id", best.user_attrs[TRIAL_RUN_ATTR])
+        client.log_dict(
+            parent_run_id, {"number": best.number, "value": best.value, "params": best.params}, "optuna/best_trial.json"
+        )
+    plots = {
+        "optimization_history": ovm.plot_optimization_history,
+        "param_importances": ovm.plot_param_importances,
+        "parallel_coordinate": ovm.plot_parallel_coordinate,
+        "slice": ovm.plot_slice,
+        "intermediate_values": ovm.plot_intermediate_values,
+    }
+    for name, plot in plots.items():
+        if not completed:
+            break
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need varied params
+            continue
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = first.figure
+        figure.set_size_inches(max(figure.get_size_inches()[0], 9), max(figure.get_size_inches()[1], 5))
+        client.log_figure(parent_run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight"})
+        plt.close(figure)
+    if not any(state == "RUNNING" for state in states):
+        client.set_terminated(parent_run_id, "FINISHED")

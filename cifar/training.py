@@ -32,6 +32,7 @@ class TrainOptions:
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
     on_epoch_end: Callable[[EpochMetrics], None] | None = None
+    on_run_start: Callable[[str], None] | None = None  # gets the MLflow run id (tune records it)
 
 
 @dataclass
@@ -86,6 +87,8 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
     with run:
         callbacks = [cb for cb in (run.log_epoch if options.track else None, options.on_epoch_end) if cb]
         if options.track:
+            if options.on_run_start:
+                options.on_run_start(run.run_id)
             run.log_data(data, source)
 
         def on_epoch_end(metrics: EpochMetrics) -> None:

@@ -1,0 +1,368 @@
+"""Hyperparameter search: an Optuna study whose trials are ordinary tracked training runs.
+
+The space is data (``experiments/search/<name>.yaml``). Each trial trains through
+``cifar.training.train_experiment`` as a nested MLflow run under one parent run per study,
+reports validation accuracy per epoch and is pruned early when it falls behind. The
+objective is validation accuracy; the test split plays no part in any choice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
+from cifar.errors import CifarError
+from cifar.tracking import TRIAL_RUN_ATTR as RUN_ATTR
+
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # a recipe field, e.g. "optim.lr"
+    type: str  # float | int | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    condition: dict[str, Any] = field(default_factory=dict)  # suggest only when these params have these values
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            text = f"categorical{list(self.choices)}"
+        else:
+            text = f"{self.type}[{self.low}, {self.high}{', log' if self.log else ''}]"
+        return text + (f" if {self.condition}" if self.condition else "")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    params: tuple[Param, ...]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    source: str
+
+    def as_params(self) -> dict[str, str]:
+        return {f"space.{p.name}": p.describe() for p in self.params}
+
+
+def space_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise CifarError(f"search space '{name_or_path}' does not exist.")
+        return path
+    candidate = EXPERIMENTS_DIR / "search" / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in (EXPERIMENTS_DIR / "search").glob("*.yaml")))
+        raise CifarError(f"no search space '{name_or_path}' (known: {known}); pass --space PATH.yaml.")
+    return candidate
+
+
+def load_space(name_or_path: str, base: ExperimentConfig) -> SearchSpace:
+    """Read and check a search space against the recipe it searches."""
+    path = space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CifarError(f"{path} is not valid YAML: {exc}") from None
+    known = base.flat()
+    params = []
+    for name, spec in (raw.get("params") or {}).items():
+        where = f"{path}: parameter '{name}'"
+        if name not in known:
+            raise CifarError(f"{where} is not a recipe field. Known fields: {', '.join(sorted(known))}.")
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise CifarError(f"{where} needs type: float, int or categorical.")
+        if spec["type"] == "categorical":
+            choices = tuple(spec.get("choices") or ())
+            if not choices:
+                raise CifarError(f"{where} has no choices.")
+            param = Param(name, "categorical", choices=choices, condition=spec.get("condition") or {})
+        else:
+            try:
+                low, high = float(spec["low"]), float(spec["high"])
+            except (KeyError, TypeError, ValueError):
+                raise CifarError(f"{where} needs numeric low and high.") from None
+            if not low < high:
+                raise CifarError(f"{where} has an empty or inverted range [{low}, {high}]; low must be below high.")
+            log = bool(spec.get("log", False))
+            if log and low <= 0:
+                raise CifarError(f"{where} is log-scaled, so low must be positive (got {low}).")
+            param = Param(name, spec["type"], low, high, log, spec.get("step"), condition=spec.get("condition") or {})
+        params.append(param)
+    if not params:
+        raise CifarError(f"{path} defines no params.")
+    names = {p.name for p in params}
+    for p in params:
+        for other in p.condition:
+            if other not in names:
+                raise CifarError(f"{path}: condition of '{p.name}' refers to '{other}', which is not searched.")
+    # Suggest a parameter only after those its condition reads, whatever the file's key order.
+    ordered: list[Param] = []
+    while len(ordered) < len(params):
+        ready = [p for p in params if p not in ordered and all(o in {q.name for q in ordered} for o in p.condition)]
+        if not ready:
+            raise CifarError(f"{path}: the conditions form a cycle.")
+        ordered.extend(ready)
+    return SearchSpace(tuple(ordered), raw.get("sampler") or {}, raw.get("pruner") or {}, str(path))
+
+
+def suggest(trial, space: SearchSpace) -> dict[str, Any]:
+    """Draw one recipe change per parameter whose condition holds."""
+    chosen: dict[str, Any] = {}
+    for p in space.params:
+        if any(chosen.get(k) != v for k, v in p.condition.items()):
+            continue
+        if p.type == "categorical":
+            chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.type == "int":
+            chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            chosen[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+    return chosen
+
+
+@dataclass
+class TuneOptions:
+    experiment: str = "cpu"
+    space: str | None = None
+    n_trials: int | None = 20  # per worker process (Optuna's parallel semantics)
+    timeout: float | None = None
+    study_name: str | None = None
+    storage: str | None = None
+    epochs_per_trial: int | None = None
+    subset: int | None = None
+    seed: int | None = None  # None: a per-worker seed
+    data_dir: Path | None = None
+    device: str = "auto"
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+
+
+def default_storage() -> str:
+    return f"sqlite:///{Path('optuna.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat_interval: int, grace_period: int):
+    """RDB storage with heartbeats: a worker killed mid-trial leaves a FAIL trial that is retried."""
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    from cifar.locks import sqlite_lock
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        with sqlite_lock(url, "init"):  # workers starting at once on a new file race on its tables
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                failed_trial_callback=_fail_stale_trial(RetryFailedTrialCallback(max_retry=2)),
+            )
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable database
+        raise CifarError(
+            f"cannot open Optuna storage '{url}': {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _fail_stale_trial(retry):
+    """Also close the dead worker's MLflow child run, so it is not left RUNNING forever."""
+
+    def callback(study, trial) -> None:
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id:
+            from cifar.tracking import close_run
+
+            close_run(run_id, "FAILED", {"trial_state": "FAIL", "error": "worker stopped sending heartbeats"})
+        retry(study, trial)
+
+    return callback
+
+
+def make_sampler(spec: dict[str, Any], seed: int):
+    import optuna
+
+    name = spec.get("name", "tpe")
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(spec.get("startup_trials", 5)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise CifarError(f"unknown sampler '{name}': use tpe or random.")
+
+
+def make_pruner(spec: dict[str, Any]):
+    import optuna
+
+    name = spec.get("name", "median")
+    if name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(spec.get("startup_trials", 3)), n_warmup_steps=int(spec.get("warmup_epochs", 1))
+        )
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise CifarError(f"unknown pruner '{name}': use median, hyperband or none.")
+
+
+def open_study(options: TuneOptions, space: SearchSpace, storage):
+    import optuna
+
+    name = options.study_name or f"{options.experiment}-search"
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True, pruner=make_pruner(space.pruner)
+    )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise CifarError(f"study '{name}' already exists and minimizes; pick another --study-name.")
+    # An explicit seed is honoured (offset by the trials already there, so a resumed search does
+    # not redraw its first points); without one, each worker salts with its process id, so
+    # parallel workers never draw the same points.
+    base = options.seed if options.seed is not None else os.getpid()
+    study.sampler = make_sampler(space.sampler, base + len(study.get_trials(deepcopy=False)))
+    return study, base
+
+
+class Progress:
+    """Prints one line per finished trial: counts by state, best so far, and an ETA."""
+
+    def __init__(self, n_trials: int | None, timeout: float | None) -> None:
+        self.n_trials, self.timeout = n_trials, timeout
+        self.started = time.monotonic()
+        self.finished = 0
+
+    def __call__(self, study, trial) -> None:
+        import optuna
+
+        self.finished += 1
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        count = {
+            s: states.count(s)
+            for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        }
+        elapsed = time.monotonic() - self.started
+        eta = []
+        if self.n_trials:
+            eta.append(elapsed / self.finished * (self.n_trials - self.finished))
+        if self.timeout:
+            eta.append(max(0.0, self.timeout - elapsed))
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        counts = " ".join(f"{state.name.lower()} {n}" for state, n in count.items())
+        eta_text = _duration(min(eta)) if eta else "?"
+        line = f"trial {trial.number:>3} {trial.state.name:<8} {value:>7} | {counts} | {best} | ETA {eta_text}"
+        print(line, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def objective_for(
+    options: TuneOptions, space: SearchSpace, base_overrides: list[str], parent_run_id: str, study_name: str
+):
+    """The objective: one tracked training run per trial, pruned on validation accuracy."""
+    import optuna
+
+    from cifar.training import TrainOptions, train_experiment
+
+    def objective(trial: optuna.Trial) -> float:
+        chosen = suggest(trial, space)
+        overrides = [*(f"{k}={v}" for k, v in chosen.items()), *base_overrides]
+        cfg = load_experiment(options.experiment, overrides)
+
+        def report(metrics) -> None:
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch}")
+
+        outcome = train_experiment(
+            cfg,
+            TrainOptions(
+                data_dir=options.data_dir,
+                device=options.device,
+                run_name=f"{study_name}-trial-{trial.number}",
+                mlflow_experiment=study_name,
+                experiment_file=options.experiment,
+                progress=False,
+                parent_run_id=parent_run_id,
+                on_epoch_end=report,
+                on_run_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id),
+                extra_tags={"optuna_study": study_name, "optuna_trial": str(trial.number)},
+            ),
+        )
+        return outcome.fit.best_val_accuracy
+
+    return objective
+
+
+def run_search(options: TuneOptions) -> Any:
+    """Open (or resume) the study, run this worker's trials, and summarise into the parent run."""
+    import optuna
+
+    from cifar import tracking
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+    base = load_experiment(options.experiment)
+    space = load_space(options.space or options.experiment, base)
+    storage_url = options.storage or default_storage()
+    storage = open_storage(storage_url, options.heartbeat_interval, options.grace_period)
+    study, sampler_seed = open_study(options, space, storage)
+    base_overrides = []
+    if options.epochs_per_trial:
+        base_overrides.append(f"train.epochs={options.epochs_per_trial}")
+    if options.subset:
+        base_overrides.append(f"data.subset={options.subset}")
+    # A fixed budget from the command line wins over the space's own range for that field.
+    fixed = {o.split("=")[0] for o in base_overrides}
+    space = replace(space, params=tuple(p for p in space.params if p.name not in fixed))
+
+    tracking.check_tracking_store()
+    parent_params = {
+        **space.as_params(),
+        "study_name": study.study_name,
+        "sampler": type(study.sampler).__name__,
+        "pruner": type(study.pruner).__name__,
+        "experiment": options.experiment,
+        "space_file": space.source,
+        "epochs_per_trial": options.epochs_per_trial or base.train.epochs,
+        "subset": options.subset or 0,
+    }
+    parent_run_id = tracking.study_parent_run(
+        study,
+        PARENT_ATTR,
+        study.study_name,
+        parent_params,
+        {"optuna_study": study.study_name, "optuna_storage": tracking.redact_url(storage_url)},
+    )
+    print(
+        f"Study '{study.study_name}' in {tracking.redact_url(storage_url)}: {len(study.trials)} trials so far; "
+        f"MLflow parent run {parent_run_id}",
+        flush=True,
+    )
+    try:
+        study.optimize(
+            objective_for(options, space, base_overrides, parent_run_id, study.study_name),
+            n_trials=options.n_trials,
+            timeout=options.timeout,
+            catch=(CifarError,),
+            callbacks=[Progress(options.n_trials, options.timeout)],
+        )
+    finally:
+        tracking.summarize_study(study, parent_run_id)
+    return study

@@ -1,0 +1,176 @@
+"""register.py: chosen on validation, champion/challenger, --force, rollback, races, empty stores."""
+
+from __future__ import annotations
+
+import subprocess
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, ROOT, run_cli
+
+from cifar import registry
+from cifar.config import load_experiment
+from cifar.data import load_cache
+from cifar.engine import fit, seed_everything
+from cifar.errors import CifarError
+from cifar.export import export_onnx, model_metadata
+from cifar.models import create_model
+from cifar.tracking import log_onnx_model
+
+pytestmark = pytest.mark.integration
+NAME = registry.MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def trained_proto(prepared_dir, tmp_path_factory):
+    """A small model really trained on the fixture (better than chance), exported to ONNX."""
+    data = load_cache(prepared_dir)
+    cfg = load_experiment("smoke", ["train.epochs=5", "train.batch_size=50", "optim.lr=0.05"])
+    seed_everything(0)
+    model = create_model("small_cnn", mean=data.mean, std=data.std)
+    fit(
+        model,
+        data.images["train"],
+        data.labels["train"],
+        data.images["val"],
+        data.labels["val"],
+        cfg,
+        torch.device("cpu"),
+        progress=False,
+    )
+    meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std)
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "m.onnx", meta), meta
+
+
+@pytest.fixture
+def store(tracking_env, prepared_dir, monkeypatch):
+    monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))
+    return tracking_env
+
+
+def make_run(experiment: str, val: float, test: float, proto_meta) -> str:
+    """A finished run as training leaves it: metrics and an ONNX MLflow model."""
+    proto, meta = proto_meta
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({"best_val_accuracy": val, "test_accuracy": test})
+        uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
+        mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": "d"})
+    return run.info.run_id
+
+
+def promote(**kwargs):
+    c = registry.find_best_run(kwargs.pop("experiments", None), kwargs.pop("study", None))
+    return registry.register_and_promote(
+        registry.decide(c, NAME, kwargs.pop("min_improvement", 0.0), kwargs.pop("force", False)), NAME
+    )
+
+
+def production_run():
+    return registry.production_version(NAME).run_id
+
+
+def production_stages():
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")
+    return sorted(v.version for v in versions if v.current_stage == "Production")
+
+
+def test_chooses_on_validation_not_test(store, trained_proto):
+    by_val = make_run("a", val=0.9, test=0.2, proto_meta=trained_proto)
+    make_run("a", val=0.5, test=0.99, proto_meta=trained_proto)  # best on test, worse on val
+    decision = promote()
+    assert decision.promote and production_run() == by_val
+    version = registry.production_version(NAME)
+    assert version.tags["val_accuracy"] == "0.900000" and version.tags["run_id"] == by_val
+    assert float(version.tags["test_accuracy"]) == pytest.approx(decision.test_accuracy)
+    assert production_stages() == [version.version]
+    with pytest.raises(CifarError, match="never on the test split"):
+        registry.find_best_run(metric="test_accuracy")
+
+
+def test_production_model_loads_and_predicts_real_images(store, trained_proto, prepared_dir):
+    make_run("a", val=0.9, test=0.2, proto_meta=trained_proto)
+    decision = promote()
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@production")
+    data = load_cache(prepared_dir)
+    images = np.asarray(data.images["test"]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    accuracy = float((model.predict({"image": images})["logits"].argmax(1) == data.labels["test"]).mean())
+    assert accuracy > 0.2 and accuracy == pytest.approx(decision.test_accuracy)
+    assert mlflow.pyfunc.load_model(f"models:/{NAME}/Production") is not None  # the legacy stage
+
+
+def test_worse_challenger_is_refused_then_forced_then_rolled_back(store, trained_proto):
+    champion = make_run("a", val=0.8, test=0.5, proto_meta=trained_proto)
+    promote()
+    challenger = make_run("b", val=0.7, test=0.9, proto_meta=trained_proto)
+    decision = promote(experiments=["b"])
+    assert not decision.promote and "does not beat" in decision.reason
+    assert production_run() == champion
+    assert len(mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")) == 2  # registered as challenger
+
+    better = make_run("c", val=0.805, test=0.5, proto_meta=trained_proto)
+    assert not promote(experiments=["c"], min_improvement=0.01).promote  # within the margin
+
+    forced = promote(experiments=["b"], force=True)
+    assert forced.promote and production_run() == challenger
+    assert mlflow.MlflowClient().get_model_version_by_alias(NAME, "previous").run_id == champion
+    assert len(production_stages()) == 1
+
+    registry.rollback(NAME)
+    assert production_run() == champion
+    assert mlflow.MlflowClient().get_model_version_by_alias(NAME, "previous").run_id == challenger
+    assert production_stages() == [registry.production_version(NAME).version]
+    assert better  # registered, never promoted
+
+
+def test_rollback_without_previous_is_clear(store, trained_proto):
+    make_run("a", val=0.8, test=0.5, proto_meta=trained_proto)
+    promote()
+    with pytest.raises(CifarError, match="nothing to roll back to"):
+        registry.rollback(NAME)
+
+
+def test_racing_registers_leave_one_production(store, trained_proto, prepared_dir):
+    for experiment in ("x", "y", "z"):
+        make_run(experiment, val=0.6, test=0.5, proto_meta=trained_proto)
+    env = {"MLFLOW_TRACKING_URI": store, "CIFAR_DATA": str(prepared_dir), "PYTHONPATH": str(ROOT)}
+    import os
+
+    procs = [
+        subprocess.Popen(
+            [PYTHON, str(ROOT / "register.py"), "--experiment", e, "--force"],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for e in ("x", "y", "z")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")
+    assert len(versions) == 3
+    assert production_stages() == [registry.production_version(NAME).version]
+
+
+def test_cli_no_eligible_run_writes_nothing(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = run_cli([str(ROOT / "register.py")], env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no finished run with a logged model" in result.stderr and "python train.py" in result.stderr
+    assert not mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_registered_models()
+
+
+def test_cli_dry_run_and_list(store, trained_proto, prepared_dir, tmp_path):
+    make_run("a", val=0.9, test=0.2, proto_meta=trained_proto)
+    env = {"MLFLOW_TRACKING_URI": store, "CIFAR_DATA": str(prepared_dir)}
+    result = run_cli([str(ROOT / "register.py"), "--dry-run"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Decision: PROMOTE" in result.stdout and "Dry run: nothing changed." in result.stdout
+    assert not mlflow.MlflowClient().search_registered_models()
+    assert run_cli([str(ROOT / "register.py")], env=env, cwd=tmp_path).returncode == 0
+    listed = run_cli([str(ROOT / "register.py"), "--list"], env=env, cwd=tmp_path)
+    assert "production" in listed.stdout and "Production" in listed.stdout and "0.900000" in listed.stdout
