@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--list", action="store_true", help="list every version")
     group.add_argument("--rollback", action="store_true", help="move production back to the previous version")
+    group.add_argument(
+        "--import-bundled", action="store_true", help="register models/bundled/ (once); production if there is none"
+    )
     return p
 
 
@@ -52,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = registry.list_versions(name)
         print(f"{name} in {uri}:" if rows else f"no versions of '{name}' in {uri}.")
         print_table(rows)
+        return 0
+    if args.import_bundled:
+        version, promoted = registry.import_bundled(name=name)
+        state = (
+            "now production" if promoted else f"production stays version {registry.production_version(name).version}"
+        )
+        print(f"Bundled model is {name} version {version}; {state}.")
         return 0
     if args.rollback:
         old, new = registry.rollback(name)

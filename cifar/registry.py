@@ -272,3 +272,75 @@ def list_versions(name: str = MODEL_NAME) -> list[dict]:
         }
         for v in versions
     ]
+
+
+def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tuple[str, bool]:
+    """Register the repository's bundled model (once) and make it production if there is none.
+
+    Its run (experiment ``bundled-model``) carries the accuracy measured when it was built.
+    Returns (version, whether it is production now).
+    """
+    import json
+
+    import mlflow
+    import onnx
+    import yaml
+
+    from cifar.bundle import BUNDLE_DIR
+    from cifar.tracking import log_onnx_model
+
+    folder = Path(bundle_dir or BUNDLE_DIR)
+    if not (folder / "MLmodel").is_file():
+        raise CifarError(f"no bundled model in {folder} (expected an MLflow model folder with MLmodel).")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metadata = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("metadata") or {}
+    client = _client()
+    with registry_lock():
+        existing = client.search_model_versions(f"name='{name}' and tags.source='bundled'") if _has_model(name) else []
+        if existing:
+            version = existing[0].version
+        else:
+            proto = onnx.load(str(folder / "model.onnx"))
+            example = np.zeros((1, 3, 32, 32), np.float32)
+            mlflow.set_experiment("bundled-model")
+            with mlflow.start_run(run_name="bundled-model") as run:
+                mlflow.log_metrics(
+                    {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
+                )
+                mlflow.log_artifact(str(folder / "README.md"), "bundle")
+                mlflow.log_dict(metrics, "bundle/metrics.json")
+                uri = log_onnx_model(proto, metadata, example)
+                mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})
+            tags = {
+                "source": "bundled",
+                "run_id": run.info.run_id,
+                "val_accuracy": f"{metrics['val_accuracy']:.6f}",
+                "test_accuracy": f"{metrics['test_accuracy']:.6f}",
+                "data_digest": metrics["data_digest"],
+                "experiment": "bundled-model",
+                "study": "",
+            }
+            version = mlflow.register_model(uri, name, tags=tags).version
+            client.update_model_version(
+                name,
+                version,
+                description=(
+                    f"Bundled with the repository (models/bundled/README.md): test accuracy {metrics['test_accuracy']:.4f}."
+                ),
+            )
+        promoted = False
+        if production_version(name) is None:
+            client.set_registered_model_alias(name, PRODUCTION, version)
+            _sync_stage(name)
+            promoted = True
+    return str(version), promoted
+
+
+def _has_model(name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().get_registered_model(name)
+        return True
+    except MlflowException:
+        return False

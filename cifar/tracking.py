@@ -54,17 +54,19 @@ def check_tracking_store() -> str:
 
 
 def git_state() -> dict[str, str]:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+    """The commit the code came from, and whether tracked files differed from it."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
 
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        head = git("rev-parse", "--verify", "HEAD")
+        if head.returncode != 0:  # not a repository, or no commit yet
+            return {"git_commit": "unknown", "git_dirty": "unknown"}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower() if commit else "unknown"}
+    return {"git_commit": head.stdout.strip(), "git_dirty": str(dirty).lower()}
 
 
 def _log_figure(fig, path: str) -> None:
@@ -196,20 +198,25 @@ class TrainingRun:
         mlflow.set_tag("model_uri", self.model_uri)
 
 
-def log_onnx_model(proto, metadata: dict[str, Any], example: np.ndarray) -> str:
-    """Log an ONNX model as an MLflow model (loads with pyfunc, no torch, no pickle)."""
-    mlflow = _mlflow()
+def onnx_signature(num_classes: int):
+    """``image``: float32 N x 3 x 32 x 32 in [0, 1] -> ``logits``: float32 N x classes."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    signature = ModelSignature(
+    return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(metadata["classes"])), "logits")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "logits")]),
     )
+
+
+def log_onnx_model(proto, metadata: dict[str, Any], example: np.ndarray) -> str:
+    """Log an ONNX model as an MLflow model (loads with pyfunc, no torch, no pickle)."""
+    mlflow = _mlflow()
+
     info = mlflow.onnx.log_model(
         proto,
         name=MODEL_ARTIFACT,
-        signature=signature,
+        signature=onnx_signature(len(metadata["classes"])),
         input_example={"image": example},
         metadata=metadata,
         save_as_external_data=False,

@@ -1,0 +1,70 @@
+"""``python -m cifar.predict IMAGE_OR_DIR... [--model-uri URI] [--top-k K] [--json]``.
+
+Classifies image files (folders are searched recursively) with a logged or registered model.
+Unreadable files are reported one by one while the rest are classified; the exit code is 1
+when any file could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cifar.cli import run_cli
+from cifar.errors import CifarError
+from cifar.inference import DEFAULT_MODEL_URI, Predictor
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+
+
+def collect(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(path)  # a named file is tried whatever its extension
+    if not files:
+        raise CifarError(f"no image files in {', '.join(paths)}.")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument(
+        "--model-uri",
+        default=DEFAULT_MODEL_URI,
+        help="models:/name@alias, runs:/ID/model, a model folder or an .onnx file",
+    )
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    args = parser.parse_args(argv)
+    files = collect(args.paths)
+    predictor = Predictor.from_uri(args.model_uri)
+    results = predictor.predict_files(files, top_k=args.top_k)
+    failed = 0
+    records = []
+    for path, result in zip(files, results):
+        if isinstance(result, str):
+            failed += 1
+            records.append({"path": str(path), "error": result})
+            if not args.json:
+                print(f"{path}: ERROR {result}", file=sys.stderr)
+        else:
+            records.append(result.as_dict(str(path), predictor.description))
+            if not args.json:
+                others = ", ".join(f"{label} {p:.1%}" for label, p in result.top_k[1:])
+                print(f"{path}: {result.label} ({result.confidence:.1%})" + (f"  [{others}]" if others else ""))
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,178 @@
+"""The one image -> prediction path (ONNX Runtime), cifar.predict, the bundled model and its import."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from PIL import Image
+
+from cifar.bundle import BUNDLE_DIR
+from cifar.errors import CifarError
+from cifar.inference import Predictor
+from cifar.preprocess import decode_image, to_rgb32
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Predictor:
+    return Predictor.from_uri(str(BUNDLE_DIR))
+
+
+def test_inference_module_imports_no_torch():
+    code = "import cifar.inference, cifar.predict, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_bundled_model_is_accurate_on_real_test_images(bundled, mini_raw):
+    predictions = bundled.predict_arrays(mini_raw.test_images)
+    accuracy = np.mean([p.label == mini_raw.classes[y] for p, y in zip(predictions, mini_raw.test_labels)])
+    assert accuracy > 0.85  # the card says 92.24% on the full test split
+    card = (BUNDLE_DIR / "README.md").read_text()
+    metrics = json.loads((BUNDLE_DIR / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.92 and f"{metrics['test_accuracy']:.2%}" in card
+    assert sum(f.stat().st_size for f in BUNDLE_DIR.iterdir()) < 33_000_000
+
+
+def test_prediction_fields(bundled, mini_raw):
+    (p,) = bundled.predict_arrays(mini_raw.test_images[:1], top_k=5)
+    assert p.label == p.top_k[0][0] and p.confidence == p.top_k[0][1]
+    assert len(p.top_k) == 5 and all(a[1] >= b[1] for a, b in zip(p.top_k, p.top_k[1:]))
+    assert p.probabilities.sum() == pytest.approx(1.0)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_every_format_and_mode_gives_the_same_answer(bundled, mini_raw):
+    """A real test image, enlarged and saved in many formats and modes, keeps its prediction."""
+    base = Image.fromarray(mini_raw.test_images[5]).resize((256, 256), Image.Resampling.BICUBIC)
+    expected = bundled.predict_arrays([to_rgb32(base)])[0].label
+    variants = {
+        "jpeg": encode(base, "JPEG", quality=95),
+        "png": encode(base, "PNG"),
+        "webp": encode(base, "WEBP", quality=95),
+        "bmp": encode(base, "BMP"),
+        "gif": encode(base.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),
+        "rgba": encode(base.convert("RGBA"), "PNG"),
+        "cmyk": encode(base.convert("CMYK"), "JPEG", quality=95),
+        "palette": encode(base.quantize(256), "PNG"),
+    }
+    frames = [base, base.transpose(Image.Transpose.FLIP_TOP_BOTTOM)]
+    variants["animated-gif"] = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    for name, data in variants.items():
+        array = decode_image(data, name)
+        assert array.shape == (32, 32, 3) and array.dtype == np.uint8, name
+        assert bundled.predict_arrays([array])[0].label == expected, name
+    grey = decode_image(encode(base.convert("L"), "PNG"))
+    assert (grey[..., 0] == grey[..., 1]).all()
+    sixteen = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
+    assert sixteen.mode.startswith("I;16")
+    assert decode_image(encode(sixteen, "PNG")).shape == (32, 32, 3)
+
+
+def test_exif_rotation_is_honoured():
+    top_red = np.zeros((64, 64, 3), np.uint8)
+    top_red[:32, :, 0] = 255  # red on top, black below, as the camera sensor stored it
+    image = Image.fromarray(top_red)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    shown = decode_image(encode(image, "JPEG", exif=exif, quality=95))
+    # After the rotation the red half is on the right.
+    assert shown[:, 20:, 0].mean() > 200 and shown[:, :12, 0].mean() < 50
+
+
+def test_large_photo_decodes_fast_at_reduced_size(bundled):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), np.uint8))
+    data = encode(photo, "JPEG", quality=90)
+    import time
+
+    start = time.perf_counter()
+    decode_image(data)
+    assert time.perf_counter() - start < 1.0  # draft mode: never decoded at 12 MP
+
+
+def test_unreadable_input_is_a_clear_error():
+    with pytest.raises(CifarError, match="not a readable image"):
+        decode_image(b"definitely not an image", "x.jpg")
+
+
+def test_pickle_planted_as_a_model_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    planted = tmp_path / "model.onnx"
+    planted.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CifarError, match="is a Python pickle"):
+        Predictor.from_uri(str(planted))
+    assert not marker.exists()
+
+
+def test_truncated_model_file_is_refused(tmp_path):
+    truncated = tmp_path / "model.onnx"
+    truncated.write_bytes((BUNDLE_DIR / "model.onnx").read_bytes()[:100_000])
+    with pytest.raises(CifarError, match="not a valid ONNX model"):
+        Predictor.from_uri(str(truncated))
+
+
+def test_predict_cli_json_and_per_file_errors(tmp_path, mini_dir):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    images = [mini_dir / "test" / "cat" / "0000.jpg", mini_dir / "test" / "ship" / "0003.jpg"]
+    result = run_cli(
+        ["-m", "cifar.predict", *map(str, images), str(bad), "--model-uri", str(BUNDLE_DIR), "--json", "--top-k", "2"]
+    )
+    assert result.returncode == 1  # one file failed; the others were classified
+    records = json.loads(result.stdout)
+    assert [r["path"] for r in records] == [*map(str, images), str(bad)]
+    assert set(records[0]) == {"path", "label", "confidence", "top_k", "model"}
+    assert records[0]["label"] == "cat" and len(records[0]["top_k"]) == 2
+    assert set(records[0]["top_k"][0]) == {"label", "probability"}
+    assert "not a readable image" in records[2]["error"]
+
+
+def test_predict_cli_folder(mini_dir):
+    result = run_cli(["-m", "cifar.predict", str(mini_dir / "test" / "frog"), "--model-uri", str(BUNDLE_DIR)])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 20 and sum(": frog (" in line for line in lines) >= 16
+
+
+@pytest.mark.integration
+def test_import_bundled_then_load_production(tmp_path, mini_raw):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    first = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)
+    assert first.returncode == 0 and "now production" in first.stdout, first.stderr[-2000:]
+    again = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)
+    assert "version 1; production stays version 1" in again.stdout
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        predictor = Predictor.from_uri("models:/cifar10-classifier@production")
+        labels = [p.label for p in predictor.predict_arrays(mini_raw.test_images[:40])]
+        assert np.mean([label == mini_raw.classes[y] for label, y in zip(labels, mini_raw.test_labels[:40])]) > 0.8
+        version = mlflow.MlflowClient().get_model_version_by_alias("cifar10-classifier", "production")
+        assert version.tags["source"] == "bundled" and version.current_stage == "Production"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_no_production_model_says_what_to_run(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = run_cli(
+        ["-m", "cifar.predict", str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg")], env=env, cwd=tmp_path
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "python register.py" in result.stderr
