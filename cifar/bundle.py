@@ -113,7 +113,8 @@ or ONNX Runtime, without torch and without unpickling.
 - **Trained with**: `{command or "python train.py --experiment best --set model.width=2.0 --epochs 80 --save-dir DIR"}`
   on an NVIDIA H100 ({metrics["train_seconds"]:.1f} s of training), then `python -m cifar.bundle build --weights DIR`.
 - **Accuracy** (measured by `cifar.bundle build` on this machine, test split, once):
-  **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%} (the epoch was chosen on validation).
+  **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}
+  (the epoch was chosen on validation).
 - ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 test images.
 
 | class | recall (accuracy) | precision | F1 |

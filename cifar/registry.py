@@ -325,7 +325,8 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                 name,
                 version,
                 description=(
-                    f"Bundled with the repository (models/bundled/README.md): test accuracy {metrics['test_accuracy']:.4f}."
+                    "Bundled with the repository (models/bundled/README.md): "
+                    f"test accuracy {metrics['test_accuracy']:.4f}."
                 ),
             )
         promoted = False
