@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 EXPERIMENT ?= cpu
 UI_PORT ?= 5000
 
-.PHONY: install data run train test test-fast lint ui bench clean
+.PHONY: install data run train test test-fast lint ui app bench clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ lint: install
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# The app on the registry's production model; an empty store first gets the bundled model.
+app: install
+	$(BIN)/python register.py --import-bundled
+	$(BIN)/streamlit run streamlit_app/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
 
 bench: install
 	$(BIN)/python benchmarks/time_to_accuracy.py --experiment smoke --set data.subset=5000

@@ -86,6 +86,15 @@ def build_bundle(
         "data_source": data.manifest["source"],
     }
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # The same evaluation files a training run logs, so the app's model page reads either alike.
+    from cifar.engine import EpochMetrics
+    from cifar.plots import confusion_matrix_figure, training_curves
+
+    (tmp / "per_class.csv").write_text(report.to_csv(index=False, float_format="%.4f"))
+    confusion_matrix_figure(cm, data.classes, "Test split").savefig(tmp / "confusion_matrix.png", dpi=80)
+    history = [EpochMetrics(**h) for h in results.get("history", [])]
+    if history:
+        training_curves(history, results.get("best_epoch")).savefig(tmp / "training_curves.png", dpi=80)
     (tmp / "recipe.json").write_text(json.dumps(meta.get("recipe", {}), indent=2))
     (tmp / "README.md").write_text(model_card(meta, metrics, report, command))
     shutil.rmtree(out_dir, ignore_errors=True)

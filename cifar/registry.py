@@ -215,9 +215,9 @@ def register_and_promote(decision: Decision, name: str, data_dir: Path | None = 
                     f"{c.metric} {c.value:.4f}, test accuracy {test_accuracy:.4f} (re-evaluated at registration)."
                 ),
             )
-            decision.version = version.version
+            decision.version = str(version.version)
         else:
-            decision.version = existing.version
+            decision.version = str(existing.version)
         if decision.promote:
             current = production_version(name)
             if current is not None and current.version != decision.version:
@@ -308,6 +308,13 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                     {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
                 )
                 mlflow.log_artifact(str(folder / "README.md"), "bundle")
+                for file, artifact_dir in (
+                    ("per_class.csv", "evaluation"),
+                    ("confusion_matrix.png", "evaluation"),
+                    ("training_curves.png", "plots"),
+                ):
+                    if (folder / file).is_file():
+                        mlflow.log_artifact(str(folder / file), artifact_dir)
                 mlflow.log_dict(metrics, "bundle/metrics.json")
                 uri = log_onnx_model(proto, metadata, example)
                 mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})

@@ -1,0 +1,137 @@
+"""What the app needs from the registry, without torch: which model is production, and its report.
+
+Everything here is plain functions, so the Streamlit page stays a thin layout over them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cifar.errors import CifarError
+from cifar.inference import Predictor
+
+MODEL_NAME = "cifar10-classifier"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str
+    experiment_id: str
+    val_accuracy: str
+    test_accuracy: str
+    source: str
+    tracking_uri: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def run_link(self, ui_url: str | None = None) -> str | None:
+        """A link to the source run in the MLflow UI, when its address is configured."""
+        ui_url = ui_url if ui_url is not None else os.environ.get("MLFLOW_UI_URL", "")
+        if not ui_url and self.tracking_uri.startswith("http"):
+            ui_url = self.tracking_uri
+        if not ui_url or not self.run_id:
+            return None
+        return f"{ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def production_model(name: str = MODEL_NAME) -> ModelInfo:
+    """The registry's production version, or a CifarError that says what to run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException:
+            raise CifarError(
+                f"cannot reach the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI). Start it, or unset "
+                "MLFLOW_TRACKING_URI to use the local store."
+            ) from None
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, "production")
+    except MlflowException:
+        raise CifarError(
+            f"no production version of '{name}' in {uri}. Run: python register.py --import-bundled "
+            "(the model shipped with the repository), or train one and run python register.py."
+        ) from None
+    aliases = tuple(sorted(version.aliases or ("production",)))
+    experiment_id = ""
+    if version.run_id:
+        try:
+            experiment_id = client.get_run(version.run_id).info.experiment_id
+        except MlflowException:
+            pass
+    return ModelInfo(
+        name,
+        str(version.version),
+        aliases,
+        version.run_id or "",
+        experiment_id,
+        version.tags.get("val_accuracy", "?"),
+        version.tags.get("test_accuracy", "?"),
+        version.tags.get("source", "training run"),
+        uri,
+    )
+
+
+def load_predictor(info: ModelInfo) -> Predictor:
+    return Predictor.from_uri(info.uri)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    per_class: object | None  # pandas DataFrame
+    confusion_matrix_png: bytes | None
+    training_curves_png: bytes | None
+
+
+def run_report(run_id: str) -> RunReport:
+    """Per-class table, confusion matrix and training curves from the source run's artifacts."""
+    import mlflow
+    import pandas as pd
+
+    def fetch(path: str) -> Path | None:
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+        except Exception:  # a run without that artifact: the page says so
+            return None
+
+    csv = fetch("evaluation/per_class.csv")
+    cm, curves = fetch("evaluation/confusion_matrix.png"), fetch("plots/training_curves.png")
+    return RunReport(
+        pd.read_csv(csv) if csv else None, cm.read_bytes() if cm else None, curves.read_bytes() if curves else None
+    )
+
+
+def time_one_prediction(predictor: Predictor, image_bytes: bytes, repeats: int = 20) -> float:
+    """Median milliseconds for one image: decode, resize, predict."""
+    from cifar.preprocess import decode_image
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.predict_arrays([decode_image(image_bytes)])
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def thumbnail(array, size: int = 128) -> bytes:
+    """The 32x32 model input, enlarged without smoothing, as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).resize((size, size), Image.Resampling.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()

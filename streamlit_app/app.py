@@ -1,0 +1,179 @@
+"""CIFAR-10 classifier app: serves the registry's production model (ONNX Runtime, no torch).
+
+    streamlit run streamlit_app/app.py        (or: make app)
+
+Reads ``$MLFLOW_TRACKING_URI`` (else the local mlflow.db) and ``$MLFLOW_UI_URL`` (for run links).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the cifar package lives beside the app
+    sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from cifar import serving  # noqa: E402
+from cifar.errors import CifarError  # noqa: E402
+from cifar.preprocess import decode_image  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def current_model() -> tuple[serving.ModelInfo | None, str | None]:
+    """Which version is production, re-read at most once a minute (or on the button)."""
+    try:
+        return serving.production_model(), None
+    except CifarError as exc:
+        return None, str(exc)
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=3)
+def predictor_for(model_uri: str, tracking_uri: str) -> serving.Predictor:
+    """One loaded model per registered version (the cache key), shared by all sessions."""
+    return serving.Predictor.from_uri(model_uri)
+
+
+@st.cache_data(show_spinner=False)
+def report_for(run_id: str, tracking_uri: str) -> serving.RunReport:
+    return serving.run_report(run_id)
+
+
+@st.cache_data(show_spinner=False)
+def latency_for(model_uri: str, tracking_uri: str) -> float | None:
+    samples = sorted(SAMPLES.glob("*.png"))
+    if not samples:
+        return None
+    return serving.time_one_prediction(predictor_for(model_uri, tracking_uri), samples[0].read_bytes())
+
+
+def preview(data: bytes) -> bytes | None:
+    """A display-sized copy of an upload (large photos are never decoded at full size)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (512, 512))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((320, 320))
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return out.getvalue()
+    except Exception:  # the decode error itself is shown by show_prediction
+        return None
+
+
+def show_prediction(name: str, data: bytes, predictor: serving.Predictor) -> None:
+    try:
+        array = decode_image(data, name)
+    except CifarError as exc:
+        st.warning(f"Could not read {exc}. Try a JPEG, PNG, WebP, BMP or GIF photo.")
+        return
+    prediction = predictor.predict_arrays([array], top_k=5)[0]
+    original, seen, chart = st.columns([2, 1, 3])
+    shown = preview(data)
+    if shown:
+        original.image(shown, caption=name)
+    seen.image(serving.thumbnail(array), caption="What the model sees (32×32)")
+    chart.markdown(f"### {prediction.label}\n{prediction.confidence:.1%} confident")
+    top = pd.DataFrame(prediction.top_k, columns=["class", "probability"])
+    chart.bar_chart(top, x="class", y="probability", horizontal=True, sort="-probability", height=220)
+
+
+def sidebar(info: serving.ModelInfo) -> None:
+    st.sidebar.header("Model")
+    st.sidebar.markdown(
+        f"**{info.name}** version **{info.version}**  \n"
+        f"aliases: {', '.join(info.aliases) or '-'}  \n"
+        f"validation accuracy: {_pct(info.val_accuracy)}  \n"
+        f"test accuracy: {_pct(info.test_accuracy)}  \n"
+        f"source: {info.source}  \n"
+        f"run: `{info.run_id or '-'}`"
+    )
+    link = info.run_link()
+    if link:
+        st.sidebar.markdown(f"[Open the run in MLflow]({link})")
+    st.sidebar.caption(f"Tracking store: {info.tracking_uri}")
+
+
+def _pct(value: str) -> str:
+    try:
+        return f"{float(value):.2%}"
+    except ValueError:
+        return value
+
+
+def predict_page(predictor: serving.Predictor) -> None:
+    uploads = st.file_uploader("Upload one or more images", type=UPLOAD_TYPES, accept_multiple_files=True)
+    with st.expander("Take a photo with the camera"):
+        photo = st.camera_input("Camera")
+    st.markdown("**Or click a sample CIFAR-10 test image:**")
+    samples = sorted(SAMPLES.glob("*.png"))
+    columns = st.columns(10)
+    for i, sample in enumerate(samples):
+        column = columns[i % 10]
+        column.image(str(sample), width=48)
+        if column.button(sample.stem.split("_")[0], key=f"sample-{sample.stem}"):
+            st.session_state["sample"] = sample.name
+    items = [(u.name, u.getvalue()) for u in uploads or []]
+    if photo is not None:
+        items.append(("camera photo", photo.getvalue()))
+    if st.session_state.get("sample") and not items:
+        chosen = SAMPLES / st.session_state["sample"]
+        items.append((chosen.name, chosen.read_bytes()))
+    for name, data in items:
+        st.divider()
+        show_prediction(name, data, predictor)
+
+
+def model_page(info: serving.ModelInfo, predictor: serving.Predictor) -> None:
+    report = report_for(info.run_id, info.tracking_uri) if info.run_id else serving.RunReport(None, None, None)
+    st.subheader("Per-class accuracy on the test split")
+    if report.per_class is not None:
+        table = report.per_class.rename(columns={"recall": "accuracy (recall)"})
+        st.dataframe(table, hide_index=True)
+    else:
+        st.info("This model's run has no per-class report.")
+    if report.confusion_matrix_png:
+        st.subheader("Confusion matrix")
+        st.image(report.confusion_matrix_png)
+    if report.training_curves_png:
+        st.subheader("Training curves")
+        st.image(report.training_curves_png)
+    ms = latency_for(info.uri, info.tracking_uri)
+    if ms is not None:
+        st.metric("One prediction (decode, resize, predict; median of 20)", f"{ms:.1f} ms")
+
+
+def main() -> None:
+    st.set_page_config(page_title="CIFAR-10 classifier", layout="wide")
+    st.title("CIFAR-10 classifier")
+    st.caption("airplane · automobile · bird · cat · deer · dog · frog · horse · ship · truck")
+    if st.sidebar.button("Check for a new model"):
+        current_model.clear()
+    info, error = current_model()
+    if error:
+        st.error(error)
+        st.code("python register.py --import-bundled", language="bash")
+        return
+    try:
+        predictor = predictor_for(info.uri, info.tracking_uri)
+    except CifarError as exc:
+        st.error(f"The production model could not be loaded: {exc}")
+        return
+    sidebar(info)
+    predict_tab, model_tab = st.tabs(["Predict", "About the model"])
+    with predict_tab:
+        predict_page(predictor)
+    with model_tab:
+        model_page(info, predictor)
+
+
+main()

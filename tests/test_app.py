@@ -1,0 +1,141 @@
+"""The Streamlit app through Streamlit's AppTest: real registry, real model, real images."""
+
+from __future__ import annotations
+
+import io
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import streamlit as st
+from conftest import ROOT
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from cifar import registry
+from cifar.bundle import BUNDLE_DIR
+from cifar.tracking import log_onnx_model
+
+APP = str(ROOT / "streamlit_app" / "app.py")
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def served(tracking_env):
+    """A store whose production model is the bundled one."""
+    version, promoted = registry.import_bundled()
+    assert promoted
+    return tracking_env
+
+
+def run_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def text_of(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [m.value for m in at.sidebar.markdown] + [w.value for w in at.warning]
+    return "\n".join(parts + [e.value for e in at.error])
+
+
+def jpeg_of(array: np.ndarray, size: int = 200, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).resize((size, size)).convert(mode).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_no_production_model_says_what_to_run(tracking_env):
+    at = run_app()
+    assert "no production version of 'cifar10-classifier'" in at.error[0].value
+    assert at.code[0].value == "python register.py --import-bundled"
+
+
+def test_sidebar_shows_the_served_model(served):
+    at = run_app()
+    sidebar = "\n".join(m.value for m in at.sidebar.markdown)
+    assert "**cifar10-classifier** version **1**" in sidebar and "aliases: production" in sidebar
+    assert "test accuracy: 92.24%" in sidebar and "source: bundled" in sidebar
+
+
+def test_upload_real_images(served, mini_raw):
+    at = run_app()
+    cat, ship = mini_raw.test_images[60], mini_raw.test_images[160]  # classes 3 (cat) and 8 (ship)
+    assert mini_raw.classes[mini_raw.test_labels[60]] == "cat" and mini_raw.classes[mini_raw.test_labels[160]] == "ship"
+    at.file_uploader[0].set_value([("cat.jpg", jpeg_of(cat), "image/jpeg"), ("ship.png", jpeg_of(ship), "image/png")])
+    at.run()
+    assert not at.exception, at.exception
+    headings = [m.value for m in at.markdown if m.value.startswith("### ")]
+    assert len(headings) == 2 and "confident" in headings[0]
+    assert headings[0].startswith("### cat") and headings[1].startswith("### ship")
+    assert len(at.get("vega_lite_chart")) == 2  # one top-5 chart per image
+
+
+def test_gallery_click(served):
+    at = run_app()
+    at.button(key="sample-truck_0").click()
+    at.run()
+    headings = [m.value for m in at.markdown if m.value.startswith("### ")]
+    assert headings == [h for h in headings if "confident" in h] and len(headings) == 1
+    assert headings[0].startswith("### truck")
+
+
+def test_bad_uploads_get_a_friendly_message(served, mini_raw):
+    at = run_app()
+    good = jpeg_of(mini_raw.test_images[0])
+    animated = io.BytesIO()
+    frames = [Image.fromarray(mini_raw.test_images[i]).resize((64, 64)) for i in range(3)]
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    huge = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(huge, format="PNG")  # 400 MP: a decompression bomb
+    files = [
+        ("notes.jpg", b"this is not an image", "image/jpeg"),
+        ("truncated.jpg", good[: len(good) // 3], "image/jpeg"),
+        ("huge.png", huge.getvalue(), "image/png"),
+        ("animated.gif", animated.getvalue(), "image/gif"),
+        ("cmyk.jpg", jpeg_of(mini_raw.test_images[1], mode="CMYK"), "image/jpeg"),
+    ]
+    at.file_uploader[0].set_value(files)
+    at.run()
+    assert not at.exception, at.exception
+    warnings = [w.value for w in at.warning]
+    assert any("notes.jpg" in w and "not a readable image" in w for w in warnings)
+    assert any("huge.png" in w and "too large" in w for w in warnings)
+    headings = [m.value for m in at.markdown if m.value.startswith("### ")]
+    assert len(headings) >= 2  # the animated GIF (first frame) and the CMYK JPEG are classified
+    at.button(key="sample-cat_0").click()
+    at.run()  # and the app keeps working
+    assert not at.exception
+
+
+def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch):
+    monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))  # register.py re-evaluates on this test split
+    at = run_app()
+    assert "version **1**" in text_of(at)
+    import yaml
+
+    mlflow.set_experiment("newer")
+    proto = onnx.load(str(BUNDLE_DIR / "model.onnx"))
+    meta = yaml.safe_load((BUNDLE_DIR / "MLmodel").read_text())["metadata"]
+    with mlflow.start_run():
+        mlflow.log_metrics({"best_val_accuracy": 0.99, "test_accuracy": 0.9})
+        uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
+        mlflow.set_tag("model_uri", uri)
+    decision = registry.decide(registry.find_best_run(["newer"]), registry.MODEL_NAME, 0.0, False)
+    assert registry.register_and_promote(decision, registry.MODEL_NAME).version == "2"
+    at.run()
+    assert "version **1**" in text_of(at)  # cached for up to a minute...
+    at.sidebar.button[0].click()  # ...or until "Check for a new model"
+    at.run()
+    assert "version **2**" in text_of(at) and not at.exception
