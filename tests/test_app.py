@@ -139,3 +139,16 @@ def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch)
     at.sidebar.button[0].click()  # ...or until "Check for a new model"
     at.run()
     assert "version **2**" in text_of(at) and not at.exception
+
+
+def test_unreachable_tracking_server_is_named(tmp_path, monkeypatch):
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        at = run_app()
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert uri in at.error[0].value and "unset MLFLOW_TRACKING_URI" in at.error[0].value
