@@ -31,3 +31,57 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def most_confused_pairs(cm: np.ndarray, classes: Sequence[str], top: int = 10) -> pd.DataFrame:
+    """The largest off-diagonal counts: (true, predicted, count, share of the true class)."""
+    off = cm.astype(float).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None)[:top]
+    rows = []
+    for flat in order:
+        i, j = divmod(int(flat), cm.shape[1])
+        if off[i, j] <= 0:
+            break
+        rows.append(
+            {
+                "true": classes[i],
+                "predicted": classes[j],
+                "count": int(cm[i, j]),
+                "share_of_true": cm[i, j] / max(1, cm[i].sum()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true"])
+
+
+def calibration_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    """Confidence vs accuracy in equal-width confidence bins (for ECE and reliability diagrams)."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(labels)
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = index == b
+        rows.append(
+            {
+                "low": edges[b],
+                "high": edges[b + 1],
+                "count": int(mask.sum()),
+                "confidence": float(confidence[mask].mean()) if mask.any() else np.nan,
+                "accuracy": float(correct[mask].mean()) if mask.any() else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Sum over bins of (share of images) x |accuracy - confidence|."""
+    table = calibration_bins(probabilities, labels, bins)
+    used = table[table["count"] > 0]
+    return float((used["count"] / len(labels) * (used["accuracy"] - used["confidence"]).abs()).sum())
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(picked, 1e-12, 1)).mean())

@@ -53,3 +53,49 @@ def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], title: str =
     ax_counts.set(title=f"{title}: counts", xlabel="predicted", ylabel="true")
     ax_rates.set(title=f"{title}: row-normalised (recall on the diagonal)", xlabel="predicted", ylabel="true")
     return fig
+
+
+def per_class_figure(per_class) -> Figure:
+    """Precision, recall and F1 per class as grouped bars."""
+    data = per_class.melt(id_vars="class", value_vars=["precision", "recall", "f1"], var_name="metric")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax = fig.subplots()
+    sns.barplot(data=data, x="class", y="value", hue="metric", ax=ax)
+    low = max(0.0, float(data["value"].min()) - 0.1)
+    ax.set(title="Per-class precision, recall and F1 (test split)", xlabel="", ylabel="score", ylim=(low, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def reliability_diagram(bins, ece: float) -> Figure:
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax, ax_count = fig.subplots(1, 2, width_ratios=[3, 2])
+    used = bins[bins["count"] > 0]
+    width = float(bins["high"].iloc[0] - bins["low"].iloc[0])
+    ax.bar(used["low"], used["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(used["confidence"], used["accuracy"], "o", color="C3", ms=4, label="mean confidence")
+    ax.set(
+        title=f"Reliability diagram (ECE {ece:.3f})", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1)
+    )
+    ax.legend(loc="upper left")
+    ax_count.bar(used["low"], used["count"], width=width, align="edge", color="C0", edgecolor="black")
+    ax_count.set(title="Images per confidence bin", xlabel="confidence", ylabel="images", xlim=(0, 1), yscale="log")
+    return fig
+
+
+def misclassified_gallery(rows, images: np.ndarray, columns: int = 8) -> Figure:
+    """The misclassified test images, highest loss first, with true and predicted labels."""
+    count = max(1, len(rows))
+    n_rows = -(-count // columns)
+    fig = Figure(figsize=(columns * 1.6, n_rows * 1.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(n_rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, row in zip(axes, rows.itertuples()):
+        ax.imshow(images[row.index], interpolation="nearest")
+        ax.set_title(f"true {row.true}\npred {row.predicted} {row.confidence:.0%}", fontsize=8)
+    fig.suptitle("Misclassified test images, highest loss first (least probability on the true class)")
+    return fig

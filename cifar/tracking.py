@@ -157,27 +157,24 @@ class TrainingRun:
 
     def log_results(self, *, fit, test, model, data, metadata: dict[str, Any]) -> None:
         """Final metrics, evaluation figures, safetensors weights and the ONNX MLflow model."""
+        from cifar.evaluate import build_report, log_report
         from cifar.export import export_onnx, onnx_parity, save_weights
-        from cifar.metrics import confusion_matrix, per_class_report
-        from cifar.plots import confusion_matrix_figure, training_curves
+        from cifar.plots import training_curves
 
         mlflow = _mlflow()
         mlflow.flush_async_logging()
-        cm = confusion_matrix(test.labels, test.predictions, len(data.classes))
-        report = per_class_report(cm, data.classes)
+        report = build_report(test.logits, test.labels, data.classes)
         mlflow.log_metrics(
             {
                 "best_val_accuracy": fit.best_val_accuracy,
                 "best_epoch": fit.best_epoch,
-                "test_accuracy": test.accuracy,
                 "test_loss": test.loss,
                 "train_seconds": fit.train_seconds,
+                **report.metrics(),
             }
         )
         _log_figure(training_curves(fit.history, fit.best_epoch), "plots/training_curves.png")
-        _log_figure(confusion_matrix_figure(cm, data.classes, "Test split"), "evaluation/confusion_matrix.png")
-        mlflow.log_text(report.to_csv(index=False, float_format="%.4f"), "evaluation/per_class.csv")
-        mlflow.log_dict({"matrix": cm.tolist(), "classes": list(data.classes)}, "evaluation/confusion_matrix.json")
+        log_report(report, np.asarray(data.images["test"]))
 
         metadata = {
             **metadata,
