@@ -184,7 +184,8 @@ def fit(
     )
     val_tensor = images_to_tensor(val_images, device)
     if hasattr(model, "init_from_data"):
-        sample = loader.images[: min(5000, len(loader.images))].float().div(255)
+        spread = torch.linspace(0, len(loader.images) - 1, min(5000, len(loader.images)), device=device).long()
+        sample = loader.images[spread].float().div(255)  # every class, whatever the storage order
         model.init_from_data(sample)
 
     optimizer = build_optimizer(model, cfg, device)

@@ -113,10 +113,12 @@ class TrainingRun:
         mlflow.set_tags({**git_state(), **self.tags})
         mlflow.log_params(self.cfg.flat())
         mlflow.log_text(self.cfg.to_yaml(), "config/experiment.yaml")
+        self.tensorboard = TensorBoardLog(self.experiment_name, self.run_name or "run", self.run_id)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         mlflow = _mlflow()
+        self.tensorboard.close_and_log()
         pruned = exc_type is not None and exc_type.__name__ == "TrialPruned"  # optuna.TrialPruned
         if "optuna_trial" in self.tags:
             mlflow.set_tag("trial_state", "COMPLETE" if exc_type is None else "PRUNED" if pruned else "FAIL")
@@ -154,6 +156,7 @@ class TrainingRun:
 
     def log_epoch(self, metrics) -> None:
         _mlflow().log_metrics(metrics.as_dict(), step=metrics.epoch, synchronous=False)
+        self.tensorboard.epoch(metrics)
 
     def log_results(self, *, fit, test, model, data, metadata: dict[str, Any]) -> None:
         """Final metrics, evaluation figures, safetensors weights and the ONNX MLflow model."""
@@ -175,6 +178,9 @@ class TrainingRun:
         )
         _log_figure(training_curves(fit.history, fit.best_epoch), "plots/training_curves.png")
         log_report(report, np.asarray(data.images["test"]))
+        self.tensorboard.results(
+            self.cfg, data, report, {**report.metrics(), "best_val_accuracy": fit.best_val_accuracy}
+        )
 
         metadata = {
             **metadata,
@@ -220,6 +226,58 @@ def log_onnx_model(proto, metadata: dict[str, Any], example: np.ndarray) -> str:
         onnx_execution_providers=["CPUExecutionProvider"],
     )
     return info.model_uri
+
+
+class TensorBoardLog:
+    """TensorBoard event files for a run, in ``runs/<experiment>/<run>`` and as run artifacts.
+
+    ``tensorboard --logdir runs`` shows every local run; the same files are under the run's
+    ``tensorboard/`` artifacts for anyone browsing the tracking server.
+    """
+
+    def __init__(self, experiment: str, run_name: str, run_id: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = Path(os.environ.get("CIFAR_TENSORBOARD_DIR", "runs")) / experiment / f"{run_name}-{run_id[:8]}"
+        self.writer = SummaryWriter(str(self.logdir))
+
+    def epoch(self, m) -> None:
+        for name, value in (
+            ("loss/train", m.train_loss),
+            ("loss/val", m.val_loss),
+            ("accuracy/train", m.train_accuracy),
+            ("accuracy/val", m.val_accuracy),
+            ("learning_rate", m.learning_rate),
+            ("images_per_second", m.images_per_second),
+        ):
+            self.writer.add_scalar(name, value, m.epoch)
+
+    def results(self, cfg: ExperimentConfig, data, report, final: dict[str, float]) -> None:
+        import torch
+        from torchvision.utils import make_grid
+
+        from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
+        from cifar.plots import confusion_matrix_figure
+
+        spread = np.linspace(0, len(data.labels["train"]) - 1, 64).astype(int)
+        sample = images_to_tensor(np.asarray(data.images["train"])[spread], "cpu").float() / 255
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        augmented = augment_batch(
+            sample, Augmentation(cfg.augment.flip, cfg.augment.translate, cfg.augment.cutout), generator
+        )
+        self.writer.add_image("augmented_batch", make_grid(augmented, nrow=8, padding=1), 0)
+        self.writer.add_figure(
+            "confusion_matrix", confusion_matrix_figure(report.confusion, data.classes, "Test split"), 0
+        )
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.flat().items()}
+        self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+
+    def close_and_log(self) -> None:
+        self.writer.close()
+        try:
+            _mlflow().log_artifacts(str(self.logdir), "tensorboard")
+        except Exception as exc:  # the run's own status matters more than its TensorBoard copy
+            print(f"warning: could not upload TensorBoard files: {exc}")
 
 
 # --- studies (cifar.search) -----------------------------------------------------------------

@@ -206,3 +206,23 @@ def test_unreachable_tracking_server(tmp_path, prepared_dir):
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
     assert uri in message and "unset MLFLOW_TRACKING_URI" in message and "Traceback" not in result.stderr
+
+
+def test_tensorboard_event_files(store):
+    """Read the run's event files back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = store["run"]
+    logdirs = {p.parent for p in (store["root"] / "runs").rglob("events.out.tfevents.*")}
+    (logdir,) = [d for d in logdirs if d.name.endswith(run.info.run_id[:8])]
+    accumulator = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "learning_rate"} <= set(tags["scalars"])
+    assert [e.step for e in accumulator.Scalars("accuracy/val")] == [1, 2, 3, 4]
+    val = [m.value for m in store["client"].get_metric_history(run.info.run_id, "val_accuracy")]
+    assert [e.value for e in accumulator.Scalars("accuracy/val")] == pytest.approx(val)
+    assert {"augmented_batch", "confusion_matrix"} <= set(tags["images"])
+    assert accumulator.PluginTagToContent("hparams")  # the recipe with its final metrics
+    uploaded = store["client"].list_artifacts(run.info.run_id, "tensorboard")
+    assert any(a.path.startswith("tensorboard/events.out.tfevents") for a in uploaded)

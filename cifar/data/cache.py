@@ -127,6 +127,10 @@ def prepare_cache(
     if val_size is None:
         val_size = min(DEFAULT_VAL_SIZE, len(raw.train_labels) // 10)
     train_idx, val_idx = stratified_split(raw.train_labels, val_size, seed)
+    # Store train and val in a seeded random order: sources list images class by class, and
+    # any "first N images" (a preview, an init sample) must not be a single class.
+    rng = np.random.default_rng(seed + 1)
+    train_idx, val_idx = rng.permutation(train_idx), rng.permutation(val_idx)
     arrays = {
         "train": (raw.train_images[train_idx], raw.train_labels[train_idx]),
         "val": (raw.train_images[val_idx], raw.train_labels[val_idx]),

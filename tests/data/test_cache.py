@@ -106,3 +106,11 @@ def test_full_shared_archive(tmp_path):
     assert sum(a.nbytes for a in arrays) == 60000 * 32 * 32 * 3
     assert load_seconds < 1.0, f"loading the cache took {load_seconds:.2f} s"
     print(f"prepare {prepare_seconds:.1f} s, load {load_seconds:.3f} s")
+
+
+def test_train_and_val_are_stored_shuffled(prepared_dir):
+    """Sources list images class by class; the cache must not (a 'first N' sample would be one class)."""
+    data = load_cache(prepared_dir)
+    for split in ("train", "val"):
+        first = data.labels[split][: len(data.labels[split]) // 5]
+        assert len(np.unique(first)) >= 8, split
