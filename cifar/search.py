@@ -150,7 +150,12 @@ class TuneOptions:
 
 
 def default_storage() -> str:
-    return f"sqlite:///{Path('optuna.db').resolve()}"
+    """``optuna.db`` beside the local MLflow store (``mlflow.db``), else in the current folder."""
+    import mlflow
+
+    tracking = mlflow.get_tracking_uri()
+    folder = Path(tracking.removeprefix("sqlite:///")).parent if tracking.startswith("sqlite:///") else Path(".")
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int):

@@ -311,7 +311,13 @@ def study_parent_run(study, attr: str, experiment: str, params: dict[str, Any], 
     client = mlflow.MlflowClient()
     existing = study.user_attrs.get(attr)
     if existing:
-        return existing
+        try:
+            client.get_run(existing)
+            return existing
+        except mlflow.exceptions.MlflowException:  # the study outlived its run (another store, deleted)
+            print(
+                f"The study's MLflow parent run {existing} is not in {mlflow.get_tracking_uri()}: starting a new one."
+            )
     # Under `mlflow run` its run is the parent. Take the id out of the environment, or every
     # trial's start_run(parent_run_id=...) would resume that run instead of nesting under it.
     run_id = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -321,7 +327,8 @@ def study_parent_run(study, attr: str, experiment: str, params: dict[str, Any], 
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-    study.set_user_attr(attr, run_id)
+    if study.user_attrs.get(attr) in (None, existing):
+        study.set_user_attr(attr, run_id)
     time.sleep(0.5)
     winner = study.user_attrs.get(attr)
     if winner != run_id:
