@@ -111,6 +111,7 @@ def figures(data: CifarData, balance: pd.DataFrame, stats: pd.DataFrame, duplica
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     sns.barplot(data=balance, x="class", y="images", hue="split", ax=fig.subplots())
     fig.axes[0].set(title="Images per class and split", xlabel="")
+    fig.axes[0].legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     out["class_balance.png"] = fig
 
     fig = Figure(figsize=(16, 6), layout="constrained")

@@ -67,6 +67,27 @@ def test_sidebar_shows_the_served_model(served):
     sidebar = "\n".join(m.value for m in at.sidebar.markdown)
     assert "**cifar10-classifier** version **1**" in sidebar and "aliases: production" in sidebar
     assert "test accuracy: 92.24%" in sidebar and "source: bundled" in sidebar
+    # The model page: per-class table, confusion matrix and curves from the run, and the latency.
+    table = at.dataframe[0].value
+    assert list(table["class"]) == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    assert table["accuracy (recall)"].between(0.8, 1.0).all()
+    assert {s.value for s in at.subheader} >= {
+        "Per-class accuracy on the test split",
+        "Confusion matrix",
+        "Training curves",
+    }
+    assert at.metric[0].value.endswith(" ms")
 
 
 def test_upload_real_images(served, mini_raw):

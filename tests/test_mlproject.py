@@ -109,3 +109,63 @@ def test_mlflow_run_prepare_entry_point(tmp_path, mini_dir):
     from cifar.data import load_cache
 
     assert load_cache(tmp_path / "prepared").sizes() == {"train": 440, "val": 60, "test": 200}
+
+
+def test_mlflow_run_tune_then_register(tmp_path, prepared_dir):
+    """`mlflow run . -e tune` searches (its run is the study's parent), `-e register` promotes."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "CIFAR_DATA": str(prepared_dir),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("tuning", artifact_location=str(tmp_path / "artifacts"))
+
+    def run(*args: str) -> None:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "run",
+                str(ROOT),
+                "--env-manager",
+                "local",
+                "--experiment-name",
+                "tuning",
+                *args,
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    run(
+        "-e",
+        "tune",
+        "-P",
+        "experiment=smoke",
+        "-P",
+        "space=cpu",
+        "-P",
+        "n_trials=2",
+        "-P",
+        "epochs_per_trial=1",
+        "-P",
+        "study_name=mlp",
+    )
+    runs = client.search_runs([client.get_experiment_by_name("tuning").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "tune"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and parent.data.tags["optuna_study"] == "mlp"
+    assert (tmp_path / "optuna.db").is_file()  # beside mlflow.db
+    run("-e", "register", "-P", "study_name=mlp")
+    production = client.get_model_version_by_alias("cifar10-classifier", "production")
+    assert production.run_id in {c.info.run_id for c in children}
