@@ -20,6 +20,25 @@ SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PYTHON = sys.executable
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """MLflow 3's set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; keep tests apart."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def clean_env(extra: dict | None = None) -> dict:
+    """This process's environment for a child process, without MLflow's run/experiment variables."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    }
+    return {**env, **(extra or {})}
+
+
 @pytest.fixture(scope="session")
 def mini_dir() -> Path:
     return FIXTURE
@@ -111,7 +130,7 @@ def free_port() -> int:
 
 def run_cli(args: list[str], *, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
     """Run a project command in a subprocess, as a user would."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = clean_env({"PYTHONPATH": str(ROOT), **(env or {})})
     return subprocess.run(
         [PYTHON, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )

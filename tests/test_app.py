@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifar import registry
 from cifar.bundle import BUNDLE_DIR
+from cifar.data.sources import CIFAR10_CLASSES
 from cifar.tracking import log_onnx_model
 
 APP = str(ROOT / "streamlit_app" / "app.py")
@@ -69,18 +70,7 @@ def test_sidebar_shows_the_served_model(served):
     assert "test accuracy: 92.24%" in sidebar and "source: bundled" in sidebar
     # The model page: per-class table, confusion matrix and curves from the run, and the latency.
     table = at.dataframe[0].value
-    assert list(table["class"]) == [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    assert list(table["class"]) == list(CIFAR10_CLASSES)
     assert table["accuracy (recall)"].between(0.8, 1.0).all()
     assert {s.value for s in at.subheader} >= {
         "Per-class accuracy on the test split",

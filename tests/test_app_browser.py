@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, ROOT, free_port, run_cli
+from conftest import PYTHON, ROOT, clean_env, free_port, run_cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -31,7 +31,7 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture
 def app_url(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    env = clean_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)})
     imported = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr[-2000:]
     port = free_port()

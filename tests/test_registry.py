@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_cli
+from conftest import PYTHON, ROOT, clean_env, run_cli
 
 from cifar import registry
 from cifar.config import load_experiment
@@ -136,12 +136,11 @@ def test_racing_registers_leave_one_production(store, trained_proto, prepared_di
     for experiment in ("x", "y", "z"):
         make_run(experiment, val=0.6, test=0.5, proto_meta=trained_proto)
     env = {"MLFLOW_TRACKING_URI": store, "CIFAR_DATA": str(prepared_dir), "PYTHONPATH": str(ROOT)}
-    import os
 
     procs = [
         subprocess.Popen(
             [PYTHON, str(ROOT / "register.py"), "--experiment", e, "--force"],
-            env={**os.environ, **env},
+            env=clean_env(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

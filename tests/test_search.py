@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import PYTHON, ROOT, run_cli
+from conftest import PYTHON, ROOT, clean_env, run_cli
 
 from cifar.config import load_experiment
 from cifar.errors import CifarError
@@ -92,12 +91,13 @@ def test_conditions_are_honoured(tmp_path):
 
 
 def tune(tmp_path, prepared_dir, *args, space=SPACE, wait=True):
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "CIFAR_DATA": str(prepared_dir),
-    }
+    env = clean_env(
+        {
+            "PYTHONPATH": str(ROOT),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "CIFAR_DATA": str(prepared_dir),
+        }
+    )
     command = [
         PYTHON,
         str(ROOT / "tune.py"),
@@ -272,3 +272,17 @@ def test_bad_inputs_are_clear(tmp_path, prepared_dir):
         )
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_study_whose_parent_run_vanished_gets_a_new_one(tracking_env):
+    from cifar.search import PARENT_ATTR
+    from cifar.tracking import study_parent_run
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(PARENT_ATTR, "0" * 32)  # e.g. the study file was copied from another machine
+    new = study_parent_run(study, PARENT_ATTR, "s", {"study_name": "s"}, {"optuna_study": "s"})
+    assert new != "0" * 32 and study.user_attrs[PARENT_ATTR] == new
+    import mlflow
+
+    assert mlflow.MlflowClient().get_run(new).data.tags["optuna_study"] == "s"
+    assert study_parent_run(study, PARENT_ATTR, "s", {}, {}) == new  # reused from then on
