@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cifar.errors import CifarError
+from cifar.metrics import softmax
 from cifar.preprocess import decode_image
 
 DEFAULT_MODEL_URI = "models:/cifar10-classifier@production"
@@ -36,12 +37,6 @@ class Prediction:
             "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k],
             "model": model,
         }
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _find_onnx(folder: Path) -> Path:
