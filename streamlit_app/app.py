@@ -63,6 +63,9 @@ def preview(data: bytes) -> bytes | None:
             image.draft("RGB", (512, 512))
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail((320, 320))
+            if max(image.size) < 160:  # tiny images (CIFAR's 32x32): enlarge, keeping pixels sharp
+                factor = 160 // max(image.size)
+                image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
             out = io.BytesIO()
             image.save(out, format="PNG")
             return out.getvalue()
