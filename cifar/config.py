@@ -175,19 +175,24 @@ def parse_override(text: str) -> dict[str, Any]:
     return tree
 
 
-def experiment_path(name_or_path: str) -> Path:
+def resolve_named_yaml(name_or_path: str, folder: Path, kind: str, file_kind: str) -> Path:
+    """``name`` -> ``folder/name.yaml``; a ``.yaml`` path is taken as it is. Clear errors for both."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise CifarError(f"config file '{name_or_path}' does not exist.")
+            raise CifarError(f"{file_kind} '{name_or_path}' does not exist.")
         return path
-    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    candidate = folder / f"{name_or_path}.yaml"
     if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
         raise CifarError(
-            f"unknown experiment '{name_or_path}'. Available: {', '.join(available_experiments())} "
-            f"(files in {EXPERIMENTS_DIR}), or pass a path to a .yaml recipe."
+            f"unknown {kind} '{name_or_path}'. Available: {known} (files in {folder}), or pass a path to a .yaml file."
         )
     return candidate
+
+
+def experiment_path(name_or_path: str) -> Path:
+    return resolve_named_yaml(name_or_path, EXPERIMENTS_DIR, "experiment", "config file")
 
 
 def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cifar.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment
+from cifar.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment, resolve_named_yaml
 from cifar.errors import CifarError
 from cifar.tracking import TRIAL_RUN_ATTR as RUN_ATTR
 
@@ -56,16 +56,7 @@ class SearchSpace:
 
 
 def space_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise CifarError(f"search space '{name_or_path}' does not exist.")
-        return path
-    candidate = EXPERIMENTS_DIR / "search" / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in (EXPERIMENTS_DIR / "search").glob("*.yaml")))
-        raise CifarError(f"no search space '{name_or_path}' (known: {known}); pass --space PATH.yaml.")
-    return candidate
+    return resolve_named_yaml(name_or_path, EXPERIMENTS_DIR / "search", "search space", "search space file")
 
 
 def load_space(name_or_path: str, base: ExperimentConfig) -> SearchSpace:

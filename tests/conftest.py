@@ -82,6 +82,33 @@ def make_tar(path: Path, root: Path, arcname: str) -> Path:
     return path
 
 
+def train_small_model(prepared_dir: Path, overrides=(), callback=None):
+    """The smoke recipe (small_cnn) really trained on the prepared fixture, on CPU, deterministically."""
+    import torch
+
+    from cifar.config import load_experiment
+    from cifar.data import load_cache
+    from cifar.engine import fit, seed_everything
+    from cifar.models import create_model
+
+    data = load_cache(prepared_dir)
+    cfg = load_experiment("smoke", ["train.epochs=6", "train.batch_size=50", "optim.lr=0.05", *overrides])
+    seed_everything(cfg.train.seed, deterministic=True)
+    model = create_model(cfg.model.name, mean=data.mean, std=data.std)
+    result = fit(
+        model,
+        data.images["train"],
+        data.labels["train"],
+        data.images["val"],
+        data.labels["val"],
+        cfg,
+        torch.device("cpu"),
+        on_epoch_end=callback,
+        progress=False,
+    )
+    return data, cfg, model, result
+
+
 @pytest.fixture(scope="session")
 def canonical_folder(tmp_path_factory, mini_raw) -> Path:
     return write_canonical_batches(tmp_path_factory.mktemp("canon") / "cifar-10-batches-py", mini_raw)

@@ -5,38 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import train_small_model
 
-from cifar.config import load_experiment
 from cifar.data import load_cache
-from cifar.engine import evaluate, fit, seed_everything
+from cifar.engine import evaluate
 from cifar.errors import CifarError
 from cifar.models import create_model
 
 CPU = torch.device("cpu")
 
 
-def train_small(prepared_dir, overrides=(), callback=None):
-    data = load_cache(prepared_dir)
-    cfg = load_experiment("smoke", ["train.epochs=6", "train.batch_size=50", "optim.lr=0.05", *overrides])
-    seed_everything(cfg.train.seed, deterministic=True)
-    model = create_model(cfg.model.name, mean=data.mean, std=data.std)
-    result = fit(
-        model,
-        data.images["train"],
-        data.labels["train"],
-        data.images["val"],
-        data.labels["val"],
-        cfg,
-        CPU,
-        on_epoch_end=callback,
-        progress=False,
-    )
-    return data, cfg, model, result
-
-
 def test_learns_and_keeps_the_best_validation_epoch(prepared_dir):
     epochs = []
-    data, cfg, model, result = train_small(prepared_dir, callback=epochs.append)
+    data, cfg, model, result = train_small_model(prepared_dir, callback=epochs.append)
     assert [m.epoch for m in epochs] == list(range(1, 7)) and result.history == epochs
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.best_val_accuracy == max(m.val_accuracy for m in result.history)
@@ -50,21 +31,21 @@ def test_learns_and_keeps_the_best_validation_epoch(prepared_dir):
 
 
 def test_same_seed_same_weights(prepared_dir):
-    *_, model_a, result_a = train_small(prepared_dir, ["train.epochs=2"])
-    *_, model_b, result_b = train_small(prepared_dir, ["train.epochs=2"])
+    *_, model_a, result_a = train_small_model(prepared_dir, ["train.epochs=2"])
+    *_, model_b, result_b = train_small_model(prepared_dir, ["train.epochs=2"])
     assert [m.train_loss for m in result_a.history] == [m.train_loss for m in result_b.history]
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_ema_and_cosine_schedule_run(prepared_dir):
-    *_, result = train_small(prepared_dir, ["train.epochs=2", "train.ema_decay=0.9", "schedule.name=cosine"])
+    *_, result = train_small_model(prepared_dir, ["train.epochs=2", "train.ema_decay=0.9", "schedule.name=cosine"])
     assert result.history[-1].learning_rate == pytest.approx(0.0, abs=1e-9)
 
 
 def test_divergence_is_a_clear_error(prepared_dir):
     with pytest.raises(CifarError, match="diverged at epoch 1.*lower optim.lr"):
-        train_small(prepared_dir, ["optim.lr=1e12", "train.epochs=1"])
+        train_small_model(prepared_dir, ["optim.lr=1e12", "train.epochs=1"])
 
 
 def test_evaluate_tta_uses_the_mirror(prepared_dir):

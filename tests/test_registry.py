@@ -7,16 +7,12 @@ import subprocess
 import mlflow
 import numpy as np
 import pytest
-import torch
-from conftest import PYTHON, ROOT, clean_env, run_cli
+from conftest import PYTHON, ROOT, clean_env, run_cli, train_small_model
 
 from cifar import registry
-from cifar.config import load_experiment
 from cifar.data import load_cache
-from cifar.engine import fit, seed_everything
 from cifar.errors import CifarError
 from cifar.export import export_onnx, model_metadata
-from cifar.models import create_model
 from cifar.tracking import log_onnx_model
 
 pytestmark = pytest.mark.integration
@@ -26,20 +22,7 @@ NAME = registry.MODEL_NAME
 @pytest.fixture(scope="module")
 def trained_proto(prepared_dir, tmp_path_factory):
     """A small model really trained on the fixture (better than chance), exported to ONNX."""
-    data = load_cache(prepared_dir)
-    cfg = load_experiment("smoke", ["train.epochs=5", "train.batch_size=50", "optim.lr=0.05"])
-    seed_everything(0)
-    model = create_model("small_cnn", mean=data.mean, std=data.std)
-    fit(
-        model,
-        data.images["train"],
-        data.labels["train"],
-        data.images["val"],
-        data.labels["val"],
-        cfg,
-        torch.device("cpu"),
-        progress=False,
-    )
+    data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=5"])
     meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std)
     return export_onnx(model, tmp_path_factory.mktemp("onnx") / "m.onnx", meta), meta
 
