@@ -1,0 +1,136 @@
+"""Inference speed of the served model, side by side in one run (not part of the tests).
+
+    python benchmarks/inference.py [--model models/bundled] [--weights DIR] [--quick]
+
+- single-image latency (p50/p99) and batch throughput: ONNX Runtime (what is served) against
+  PyTorch eager on the same weights (needs ``--weights``: safetensors from ``train.py --save-dir``;
+  without it, a model of the same architecture with fresh weights: same cost);
+- end to end for a 12-megapixel JPEG photo (decode at reduced size, resize, predict);
+- ``python -m cifar.predict`` on 1,000 PNG files, start-up included.
+Appends its figures to benchmarks/RESULTS.md with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cifar.inference import Predictor  # noqa: E402
+from cifar.preprocess import decode_image  # noqa: E402
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    return float(np.percentile(times, 50) * 1000), float(np.percentile(times, 99) * 1000)
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def torch_model(predictor: Predictor, weights: Path | None):
+    import torch
+
+    from cifar.export import load_weights, servable
+    from cifar.models import create_model
+
+    if weights:
+        model, meta = load_weights(weights)
+    else:
+        meta = predictor.metadata
+        norm = meta["normalization"]
+        model = create_model(meta["model"], width=meta["width"], mean=norm["mean"], std=norm["std"])
+    model = servable(model, meta)
+    torch.set_grad_enabled(False)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "models" / "bundled"))
+    parser.add_argument("--weights", type=Path)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and files (under 2 minutes)")
+    parser.add_argument("--no-results", action="store_true")
+    args = parser.parse_args()
+    repeats, files = (30, 300) if args.quick else (200, 1000)
+
+    import torch
+
+    predictor = Predictor.from_uri(args.model)
+    model = torch_model(predictor, args.weights)
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 255, (1, 32, 32, 3), np.uint8)
+    batch = rng.integers(0, 255, (256, 32, 32, 3), np.uint8)
+    to_tensor = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).astype(np.float32) / 255)  # noqa: E731
+    onnx_p50, onnx_p99 = percentiles(time_calls(lambda: predictor.predict_arrays(one), repeats))
+    torch_p50, torch_p99 = percentiles(time_calls(lambda: model(to_tensor(one)), repeats))
+    onnx_batch = 256 / np.median(time_calls(lambda: predictor.predict_arrays(batch), max(5, repeats // 10)))
+    torch_batch = 256 / np.median(time_calls(lambda: model(to_tensor(batch)), max(5, repeats // 10)))
+
+    from PIL import Image
+
+    # A 12 MP photo-like image: smooth gradients and shapes (random noise would be an unrealistic JPEG).
+    y, x = np.mgrid[0:3000, 0:4000]
+    photo = np.stack([(x / 16) % 256, (y / 12) % 256, ((x + y) / 28) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    e2e_p50, e2e_p99 = percentiles(
+        time_calls(lambda: predictor.predict_arrays([decode_image(jpeg)]), max(10, repeats // 5))
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(files):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(f"{tmp}/{i:04d}.png")
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "cifar.predict", tmp, "--model-uri", args.model, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        cli_seconds = time.perf_counter() - start
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    lines = [
+        f"single image (32x32, incl. preprocessing): ONNX Runtime p50 {onnx_p50:.2f} ms / p99 {onnx_p99:.2f} ms; "
+        f"PyTorch eager p50 {torch_p50:.2f} ms / p99 {torch_p99:.2f} ms (ratio {torch_p50 / onnx_p50:.2f}x)",
+        f"batch of 256: ONNX Runtime {onnx_batch:,.0f} img/s; PyTorch eager {torch_batch:,.0f} img/s "
+        f"(ratio {onnx_batch / torch_batch:.2f}x)",
+        f"12-megapixel JPEG end to end (decode with draft, resize, predict): "
+        f"p50 {e2e_p50:.1f} ms / p99 {e2e_p99:.1f} ms",
+        f"python -m cifar.predict on {files} PNG files, start-up included: {cli_seconds:.2f} s = "
+        f"{files / cli_seconds:,.0f} images/s",
+    ]
+    print(f"model {args.model} on {machine}")
+    for line in lines:
+        print(" ", line)
+    if not args.no_results:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(
+                f"\n### Inference ({date.today()}, {machine}, `{Path(args.model).name}`, "
+                f"`python benchmarks/inference.py{' --quick' if args.quick else ''}`)\n\n"
+            )
+            f.writelines(f"- {line}\n" for line in lines)
+
+
+if __name__ == "__main__":
+    main()
