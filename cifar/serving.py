@@ -87,10 +87,6 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
     )
 
 
-def load_predictor(info: ModelInfo) -> Predictor:
-    return Predictor.from_uri(info.uri)
-
-
 @dataclass(frozen=True)
 class RunReport:
     per_class: object | None  # pandas DataFrame

@@ -69,10 +69,6 @@ def git_state() -> dict[str, str]:
     return {"git_commit": head.stdout.strip(), "git_dirty": str(dirty).lower()}
 
 
-def _log_figure(fig, path: str) -> None:
-    _mlflow().log_figure(fig, path)
-
-
 class TrainingRun:
     """Context manager around one MLflow run of a training.
 
@@ -176,7 +172,7 @@ class TrainingRun:
                 **report.metrics(),
             }
         )
-        _log_figure(training_curves(fit.history, fit.best_epoch), "plots/training_curves.png")
+        mlflow.log_figure(training_curves(fit.history, fit.best_epoch), "plots/training_curves.png")
         log_report(report, np.asarray(data.images["test"]))
         self.tensorboard.results(
             self.cfg, data, report, {**report.metrics(), "best_val_accuracy": fit.best_val_accuracy}

@@ -69,7 +69,6 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "data_source": source,
         **options.extra_tags,
     }
     run = (
