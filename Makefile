@@ -1,14 +1,22 @@
 # make run   : fresh machine -> .venv -> data -> a tracked training run (mlflow run .)
 # make test  : the test suite (what CI runs)
 # make ui    : the MLflow UI on the local store (mlflow.db + mlruns/)
+# make server: a shared MLflow tracking server (README, "Team set-up"); make postgres: a local PostgreSQL for it
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 EXPERIMENT ?= cpu
 UI_PORT ?= 5000
+# make server: backend store and artifact destination (credentials belong in the environment, not here)
+BACKEND_STORE_URI ?= $${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow.db}
+ARTIFACTS ?= $${MLFLOW_ARTIFACTS_DESTINATION:-mlartifacts}
+HOST ?= 127.0.0.1
+PORT ?= 5000
+PG_DIR ?= .pg
+PG_PORT ?= 5433
 
-.PHONY: install data run train test test-fast lint ui app bench clean
+.PHONY: install system-deps data run train test test-fast lint ui app server postgres bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +27,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Debian packages the tests drive: Chromium (app in a browser), PostgreSQL 15 (team stack). Needs root.
+system-deps:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Options::=--force-confold $$missing >/dev/null; \
+	fi
 
 data: install
 	@if [ -f "$${CIFAR_DATA:-data}/cache/manifest.json" ]; then echo "data ready in $${CIFAR_DATA:-data}/cache"; \
@@ -48,8 +65,21 @@ app: install
 	$(BIN)/python register.py --import-bundled
 	$(BIN)/streamlit run streamlit_app/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
 
-bench: install
-	$(BIN)/python benchmarks/time_to_accuracy.py --experiment smoke --set data.subset=5000
+server: install
+	$(BIN)/python -m cifar.localstack server --backend-store-uri "$(BACKEND_STORE_URI)" \
+	  --artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT)
+
+postgres: install system-deps
+	$(BIN)/python -m cifar.localstack postgres --dir $(PG_DIR) --port $(PG_PORT)
+
+# Every benchmark in quick mode (each under 2 minutes on 2 CPU cores); figures go to benchmarks/RESULTS.md.
+bench: install data
+	$(BIN)/python benchmarks/data_prepare.py --quick
+	$(BIN)/python benchmarks/train_throughput.py --quick
+	$(BIN)/python benchmarks/time_to_accuracy.py --experiment cpu --set data.subset=5000 --set train.epochs=2
+	$(BIN)/python benchmarks/tracking_overhead.py --quick
+	$(BIN)/python benchmarks/inference.py --quick
+	$(BIN)/python benchmarks/tune_throughput.py --quick
 
 clean:
 	rm -rf .pytest_cache .ruff_cache benchmarks/out

@@ -3,6 +3,10 @@
 python train.py --experiment cpu
 python train.py --experiment baseline --epochs 3 --set optim.lr=0.05
 python train.py --config path/to/resolved.yaml     # reproduce a logged run
+python train.py --resume RUN_ID                    # continue a run stopped by SIGTERM / Ctrl-C
+
+SIGTERM or Ctrl-C stops after the current step, saves a checkpoint (checkpoints/<run_id>/, also
+logged to the run) and marks the run KILLED; a second one stops at once.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow (benchmarks)")
     p.add_argument("--save-dir", type=Path, help="also write safetensors weights, config and metrics here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted run from its checkpoint")
     return p
 
 
@@ -66,6 +71,8 @@ def overrides_from_flags(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume:
+        return resume(args)
     recipe = args.config or args.experiment
     # Each --set may hold several space-separated KEY=VALUE pairs (that is how MLproject passes them).
     overrides = [item for text in args.overrides for item in text.split()]
@@ -89,6 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     if outcome.run_id:
         print(f"MLflow run {outcome.run_id}; model {outcome.model_uri}. Browse it with: make ui (or mlflow ui)")
+    return 0
+
+
+def resume(args: argparse.Namespace) -> int:
+    from cifar.errors import CifarError
+    from cifar.training import TrainOptions, resume_training
+
+    changed = [flag for flag in ("config", "epochs", "batch_size", "lr", "subset", "seed") if getattr(args, flag)]
+    if changed or args.overrides or args.no_track:
+        raise CifarError(
+            "--resume continues a run with its own recipe; drop --"
+            + ", --".join([*changed, *(["set"] * bool(args.overrides))])
+            + (" and --no-track" if args.no_track else "")
+        )
+    outcome = resume_training(
+        args.resume,
+        TrainOptions(data_dir=args.data_dir, source=args.source, device=args.device, progress=not args.no_progress,
+                     save_dir=args.save_dir),
+    )  # fmt: skip
+    print(f"MLflow run {outcome.run_id} finished; model {outcome.model_uri}.")
     return 0
 
 

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             grace_period=args.grace_period,
         )
     )
+    if study is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     try:
         print(f"Best trial {study.best_trial.number}: val accuracy {study.best_value:.4f} with {study.best_params}")
     except ValueError:

@@ -14,6 +14,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except CifarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # The tracking server or database refusing a request: say which, without a traceback.
+        if type(exc).__module__.startswith(("mlflow", "optuna", "sqlalchemy", "requests")):
+            print(f"error: {type(exc).__name__} from the tracking/search backend: {str(exc)[:1500]}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

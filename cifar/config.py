@@ -59,10 +59,11 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no weight EMA
     tta: bool = True  # flip test-time augmentation at evaluation
     seed: int = 0
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    amp: bool = True  # bf16 autocast where native: GPUs, CPUs with AMX/AVX512-BF16 (engine.native_bf16)
     channels_last: bool = True
     compile: bool = False
     deterministic: bool = False
+    checkpoint_every: int = 1  # epochs between checkpoints of a tracked run (0 = only when interrupted)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,11 @@ def resolve_named_yaml(name_or_path: str, folder: Path, kind: str, file_kind: st
 
 def experiment_path(name_or_path: str) -> Path:
     return resolve_named_yaml(name_or_path, EXPERIMENTS_DIR, "experiment", "config file")
+
+
+def config_from_dict(values: dict[str, Any], origin: str) -> ExperimentConfig:
+    """A resolved recipe (``ExperimentConfig.to_dict()``, e.g. from a checkpoint) back to the dataclass."""
+    return _build(ExperimentConfig, dict(values), "", origin)
 
 
 def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from cifar.config import ExperimentConfig
 from cifar.data.loader import Augmentation, DeviceLoader, images_to_tensor
 from cifar.errors import CifarError
+from cifar.trainstate import TrainingInterrupted, TrainingState, capture_state, restore_state
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -79,8 +89,21 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 autocast is fast: CUDA GPUs, and CPUs with AMX or AVX512-BF16 (oneDNN).
+
+    Elsewhere bf16 on CPU is emulated and slower than fp32, so autocast stays off.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
 def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
 
 
 def _lr_factor(schedule: str, warmup: float, final: float) -> Callable[[float], float]:
@@ -120,6 +143,25 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.devic
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, fused=fused)
     raise CifarError(f"unknown optim.name '{o.name}': use sgd or adamw.")
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    amp: bool = True,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the device; returns (loss, logits), not synced."""
+    with _autocast(x.device, amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 @torch.no_grad()
@@ -165,8 +207,18 @@ def fit(
     *,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
+    resume: TrainingState | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; leave it holding the weights of the best validation epoch."""
+    """Train ``model`` in place; leave it holding the weights of the best validation epoch.
+
+    ``resume`` continues from a captured state (same batches, same augmentation: on CPU in
+    deterministic mode the final weights are bit-identical to an uninterrupted run).
+    ``should_stop`` is polled after every step; when it answers True, fit raises
+    ``TrainingInterrupted`` carrying the state. ``on_checkpoint`` gets the state every
+    ``train.checkpoint_every`` epochs (only after a finite epoch: the last one is always good).
+    """
     t = cfg.train
     model.to(device)
     if t.channels_last:
@@ -183,11 +235,14 @@ def fit(
         channels_last=t.channels_last,
     )
     val_tensor = images_to_tensor(val_images, device)
-    if hasattr(model, "init_from_data"):
+    if hasattr(model, "init_from_data") and resume is None:
         spread = torch.linspace(0, len(loader.images) - 1, min(5000, len(loader.images)), device=device).long()
         sample = loader.images[spread].float().div(255)  # every class, whatever the storage order
         model.init_from_data(sample)
 
+    rank, world = distributed_rank_world()
+    if t.batch_size % world:
+        raise CifarError(f"train.batch_size {t.batch_size} must divide among {world} processes; pick a multiple.")
     optimizer = build_optimizer(model, cfg, device)
     total_steps = max(1, t.epochs * len(loader))
     factor = _lr_factor(cfg.schedule.name, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_fraction)
@@ -197,28 +252,53 @@ def fit(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
         )
-    step_model = torch.compile(model) if t.compile else model
+    step_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(step_model) if t.compile else step_model
 
     result = FitResult()
     best_state = None
+    start_epoch, skip_steps, resumed_sums, resumed_seen = 1, 0, None, 0
+    if resume is not None:
+        restored = restore_state(resume, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, device=device)
+        best_state = restored["best_state"]
+        result.history = [EpochMetrics(**m) for m in resume.info["history"]]
+        result.best_epoch, result.best_val_accuracy = resume.info["best_epoch"], resume.info["best_val_accuracy"]
+        start_epoch, skip_steps = resume.epoch, resume.step
+        resumed_sums, resumed_seen = restored["sums"], resume.info["seen"]
+
+    def snapshot(epoch: int, step: int, sums: torch.Tensor, seen: int) -> TrainingState:
+        result.train_seconds = time.perf_counter() - started
+        return capture_state(
+            model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, best_state=best_state,
+            result=result, epoch=epoch, step=step, sums=sums, seen=seen,
+        )  # fmt: skip
+
     started = time.perf_counter()
-    for epoch in range(1, t.epochs + 1):
+    for epoch in range(start_epoch, t.epochs + 1):
         loader.set_epoch(epoch)
         model.train()
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
+        skip = skip_steps if epoch == start_epoch else 0
+        if skip and resumed_sums is not None:
+            loss_sum, correct, seen = resumed_sums[0].clone(), resumed_sums[1].clone(), resumed_seen
         bar = tqdm(
             loader, desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False, disable=not progress, mininterval=1.0
         )
         for step, (x, y) in enumerate(bar):
-            with _autocast(device, t.amp):
-                logits = step_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if step < skip:  # resuming mid-epoch: the batch is drawn (same generator state), not trained
+                continue
+            if world > 1:
+                # Every rank draws the same global batch (order and augmentation from the shared
+                # seed) and keeps its own rows: the run matches a single process with that batch.
+                x, y = x[rank::world], y[rank::world]
+            loss, logits = train_step(step_model, optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -228,9 +308,20 @@ def fit(
             if progress and step % 10 == 0:  # .item() syncs the GPU: not every step
                 rate = seen / max(1e-9, time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{(correct / seen).item():.3f}", img_s=f"{rate:.0f}")
-        train_loss = (loss_sum / max(1, seen)).item()
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(snapshot(epoch, step + 1, torch.stack([loss_sum, correct]), seen))
+        seen_all = torch.tensor(float(seen), device=device)
+        if world > 1:
+            import torch.distributed as dist
+
+            for total in (loss_sum, correct, seen_all):
+                dist.all_reduce(total)
+        train_loss = (loss_sum / seen_all.clamp(min=1)).item()
         if not math.isfinite(train_loss):
-            raise CifarError(f"training diverged at epoch {epoch} (loss {train_loss}); lower optim.lr and try again.")
+            raise CifarError(
+                f"training diverged at epoch {epoch} (loss {train_loss}); lower optim.lr and try again "
+                "(the last checkpoint, if any, holds the last finite epoch)."
+            )
         train_time = time.perf_counter() - epoch_start
         eval_model = ema.module if ema is not None else model
         val = evaluate(
@@ -246,11 +337,11 @@ def fit(
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,
-            train_accuracy=(correct / max(1, seen)).item(),
+            train_accuracy=(correct / seen_all.clamp(min=1)).item(),
             val_loss=val.loss,
             val_accuracy=val.accuracy,
             learning_rate=optimizer.param_groups[0]["lr"],
-            images_per_second=seen / max(1e-9, train_time),
+            images_per_second=seen_all.item() / max(1e-9, train_time),
             epoch_seconds=time.perf_counter() - epoch_start,
         )
         result.history.append(metrics)
@@ -265,6 +356,8 @@ def fit(
             )
         if on_epoch_end is not None:
             on_epoch_end(metrics)
+        if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
+            on_checkpoint(snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
     result.train_seconds = time.perf_counter() - started
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -7,7 +7,9 @@ which scores a logged or registered model as a new run linked to its model versi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,21 +92,31 @@ def report_figures(report: EvaluationReport, images: np.ndarray) -> dict[str, An
     }
 
 
+def write_report(report: EvaluationReport, images: np.ndarray, folder: Path) -> Path:
+    """Write the figures and tables of a report into ``folder`` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, figure in report_figures(report, images).items():
+        figure.savefig(folder / name)
+    tables = {
+        "per_class.csv": report.per_class,
+        "most_confused_pairs.csv": report.confused_pairs,
+        "calibration_bins.csv": report.calibration,
+        "misclassified.csv": report.misclassified.head(200),
+    }
+    for name, table in tables.items():
+        table.to_csv(folder / name, index=False, float_format="%.4f")
+    (folder / "confusion_matrix.json").write_text(
+        json.dumps({"matrix": report.confusion.tolist(), "classes": list(report.classes)})
+    )
+    return folder
+
+
 def log_report(report: EvaluationReport, images: np.ndarray, folder: str = "evaluation") -> None:
-    """Log the figures, tables and metrics of a report to the active MLflow run."""
+    """Log the figures and tables of a report to the active MLflow run."""
     import mlflow
 
-    for name, figure in report_figures(report, images).items():
-        mlflow.log_figure(figure, f"{folder}/{name}")
-    mlflow.log_text(report.per_class.to_csv(index=False, float_format="%.4f"), f"{folder}/per_class.csv")
-    mlflow.log_text(report.confused_pairs.to_csv(index=False, float_format="%.4f"), f"{folder}/most_confused_pairs.csv")
-    mlflow.log_text(report.calibration.to_csv(index=False, float_format="%.4f"), f"{folder}/calibration_bins.csv")
-    mlflow.log_text(
-        report.misclassified.head(200).to_csv(index=False, float_format="%.4f"), f"{folder}/misclassified.csv"
-    )
-    mlflow.log_dict(
-        {"matrix": report.confusion.tolist(), "classes": list(report.classes)}, f"{folder}/confusion_matrix.json"
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(write_report(report, images, Path(tmp) / folder)), folder)
 
 
 def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment: str = "evaluation") -> str:

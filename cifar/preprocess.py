@@ -14,9 +14,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cifar.errors import CifarError
 
 IMAGE_SIZE = 32
-# Refuse decompression bombs early: a 12-megapixel photo is fine, 200 MP is not.
-MAX_PIXELS = 100_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Limits on what a user may hand us (README, "Limits"). A 12-megapixel photo is far inside them;
+# a small file that claims hundreds of megapixels (a decompression bomb) is refused before any
+# pixel is decoded. JPEGs decode at reduced size (draft), so only other formats pay full size.
+MAX_PIXELS = 64_000_000
+MAX_FILE_BYTES = 50 * 1024 * 1024
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL warns above this and raises above twice this; we refuse above it
 
 
 def to_rgb32(image: Image.Image) -> np.ndarray:
@@ -43,11 +46,26 @@ def to_rgb32(image: Image.Image) -> np.ndarray:
 def decode_image(data: bytes | Path | str, name: str | None = None) -> np.ndarray:
     """Decode bytes or a file into the model's 32x32x3 uint8 input; raise CifarError if unreadable."""
     label = name or (str(data) if not isinstance(data, bytes) else "image")
+    size = len(data) if isinstance(data, bytes) else _file_size(Path(data), label)
+    if size > MAX_FILE_BYTES:
+        raise CifarError(f"{label}: file is {size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB.")
+    if size == 0:
+        raise CifarError(f"{label}: the file is empty.")
     try:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
         with Image.open(source) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{width}x{height} = {width * height:,} pixels")
             return to_rgb32(image)
     except Image.DecompressionBombError as exc:
         raise CifarError(f"{label}: image is too large ({exc}); the limit is {MAX_PIXELS:,} pixels.") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise CifarError(f"{label}: not a readable image ({exc}).") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise CifarError(f"{label}: not a readable image ({type(exc).__name__}: {exc}).") from None
+
+
+def _file_size(path: Path, label: str) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise CifarError(f"{label}: cannot read it ({exc.strerror or exc}).") from None

@@ -127,12 +127,18 @@ def registry_lock():
 def _sync_stage(name: str) -> None:
     """Make the legacy stage follow the alias: the production version is the one 'Production'."""
     version = production_version(name)
-    if version is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            _client().transition_model_version_stage(
-                name, version.version, "Production", archive_existing_versions=True
-            )
+    if version is None:
+        return
+    client = _client()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        # Archive the others one by one: MLflow 3.17's archive_existing_versions=True compares an
+        # integer column with text and fails on a PostgreSQL backend store.
+        for other in client.search_model_versions(f"name = '{name}'"):
+            if other.version != version.version and other.current_stage == "Production":
+                client.transition_model_version_stage(name, other.version, "Archived")
+        if version.current_stage != "Production":
+            client.transition_model_version_stage(name, version.version, "Production")
 
 
 def _version_for_run(name: str, run_id: str):

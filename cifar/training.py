@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cifar.config import ExperimentConfig
+from cifar.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
+from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
 from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
+from cifar.errors import CifarError
 from cifar.models import create_model
+from cifar.trainstate import TrainingInterrupted, TrainingState
 
 
 @dataclass
@@ -33,6 +39,8 @@ class TrainOptions:
     extra_tags: dict[str, str] = field(default_factory=dict)
     on_epoch_end: Callable[[EpochMetrics], None] | None = None
     on_run_start: Callable[[str], None] | None = None  # gets the MLflow run id (tune records it)
+    resume: TrainingState | None = None  # continue from this state, in the MLflow run resume_run_id
+    resume_run_id: str | None = None
 
 
 @dataclass
@@ -43,17 +51,76 @@ class TrainOutcome:
     model_uri: str | None
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """SIGTERM or Ctrl-C asks training to stop after the current step (and save a checkpoint).
+
+    A second signal stops at once. Yields the predicate ``fit`` polls. Only the main thread can
+    own signal handlers; elsewhere (an app, a test runner thread) nothing is installed.
+    """
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resume_training(run_id: str, options: TrainOptions | None = None) -> TrainOutcome:
+    """Continue an interrupted run from its checkpoint, in the same MLflow run."""
+    from cifar.tracking import download_checkpoint
+
+    options = options or TrainOptions()
+    path = checkpoint_root() / run_id / CHECKPOINT_FILE
+    if not path.exists():
+        path = download_checkpoint(run_id, path.parent)
+    tensors, info = load_checkpoint(path)
+    if info.get("run_id") != run_id:
+        raise CifarError(f"{path} belongs to run {info.get('run_id')}, not {run_id}; it was not used.")
+    cfg = config_from_dict(info["config"], f"the checkpoint of run {run_id}")
+    if options.progress:
+        print(f"Resuming run {run_id} ({cfg.name}) at epoch {info['epoch']}, step {info['step']}", flush=True)
+    state = TrainingState(tensors, info)
+    return train_experiment(cfg, replace(options, resume=state, resume_run_id=run_id, track=True))
+
+
 def default_run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.name}-{cfg.model.name}-e{cfg.train.epochs}-s{cfg.train.seed}"
 
 
 def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOutcome:
+    """Train ``cfg`` (under torchrun: as one rank of DistributedDataParallel) and test it once."""
+    from cifar.distributed import process_group
+
+    options = options or TrainOptions()
+    with process_group(resolve_device(options.device)) as group:
+        if group.world_size > 1:
+            import torch.distributed as dist
+
+            if group.is_main:  # one process prepares a missing cache; the others wait for it
+                ensure_cache(options.data_dir, options.source)
+            dist.barrier()
+        if not group.is_main:  # under torchrun only rank 0 tracks, prints and writes files
+            options = replace(options, track=False, progress=False, save_dir=None, on_run_start=None)
+        return _train(cfg, options, group.device, group.world_size)
+
+
+def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int) -> TrainOutcome:
     import torch
 
     from cifar.tracking import TrainingRun, check_tracking_store
 
-    options = options or TrainOptions()
-    device = resolve_device(options.device)
     if options.track:
         check_tracking_store()  # before any data work: a wrong URI fails in a second, not after
     data = ensure_cache(options.data_dir, options.source)
@@ -69,6 +136,7 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        "world_size": str(world_size),
         **options.extra_tags,
     }
     run = (
@@ -79,32 +147,59 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
             tags=tags,
             nested=options.nested,
             parent_run_id=options.parent_run_id,
+            resume_run_id=options.resume_run_id,
         )
         if options.track
         else contextlib.nullcontext()
     )
-    with run:
+    with run, stop_on_signals() as should_stop:
         callbacks = [cb for cb in (run.log_epoch if options.track else None, options.on_epoch_end) if cb]
+        checkpoint_path = None
         if options.track:
             if options.on_run_start:
                 options.on_run_start(run.run_id)
-            run.log_data(data, source)
+            if options.resume is None:
+                run.log_data(data, source)
+            checkpoint_path = checkpoint_root() / run.run_id / CHECKPOINT_FILE
 
         def on_epoch_end(metrics: EpochMetrics) -> None:
             for callback in callbacks:
                 callback(metrics)
 
-        result = fit(
-            model,
-            data.images["train"],
-            data.labels["train"],
-            data.images["val"],
-            data.labels["val"],
-            cfg,
-            device,
-            on_epoch_end=on_epoch_end,
-            progress=options.progress,
-        )
+        def on_checkpoint(state: TrainingState) -> None:
+            save_checkpoint(
+                checkpoint_path, state.tensors, {**state.info, "config": cfg.to_dict(), "run_id": run.run_id}
+            )
+
+        try:
+            result = fit(
+                model,
+                data.images["train"],
+                data.labels["train"],
+                data.images["val"],
+                data.labels["val"],
+                cfg,
+                device,
+                on_epoch_end=on_epoch_end,
+                progress=options.progress,
+                resume=options.resume,
+                should_stop=should_stop,
+                on_checkpoint=on_checkpoint if checkpoint_path else None,
+            )
+        except Exception as exc:
+            if checkpoint_path is not None and type(exc).__name__ == "TrialPruned":  # never to be resumed
+                shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
+            raise  # a failure keeps its last good checkpoint
+        except TrainingInterrupted as stop:
+            if checkpoint_path is not None:
+                on_checkpoint(stop.state)
+                run.log_checkpoint(checkpoint_path)
+                print(
+                    f"Stopped at epoch {stop.state.epoch}, step {stop.state.step}; checkpoint {checkpoint_path} "
+                    f"(also logged to the run). Resume with: python train.py --resume {run.run_id}",
+                    flush=True,
+                )
+            raise
         t = cfg.train
         test = evaluate(
             model,
@@ -113,7 +208,7 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
             device=device,
             batch_size=t.eval_batch_size,
             tta=t.tta,
-            amp=t.amp,
+            amp=False,  # fp32, the precision the exported model serves in: the reported figure is the served one
             channels_last=t.channels_last,
         )
         if options.progress:
@@ -154,4 +249,6 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
         if not options.track:
             return TrainOutcome(result, test, None, None)
         run.log_results(fit=result, test=test, model=model, data=data, metadata=metadata)
+        if checkpoint_path is not None:  # finished: the checkpoint has done its job
+            shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
     return TrainOutcome(result, test, run.run_id, run.model_uri)

@@ -108,3 +108,58 @@ def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
         target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / shot.name)
+
+
+def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw):
+    """20 browser sessions upload photos at once; meanwhile production moves to a new version."""
+    import asyncio
+
+    import mlflow
+    from PIL import Image
+    from playwright.async_api import async_playwright, expect
+
+    photos = []
+    for i in range(20):
+        path = tmp_path / f"photo_{i:02d}.png"
+        Image.fromarray(mini_raw.test_images[i]).resize((128, 128)).save(path)
+        photos.append(path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = client.get_model_version_by_alias("cifar10-classifier", "production")
+
+    async def session(browser, photo: Path) -> str:
+        context = await browser.new_context(viewport={"width": 1200, "height": 900})
+        try:
+            page = await context.new_page()
+            await page.goto(app_url)
+            await expect(page.get_by_text("cifar10-classifier version").first).to_be_visible(timeout=120_000)
+            await page.locator('input[type="file"]').first.set_input_files(str(photo))
+            await expect(page.get_by_text("confident").first).to_be_visible(timeout=120_000)
+            text = await page.locator("body").inner_text()
+            assert "Traceback" not in text and "Error" not in text, text[:2000]
+            return text
+        finally:
+            await context.close()
+
+    async def promote_meanwhile() -> str:
+        await asyncio.sleep(5)
+        new = client.create_model_version("cifar10-classifier", first.source, run_id=first.run_id)
+        client.set_registered_model_alias("cifar10-classifier", "production", new.version)
+        return new.version
+
+    async def drive() -> tuple[list[str], str]:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(session(browser, photo) for photo in photos), promote_meanwhile()), timeout=300
+                )
+            finally:
+                await browser.close()
+        return results[:-1], results[-1]
+
+    started = time.monotonic()
+    pages, new_version = asyncio.run(drive())
+    elapsed = time.monotonic() - started
+    assert len(pages) == 20 and all("confident" in text for text in pages)
+    assert new_version == "2"
+    print(f"20 concurrent sessions answered in {elapsed:.1f} s")

@@ -176,3 +176,54 @@ def test_no_production_model_says_what_to_run(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "python register.py" in result.stderr
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.slow
+def test_one_predictor_shared_by_32_threads(bundled, mini_raw):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = mini_raw[2][:40]
+    sequential = [bundled.predict_arrays([image])[0].probabilities for image in images]
+    for i in range(100):  # warm: memory is measured from here
+        bundled.predict_arrays([images[i % len(images)]])
+    baseline = resident_mb()
+
+    def worker(thread: int) -> list[tuple[int, np.ndarray]]:
+        picks = [(thread * 7 + i) % len(images) for i in range(200)]
+        return [(i, bundled.predict_arrays([images[i]])[0].probabilities) for i in picks]
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [r for chunk in pool.map(worker, range(32)) for r in chunk]
+    assert len(results) == 32 * 200
+    assert all(np.array_equal(p, sequential[i]) for i, p in results), "a shared predictor changed an answer"
+    assert resident_mb() - baseline < 50, f"resident memory grew {resident_mb() - baseline:.0f} MB"
+
+
+@pytest.mark.integration
+def test_pickle_planted_in_a_registered_model_is_refused_by_cli(tmp_path):
+    """Someone with write access to the artifact store swaps the production model for a pickle."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path).returncode == 0
+    onnx_files = [p for p in tmp_path.rglob("*.onnx") if "mlruns" in p.parts or "mlartifacts" in p.parts]
+    assert onnx_files, "the registered model's ONNX file is in the local artifact store"
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(PlantsAFile(str(marker)))
+    for path in onnx_files:
+        path.write_bytes(payload)
+    image = ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"
+    result = run_cli(["-m", "cifar.predict", str(image)], env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "is a Python pickle, not an ONNX model" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()
+
+
+class PlantsAFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -111,3 +111,19 @@ def test_mlflow_run_tune_then_register(tmp_path, prepared_dir):
     mlflow_run(tmp_path, "tuning", "-e", "register", *params("study_name=mlp"), env=env)
     production = client.get_model_version_by_alias("cifar10-classifier", "production")
     assert production.run_id in {c.info.run_id for c in children}
+
+
+def test_mlflow_run_torchrun_entry_point(tmp_path, prepared_dir):
+    client = mlflow_run(
+        tmp_path,
+        "mlproject-ddp",
+        "-e",
+        "torchrun",
+        *params("nproc=2", "experiment=smoke", "epochs=2", "set=train.batch_size=64"),
+        env={"CIFAR_DATA": str(prepared_dir), "CIFAR_OUTBOX": str(tmp_path / "outbox")},
+    )
+    (run,) = client.search_runs([client.get_experiment_by_name("mlproject-ddp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.entryPoint"] == "torchrun"
+    assert run.data.tags["world_size"] == "2", "rank 0 logged into the run mlflow run created"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert run.data.tags["model_uri"].startswith("models:/")

@@ -286,3 +286,22 @@ def test_a_study_whose_parent_run_vanished_gets_a_new_one(tracking_env):
 
     assert mlflow.MlflowClient().get_run(new).data.tags["optuna_study"] == "s"
     assert study_parent_run(study, PARENT_ATTR, "s", {}, {}) == new  # reused from then on
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_diverging_trial_fails_and_the_search_goes_on(tmp_path, prepared_dir):
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    study.enqueue_trial({"optim.lr": 1e5, "train.label_smoothing": 0.0, "augment.translate": 0})
+    study.enqueue_trial({"optim.lr": 0.05, "train.label_smoothing": 0.0, "augment.translate": 0})
+    space = {
+        **SPACE,
+        "pruner": {"name": "none"},
+        "params": {**SPACE["params"], "optim.lr": {"type": "float", "low": 0.01, "high": 1e5, "log": True}},
+    }
+    out = tune(tmp_path, prepared_dir, "--n-trials", "2", space=space)
+    states = [t.state.name for t in load(tmp_path).trials]
+    assert states == ["FAIL", "COMPLETE"], out
+    client, _, children = mlflow_runs(tmp_path)
+    failed = next(c for c in children if c.data.tags["optuna_trial"] == "0")
+    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["error"]

@@ -157,12 +157,34 @@ def _assemble_canonical(batches: dict[str, bytes], source: str, fmt: str) -> Raw
     )
 
 
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Archives are read in memory, never extracted; still, refuse the members tarfile's ``data``
+    filter refuses (links, absolute or escaping paths, devices): no honest dataset has them."""
+    if member.name.startswith("/") or ".." in Path(member.name).parts:
+        raise CifarError(
+            f"archive {archive} is refused: member {member.name!r} has an absolute path or one outside the "
+            "destination. A dataset archive holds only relative paths."
+        )
+    if member.issym() or member.islnk():
+        raise CifarError(
+            f"archive {archive} is refused: it holds a link ({member.name} -> {member.linkname}). "
+            "A dataset archive holds only files and folders."
+        )
+    try:
+        tarfile.data_filter(member, "/nonexistent-destination")
+    except tarfile.FilterError as exc:
+        raise CifarError(
+            f"archive {archive} is refused: {exc}. A dataset archive holds only files and folders."
+        ) from None
+
+
 def read_canonical_archive(path: Path) -> RawDataset:
     wanted = {*_TRAIN_BATCHES, _TEST_BATCH, "batches.meta"}
     batches: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
+                _check_member(member, path)
                 if member.isfile() and Path(member.name).name in wanted:
                     batches[Path(member.name).name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -266,6 +288,7 @@ def read_imagefolder(root: Path, workers: int | None = None) -> RawDataset:
 def _iter_tar_images(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
+            _check_member(member, path)
             parts = Path(member.name).parts
             if not member.isfile() or Path(member.name).name.startswith("."):
                 continue

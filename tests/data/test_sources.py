@@ -163,3 +163,65 @@ def test_archive_without_images(tmp_path):
     archive = make_tar(tmp_path / "x.tar.gz", tmp_path / "stuff", "stuff")
     with pytest.raises(CifarError, match="holds no ImageFolder tree"):
         load_source(str(archive), tmp_path)
+
+
+def crafted_archive(tmp_path, mini_dir, add) -> str:
+    """The real fixture tree as a tar.gz, plus one hostile member from ``add(tar)``."""
+    import io
+    import tarfile
+
+    path = tmp_path / "crafted.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(mini_dir, arcname="cifar10-mini")
+        add(tar, tarfile, io)
+    return str(path)
+
+
+def _symlink(tar, tarfile, io):
+    info = tarfile.TarInfo("cifar10-mini/train/cat/evil.jpg")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(info)
+
+
+def _hardlink(tar, tarfile, io):
+    info = tarfile.TarInfo("cifar10-mini/train/cat/hard.jpg")
+    info.type, info.linkname = tarfile.LNKTYPE, "cifar10-mini/train/cat/0000.jpg"
+    tar.addfile(info)
+
+
+def _escape(tar, tarfile, io):
+    data = b"\xff\xd8 not really a jpeg"
+    info = tarfile.TarInfo("../../escaped/train/cat/0001.jpg")
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _absolute(tar, tarfile, io):
+    data = b"x"
+    info = tarfile.TarInfo("/tmp/absolute/train/cat/0001.jpg")
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _device(tar, tarfile, io):
+    info = tarfile.TarInfo("cifar10-mini/train/cat/dev.jpg")
+    info.type = tarfile.CHRTYPE
+    tar.addfile(info)
+
+
+@pytest.mark.parametrize(
+    "add, message",
+    [
+        (_symlink, "holds a link"),
+        (_hardlink, "holds a link"),
+        (_escape, r"outside the\s+destination"),
+        (_absolute, "absolute path"),
+        (_device, "special file"),
+    ],
+    ids=["symlink", "hardlink", "dotdot", "absolute", "device"],
+)
+def test_crafted_archives_are_refused(tmp_path, mini_dir, add, message):
+    archive = crafted_archive(tmp_path, mini_dir, add)
+    with pytest.raises(CifarError, match=f"is refused: .*{message}"):
+        load_source(archive, tmp_path / "data")
+    assert not (tmp_path / "escaped").exists() and not list((tmp_path / "data").glob("cache*"))

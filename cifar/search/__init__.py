@@ -12,115 +12,18 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cifar.config import EXPERIMENTS_DIR, ExperimentConfig, load_experiment, resolve_named_yaml
+from cifar.config import load_experiment
 from cifar.errors import CifarError
+from cifar.search.space import Param, SearchSpace, load_space, space_path, suggest
 from cifar.tracking import TRIAL_RUN_ATTR as RUN_ATTR
 
+__all__ = ["Param", "SearchSpace", "TuneOptions", "load_space", "run_search", "space_path", "suggest"]
+
 PARENT_ATTR = "mlflow_parent_run_id"
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str  # a recipe field, e.g. "optim.lr"
-    type: str  # float | int | categorical
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple = ()
-    condition: dict[str, Any] = field(default_factory=dict)  # suggest only when these params have these values
-
-    def describe(self) -> str:
-        if self.type == "categorical":
-            text = f"categorical{list(self.choices)}"
-        else:
-            text = f"{self.type}[{self.low}, {self.high}{', log' if self.log else ''}]"
-        return text + (f" if {self.condition}" if self.condition else "")
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    params: tuple[Param, ...]
-    sampler: dict[str, Any]
-    pruner: dict[str, Any]
-    source: str
-
-    def as_params(self) -> dict[str, str]:
-        return {f"space.{p.name}": p.describe() for p in self.params}
-
-
-def space_path(name_or_path: str) -> Path:
-    return resolve_named_yaml(name_or_path, EXPERIMENTS_DIR / "search", "search space", "search space file")
-
-
-def load_space(name_or_path: str, base: ExperimentConfig) -> SearchSpace:
-    """Read and check a search space against the recipe it searches."""
-    path = space_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise CifarError(f"{path} is not valid YAML: {exc}") from None
-    known = base.flat()
-    params = []
-    for name, spec in (raw.get("params") or {}).items():
-        where = f"{path}: parameter '{name}'"
-        if name not in known:
-            raise CifarError(f"{where} is not a recipe field. Known fields: {', '.join(sorted(known))}.")
-        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
-            raise CifarError(f"{where} needs type: float, int or categorical.")
-        if spec["type"] == "categorical":
-            choices = tuple(spec.get("choices") or ())
-            if not choices:
-                raise CifarError(f"{where} has no choices.")
-            param = Param(name, "categorical", choices=choices, condition=spec.get("condition") or {})
-        else:
-            try:
-                low, high = float(spec["low"]), float(spec["high"])
-            except (KeyError, TypeError, ValueError):
-                raise CifarError(f"{where} needs numeric low and high.") from None
-            if not low < high:
-                raise CifarError(f"{where} has an empty or inverted range [{low}, {high}]; low must be below high.")
-            log = bool(spec.get("log", False))
-            if log and low <= 0:
-                raise CifarError(f"{where} is log-scaled, so low must be positive (got {low}).")
-            param = Param(name, spec["type"], low, high, log, spec.get("step"), condition=spec.get("condition") or {})
-        params.append(param)
-    if not params:
-        raise CifarError(f"{path} defines no params.")
-    names = {p.name for p in params}
-    for p in params:
-        for other in p.condition:
-            if other not in names:
-                raise CifarError(f"{path}: condition of '{p.name}' refers to '{other}', which is not searched.")
-    # Suggest a parameter only after those its condition reads, whatever the file's key order.
-    ordered: list[Param] = []
-    while len(ordered) < len(params):
-        ready = [p for p in params if p not in ordered and all(o in {q.name for q in ordered} for o in p.condition)]
-        if not ready:
-            raise CifarError(f"{path}: the conditions form a cycle.")
-        ordered.extend(ready)
-    return SearchSpace(tuple(ordered), raw.get("sampler") or {}, raw.get("pruner") or {}, str(path))
-
-
-def suggest(trial, space: SearchSpace) -> dict[str, Any]:
-    """Draw one recipe change per parameter whose condition holds."""
-    chosen: dict[str, Any] = {}
-    for p in space.params:
-        if any(chosen.get(k) != v for k, v in p.condition.items()):
-            continue
-        if p.type == "categorical":
-            chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.type == "int":
-            chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-        else:
-            chosen[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
-    return chosen
 
 
 @dataclass
@@ -269,7 +172,12 @@ def _duration(seconds: float) -> str:
 
 
 def objective_for(
-    options: TuneOptions, space: SearchSpace, base_overrides: list[str], parent_run_id: str, study_name: str
+    options: TuneOptions,
+    space: SearchSpace,
+    base_overrides: list[str],
+    parent_run_id: str,
+    study_name: str,
+    distributed: bool = False,
 ):
     """The objective: one tracked training run per trial, pruned on validation accuracy."""
     import optuna
@@ -281,9 +189,15 @@ def objective_for(
         overrides = [*(f"{k}={v}" for k, v in chosen.items()), *base_overrides]
         cfg = load_experiment(options.experiment, overrides)
 
+        if distributed:  # the other torchrun ranks train this trial with us
+            _broadcast(overrides)
+
         def report(metrics) -> None:
             trial.report(metrics.val_accuracy, metrics.epoch)
-            if trial.should_prune():
+            prune = trial.should_prune()
+            if distributed:
+                _broadcast(prune)  # every rank stops at the same epoch, or none does
+            if prune:
                 raise optuna.TrialPruned(f"val accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch}")
 
         outcome = train_experiment(
@@ -306,8 +220,62 @@ def objective_for(
     return objective
 
 
+def _broadcast(value: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank of the torchrun group."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _StopTrial(Exception):
+    """A follower rank leaves a trial that rank 0 pruned."""
+
+
+def _follow_trials(options: TuneOptions) -> None:
+    """Ranks > 0 under torchrun: train each trial rank 0 announces, until it announces the end."""
+    from cifar.training import TrainOptions, train_experiment
+
+    while (overrides := _broadcast()) is not None:
+
+        def follow(metrics) -> None:
+            if _broadcast():
+                raise _StopTrial
+
+        cfg = load_experiment(options.experiment, overrides)
+        try:
+            train_experiment(
+                cfg,
+                TrainOptions(data_dir=options.data_dir, device=options.device, track=False, progress=False,
+                             on_epoch_end=follow),
+            )  # fmt: skip
+        except (_StopTrial, CifarError):
+            pass  # pruned, or diverged (rank 0 saw the same loss and fails the trial)
+
+
 def run_search(options: TuneOptions) -> Any:
-    """Open (or resume) the study, run this worker's trials, and summarise into the parent run."""
+    """Open (or resume) the study, run this worker's trials, and summarise into the parent run.
+
+    Under torchrun this worker's trials each train on all the ranks (DistributedDataParallel):
+    rank 0 runs Optuna and MLflow and tells the others which trial to train; they return None.
+    """
+    from cifar.distributed import launched_by_torchrun, process_group
+    from cifar.engine import resolve_device
+
+    if not launched_by_torchrun():
+        return _run_search(options)
+    with process_group(resolve_device(options.device)) as group:
+        if not group.is_main:
+            _follow_trials(options)
+            return None
+        try:
+            return _run_search(options, distributed=True)
+        finally:
+            _broadcast(None)  # the end of this worker's trials
+
+
+def _run_search(options: TuneOptions, distributed: bool = False) -> Any:
     import optuna
 
     from cifar import tracking
@@ -353,7 +321,7 @@ def run_search(options: TuneOptions) -> Any:
     )
     try:
         study.optimize(
-            objective_for(options, space, base_overrides, parent_run_id, study.study_name),
+            objective_for(options, space, base_overrides, parent_run_id, study.study_name, distributed),
             n_trials=options.n_trials,
             timeout=options.timeout,
             catch=(CifarError,),

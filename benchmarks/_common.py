@@ -1,0 +1,55 @@
+"""Shared by the benchmarks: the machine's name and the RESULTS.md log."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tarfile
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "RESULTS.md"
+DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def machine_name(device: str = "cpu") -> str:
+    """'NVIDIA H100 80GB HBM3' or 'x86_64 CPU, 2 cores (AMX bf16)'."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    from cifar.engine import native_bf16
+
+    extra = ", native bf16" if native_bf16(torch.device("cpu")) else ""
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads{extra}"
+
+
+def record(benchmark: str, lines: list[str], *, write: bool = True) -> None:
+    """Print the figures and append them to RESULTS.md under today's date."""
+    for line in lines:
+        print(line)
+    if write:
+        with open(RESULTS, "a") as f:
+            f.write(f"\n#### {date.today()} {benchmark}\n\n" + "".join(f"- {line}\n" for line in lines))
+
+
+def extract_imagefolder(archive: Path, dest: Path, split: str = "train", per_class: int = 0) -> Path:
+    """Extract ``<root>/<split>/<class>/*.jpg`` from the JPEG archive (the first ``per_class`` of each)."""
+    counts: dict[str, int] = {}
+    with tarfile.open(archive) as tar:
+        members = []
+        for m in tar:
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) < 4 or parts[-3] != split:
+                continue
+            cls = parts[-2]
+            if per_class and counts.get(cls, 0) >= per_class:
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+    return next(dest.rglob(split))
