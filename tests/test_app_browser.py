@@ -110,7 +110,7 @@ def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
         shutil.copy(shot, target / shot.name)
 
 
-def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw):
+def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw, monkeypatch):
     """20 browser sessions upload photos at once; meanwhile production moves to a new version."""
     import asyncio
 
@@ -123,7 +123,9 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
         path = tmp_path / f"photo_{i:02d}.png"
         Image.fromarray(mini_raw.test_images[i]).resize((128, 128)).save(path)
         photos.append(path)
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the app's store
+    mlflow.set_tracking_uri(None)
+    client = mlflow.MlflowClient()
     first = client.get_model_version_by_alias("cifar10-classifier", "production")
 
     async def session(browser, photo: Path) -> str:
@@ -132,7 +134,9 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
             page = await context.new_page()
             await page.goto(app_url)
             await expect(page.get_by_text("cifar10-classifier version").first).to_be_visible(timeout=120_000)
-            await page.locator('input[type="file"]').first.set_input_files(str(photo))
+            upload = page.locator('input[type="file"]').first
+            await expect(upload).to_be_attached(timeout=120_000)
+            await upload.set_input_files(str(photo), timeout=120_000)
             await expect(page.get_by_text("confident").first).to_be_visible(timeout=120_000)
             text = await page.locator("body").inner_text()
             assert "Traceback" not in text and "Error" not in text, text[:2000]
@@ -161,5 +165,5 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
     pages, new_version = asyncio.run(drive())
     elapsed = time.monotonic() - started
     assert len(pages) == 20 and all("confident" in text for text in pages)
-    assert new_version == "2"
+    assert str(new_version) == "2"
     print(f"20 concurrent sessions answered in {elapsed:.1f} s")

@@ -187,7 +187,7 @@ def resident_mb() -> float:
 def test_one_predictor_shared_by_32_threads(bundled, mini_raw):
     from concurrent.futures import ThreadPoolExecutor
 
-    images = mini_raw[2][:40]
+    images = mini_raw.test_images[:40]
     sequential = [bundled.predict_arrays([image])[0].probabilities for image in images]
     for i in range(100):  # warm: memory is measured from here
         bundled.predict_arrays([images[i % len(images)]])
