@@ -3,6 +3,7 @@
 python register.py                          # best finished run of any experiment
 python register.py --study-name cpu-search  # best completed trial of a study
 python register.py --dry-run                # decide and print, change nothing
+python register.py --max-ece 0.03 --min-ood-auroc 0.9   # also require calibration and OOD detection
 python register.py --list | --rollback
 """
 
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cifar.bundle import import_bundled
 from cifar.cli import run_cli
 from cifar.registry import MODEL_NAME
 
@@ -25,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-improvement", type=float, default=0.0, help="margin over production on the metric")
     p.add_argument("--force", action="store_true", help="promote even if it does not beat production")
     p.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
+    p.add_argument("--max-ece", type=float, help="promote only if the calibrated test ECE is at most this")
+    p.add_argument("--min-ood-auroc", type=float, help="promote only if the OOD AUROC is at least this")
+    p.add_argument(
+        "--robustness-images",
+        type=int,
+        default=500,
+        help="test images per corruption and severity for the recorded mean corruption accuracy (0: skip)",
+    )
     p.add_argument("--data-dir", type=Path, help="prepared data for the test re-evaluation")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--list", action="store_true", help="list every version")
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
         return 0
     if args.import_bundled:
-        version, promoted = registry.import_bundled(name=name)
+        version, promoted = import_bundled(name=name)
         state = (
             "now production" if promoted else f"production stays version {registry.production_version(name).version}"
         )
@@ -69,32 +79,48 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     candidate = registry.find_best_run(args.experiment, args.study_name, args.metric)
-    decision = registry.decide(candidate, name, args.min_improvement, args.force)
+    decision = registry.decide(candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc)
     champion = decision.champion
+    already = champion is not None and champion.run_id == candidate.run_id
+    assessment = None if already else registry.assess_model(candidate.model_uri, args.data_dir, args.robustness_images)
+    tags = champion.tags if champion else {}
+
+    def fmt(value) -> str:
+        return f"{float(value):.4f}" if value not in (None, "", "-") else "-"
+
     print_table(
         [
             {
                 "": "candidate",
                 "run_id": candidate.run_id,
                 "version": "(new)",
-                candidate.metric: f"{candidate.value:.4f}",
+                candidate.metric: fmt(candidate.value),
+                "test_ece": fmt(candidate.ece),
+                "ood_auroc": fmt(candidate.ood_auroc),
+                "corruption_acc": fmt(assessment.mean_corruption_accuracy) if assessment else "(production)",
                 "experiment": candidate.study or candidate.experiment,
             },
             {
                 "": "production",
                 "run_id": champion.run_id if champion else "-",
                 "version": champion.version if champion else "-",
-                candidate.metric: f"{decision.champion_value:.4f}" if decision.champion_value is not None else "-",
-                "experiment": champion.tags.get("study") or champion.tags.get("experiment", "-") if champion else "-",
+                candidate.metric: fmt(decision.champion_value),
+                "test_ece": fmt(tags.get("test_ece")),
+                "ood_auroc": fmt(tags.get("ood_auroc")),
+                "corruption_acc": fmt(tags.get("mean_corruption_accuracy")),
+                "experiment": tags.get("study") or tags.get("experiment", "-") if champion else "-",
             },
         ]
     )
     verdict = "PROMOTE" if decision.promote else "KEEP production"
     print(f"Decision: {verdict} ({decision.reason}).")
-    if args.dry_run:
-        print("Dry run: nothing changed.")
+    if decision.refused:
+        print(f"Not registered: run {candidate.run_id} misses a required minimum.", file=sys.stderr)
+        return 1
+    if args.dry_run or already:
+        print("Dry run: nothing changed." if args.dry_run else "Nothing to do.")
         return 0
-    decision = registry.register_and_promote(decision, name, args.data_dir)
+    decision = registry.register_and_promote(decision, name, args.data_dir, assessment)
     state = "production" if decision.promote else "registered as a challenger"
     print(
         f"{name} version {decision.version}: {state}; test accuracy {decision.test_accuracy:.4f} "

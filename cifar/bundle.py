@@ -17,6 +17,8 @@ import numpy as np
 
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
+from cifar.errors import CifarError
+from cifar.registry import MODEL_NAME
 
 BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
 
@@ -136,6 +138,88 @@ or ONNX Runtime, without torch and without unpickling.
 - It always answers with one of the ten classes, even for photos of none of them.
 - Accuracy on the canonical (PNG-quality) CIFAR-10 test set was not measured here.
 """
+
+
+def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tuple[str, bool]:
+    """Register the repository's bundled model (once) and make it production if there is none.
+
+    Its run (experiment ``bundled-model``) carries the accuracy measured when it was built.
+    Returns (version, whether it is production now).
+    """
+    import mlflow
+    import onnx
+    import yaml
+
+    from cifar.registry import (
+        PRODUCTION,
+        _client,
+        _has_model,
+        _sync_stage,
+        production_version,
+        registry_lock,
+        trust_tags,
+    )
+    from cifar.tracking import log_onnx_model
+
+    folder = Path(bundle_dir or BUNDLE_DIR)
+    if not (folder / "MLmodel").is_file():
+        raise CifarError(f"no bundled model in {folder} (expected an MLflow model folder with MLmodel).")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metadata = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("metadata") or {}
+    client = _client()
+    with registry_lock():
+        existing = client.search_model_versions(f"name='{name}' and tags.source='bundled'") if _has_model(name) else []
+        if existing:
+            version = existing[0].version
+        else:
+            proto = onnx.load(str(folder / "model.onnx"))
+            example = np.zeros((1, 3, 32, 32), np.float32)
+            mlflow.set_experiment("bundled-model")
+            with mlflow.start_run(run_name="bundled-model") as run:
+                mlflow.log_metrics(
+                    {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
+                )
+                mlflow.log_artifact(str(folder / "README.md"), "bundle")
+                for file, artifact_dir in (
+                    ("per_class.csv", "evaluation"),
+                    ("confusion_matrix.png", "evaluation"),
+                    ("training_curves.png", "plots"),
+                ):
+                    if (folder / file).is_file():
+                        mlflow.log_artifact(str(folder / file), artifact_dir)
+                mlflow.log_dict(metrics, "bundle/metrics.json")
+                uri = log_onnx_model(proto, metadata, example)
+                trust = {}
+                if (folder / "trust.json").is_file():  # calibration made by python -m cifar.calibrate
+                    client.log_model_artifact(uri.removeprefix("models:/"), str(folder / "trust.json"))
+                    trust = json.loads((folder / "trust.json").read_text()).get("metrics", {})
+                    mlflow.log_metrics(trust)
+                mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})
+            tags = {
+                "source": "bundled",
+                "run_id": run.info.run_id,
+                "val_accuracy": f"{metrics['val_accuracy']:.6f}",
+                "test_accuracy": f"{metrics['test_accuracy']:.6f}",
+                "data_digest": metrics["data_digest"],
+                "experiment": "bundled-model",
+                "study": "",
+                **trust_tags(trust, metrics.get("mean_corruption_accuracy")),
+            }
+            version = mlflow.register_model(uri, name, tags=tags).version
+            client.update_model_version(
+                name,
+                version,
+                description=(
+                    "Bundled with the repository (models/bundled/README.md): "
+                    f"test accuracy {metrics['test_accuracy']:.4f}."
+                ),
+            )
+        promoted = False
+        if production_version(name) is None:
+            client.set_registered_model_alias(name, PRODUCTION, version)
+            _sync_stage(name)
+            promoted = True
+    return str(version), promoted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from cifar.errors import CifarError
 from cifar.metrics import softmax
 from cifar.preprocess import decode_image
+from cifar.trust import TrustProfile, occlusion_map
 
 DEFAULT_MODEL_URI = "models:/cifar10-classifier@production"
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -29,16 +30,22 @@ class Prediction:
     label: str
     confidence: float
     top_k: list[tuple[str, float]]
-    probabilities: np.ndarray = field(repr=False)
+    probabilities: np.ndarray = field(repr=False)  # calibrated: softmax(logits / temperature)
+    in_distribution: bool = True  # False: "this does not look like any of the classes"
+    ood_score: float | None = None  # the in-distribution score the threshold was applied to
 
     def as_dict(self, path: str, model: str) -> dict[str, Any]:
         return {
             "path": path,
             "label": self.label,
             "confidence": round(self.confidence, 6),
+            "in_distribution": self.in_distribution,
             "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k],
             "model": model,
         }
+
+
+NOT_ONE_OF_THE_CLASSES = "this does not look like any of the 10 classes"
 
 
 def _find_onnx(folder: Path) -> Path:
@@ -54,6 +61,22 @@ def _find_onnx(folder: Path) -> Path:
     if not candidates:
         raise CifarError(f"{folder} holds no ONNX model (no MLmodel with an onnx flavor, no .onnx file).")
     return candidates[0]
+
+
+def _trust_profile(onnx_path: Path, metadata: dict[str, Any]) -> TrustProfile:
+    """The ONNX metadata's profile, overridden by a ``trust.json`` beside the file (cifar.calibrate)."""
+    sidecar = onnx_path.parent / "trust.json"
+    raw, where = metadata.get("trust"), f"{onnx_path} metadata"
+    if sidecar.is_file():
+        where = str(sidecar)
+        try:
+            raw = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as exc:
+            raise CifarError(f"{sidecar} is not readable JSON ({exc}); rerun python -m cifar.calibrate.") from None
+    try:
+        return TrustProfile.from_dict(raw if isinstance(raw, dict) else None)
+    except (TypeError, ValueError) as exc:
+        raise CifarError(f"the trust profile in {where} is unusable ({exc}); rerun cifar.calibrate.") from None
 
 
 class Predictor:
@@ -89,6 +112,7 @@ class Predictor:
             raise CifarError(
                 f"{onnx_path} outputs {outputs[0].shape[-1]} classes but its metadata names {len(self.classes)}."
             )
+        self.trust = _trust_profile(Path(onnx_path), self.metadata)
         self.input_name = inputs[0].name
         self._slots = threading.BoundedSemaphore(min(8, os.cpu_count() or 2))
         self.description = description or str(onnx_path)
@@ -112,24 +136,40 @@ class Predictor:
             ) from None
         return cls(_find_onnx(local) if local.is_dir() else local, description=uri)
 
+    def logits(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Raw logits (before temperature) for N x 32 x 32 x 3 uint8 images."""
+        images = np.asarray(images, np.uint8)
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+            with self._slots:
+                out.append(self.session.run(None, {self.input_name: batch})[0].astype(np.float64))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities, softmax(logits / temperature)."""
+        return softmax(self.logits(images) / self.trust.temperature)
+
     def predict_arrays(self, images: list[np.ndarray] | np.ndarray, top_k: int = 5) -> list[Prediction]:
         """Predict a batch of 32x32x3 uint8 images (see ``cifar.preprocess``)."""
-        batch = np.stack(list(images)).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        if len(batch) == 0:
+        if len(images) == 0:
             return []
-        with self._slots:
-            logits = self.session.run(None, {self.input_name: batch})[0]
-        probabilities = softmax(logits.astype(np.float64))
+        logits = self.logits(np.stack(list(images)))
+        probabilities = softmax(logits / self.trust.temperature)
+        scores, accepted = self.trust.accepts(logits)
         k = max(1, min(top_k, len(self.classes)))
         out = []
-        for row in probabilities:
+        for row, score, ok in zip(probabilities, scores, accepted):
             order = np.argsort(-row)[:k]
-            out.append(
-                Prediction(
-                    self.classes[order[0]], float(row[order[0]]), [(self.classes[i], float(row[i])) for i in order], row
-                )
-            )
+            top = [(self.classes[i], float(row[i])) for i in order]
+            out.append(Prediction(top[0][0], top[0][1], top, row, bool(ok), float(score)))
         return out
+
+    def explain(self, image: np.ndarray, target: int | None = None, patch: int = 8, stride: int = 2) -> np.ndarray:
+        """Occlusion sensitivity (32 x 32): how much covering each pixel lowers the predicted class."""
+        if target is None:
+            target = int(self.logits(image[None]).argmax())
+        return occlusion_map(self.probabilities, image, target, patch, stride)
 
     def predict_files(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 256) -> list[Prediction | str]:
         """Decode and predict files; an unreadable file yields its error message instead."""

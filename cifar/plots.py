@@ -68,7 +68,7 @@ def per_class_figure(per_class) -> Figure:
     return fig
 
 
-def reliability_diagram(bins, ece: float) -> Figure:
+def reliability_diagram(bins, ece: float, subtitle: str = "") -> Figure:
     """Accuracy against confidence per bin; the diagonal is perfect calibration."""
     fig = Figure(figsize=(9, 4.5), layout="constrained")
     ax, ax_count = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -78,7 +78,11 @@ def reliability_diagram(bins, ece: float) -> Figure:
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.plot(used["confidence"], used["accuracy"], "o", color="C3", ms=4, label="mean confidence")
     ax.set(
-        title=f"Reliability diagram (ECE {ece:.3f})", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1)
+        title=f"Reliability diagram (ECE {ece:.3f})" + (f"\n{subtitle}" if subtitle else ""),
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
     )
     ax.legend(loc="upper left")
     ax_count.bar(used["low"], used["count"], width=width, align="edge", color="C0", edgecolor="black")
@@ -98,4 +102,43 @@ def misclassified_gallery(rows, images: np.ndarray, columns: int = 8) -> Figure:
         ax.imshow(images[row.index], interpolation="nearest")
         ax.set_title(f"true {row.true}\npred {row.predicted} {row.confidence:.0%}", fontsize=8)
     fig.suptitle("Misclassified test images, highest loss first (least probability on the true class)")
+    return fig
+
+
+def ood_score_histogram(scores: dict[str, np.ndarray], threshold: float, accept_rate: float) -> Figure:
+    """In-distribution score of test images and of each out-of-distribution set, with the threshold."""
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.subplots()
+    everything = np.concatenate(list(scores.values()))
+    bins = np.linspace(np.percentile(everything, 0.5), np.percentile(everything, 99.5), 60)
+    for name, values in scores.items():
+        label = "CIFAR-10 test" if name == "test" else name.replace("_", " ")
+        ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, density=True, alpha=0.5, label=label)
+    ax.axvline(threshold, color="black", ls="--", label=f"threshold (accepts {accept_rate:.0%} of validation)")
+    ax.set(
+        title="Out-of-distribution score (negative energy): below the line = 'none of the 10 classes'",
+        xlabel="score",
+        ylabel="density",
+    )
+    ax.legend()
+    return fig
+
+
+def corruption_figure(table) -> Figure:
+    """Accuracy against severity per corruption (``table``: corruption, severity, accuracy; severity 0 = clean)."""
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    clean = float(table.loc[table["severity"] == 0, "accuracy"].iloc[0])
+    for name, rows in table[table["severity"] > 0].groupby("corruption"):
+        ax.plot(rows["severity"], rows["accuracy"], "o-", label=name.replace("_", " "))
+    ax.axhline(clean, color="black", ls="--", label=f"clean ({clean:.1%})")
+    ax.set(
+        title="Test accuracy under common corruptions (CIFAR-10-C style, generated)",
+        xlabel="severity",
+        ylabel="accuracy",
+        xticks=[1, 2, 3, 4, 5],
+        ylim=(0, 1),
+    )
+    ax.legend(loc="lower left", ncols=2)
+    ax.grid(alpha=0.3)
     return fig

@@ -1,8 +1,10 @@
-"""``python -m cifar.predict IMAGE_OR_DIR... [--model-uri URI] [--top-k K] [--json]``.
+"""``python -m cifar.predict IMAGE_OR_DIR... [--model-uri URI] [--top-k K] [--json] [--explain DIR]``.
 
 Classifies image files (folders are searched recursively) with a logged or registered model.
-Unreadable files are reported one by one while the rest are classified; the exit code is 1
-when any file could not be read.
+Confidences are calibrated (the model's temperature); an image whose out-of-distribution score
+is below the model's threshold is reported as not looking like any of the classes. ``--explain``
+writes an occlusion map per image. Unreadable files are reported one by one while the rest are
+classified; the exit code is 1 when any file could not be read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from cifar.cli import run_cli
 from cifar.errors import CifarError
-from cifar.inference import DEFAULT_MODEL_URI, Predictor
+from cifar.inference import DEFAULT_MODEL_URI, NOT_ONE_OF_THE_CLASSES, Predictor
+from cifar.preprocess import decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 
@@ -32,6 +35,17 @@ def collect(paths: list[str]) -> list[Path]:
     return files
 
 
+def write_explanation(predictor: Predictor, path: Path, folder: Path, number: int) -> Path:
+    """The occlusion map of one image as ``folder/NNNN_<name>.png`` (numbered: names may repeat)."""
+    from cifar.trust import heatmap_overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    array = decode_image(path, str(path))
+    target = folder / f"{number:04d}_{path.stem}.png"
+    heatmap_overlay(array, predictor.explain(array), size=192).save(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cifar.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.add_argument("--explain", type=Path, metavar="DIR", help="write an occlusion map per image here")
     args = parser.parse_args(argv)
     files = collect(args.paths)
     predictor = Predictor.from_uri(args.model_uri)
@@ -57,10 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.json:
                 print(f"{path}: ERROR {result}", file=sys.stderr)
         else:
-            records.append(result.as_dict(str(path), predictor.description))
+            record = result.as_dict(str(path), predictor.description)
+            if args.explain:
+                record["explanation"] = str(write_explanation(predictor, path, args.explain, len(records)))
+            records.append(record)
             if not args.json:
                 others = ", ".join(f"{label} {p:.1%}" for label, p in result.top_k[1:])
-                print(f"{path}: {result.label} ({result.confidence:.1%})" + (f"  [{others}]" if others else ""))
+                verdict = f"{result.label} ({result.confidence:.1%})"
+                if not result.in_distribution:
+                    verdict = f"{NOT_ONE_OF_THE_CLASSES} (best guess {verdict})"
+                print(f"{path}: {verdict}" + (f"  [{others}]" if others else ""))
     if args.json:
         print(json.dumps(records, indent=2))
     return 1 if failed else 0

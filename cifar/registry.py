@@ -2,7 +2,8 @@
 
 Promotion is champion/challenger: the alias ``production`` (MLflow 3's convention; the app
 loads ``models:/cifar10-classifier@production``) moves only when the challenger beats the
-champion on the validation metric. The legacy stage "Production" follows the alias, so older
+champion on the validation metric, and when it meets the trust minimums asked for (calibration
+error, out-of-distribution AUROC). The legacy stage "Production" follows the alias, so older
 clients agree. The test split is evaluated for the record, never used to choose.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,21 @@ class Candidate:
     study: str
     git_commit: str
     data_digest: str
+    trust: dict[str, float] = field(default_factory=dict)  # the run's calibration and OOD metrics
+
+    @property
+    def ece(self) -> float | None:
+        return self.trust.get("test_ece_calibrated")
+
+    @property
+    def ood_auroc(self) -> float | None:
+        from cifar.trust import headline_ood_auroc
+
+        return headline_ood_auroc(self.trust)
+
+
+def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in ("test_ece_calibrated", "temperature") or k.startswith("ood_")}
 
 
 def find_best_run(
@@ -82,6 +98,7 @@ def find_best_run(
         tags.get("optuna_study", ""),
         tags.get("git_commit", "unknown"),
         tags.get("data_digest", "unknown"),
+        _trust_metrics(best.data.metrics),
     )
 
 
@@ -91,21 +108,30 @@ def _tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def score_on_test_split(model_uri: str, data_dir: Path | None = None) -> tuple[float, str]:
-    """Re-evaluate a logged model on the local cache's test split (accuracy, data digest)."""
-    import mlflow
+@dataclass(frozen=True)
+class Assessment:
+    """Measured at registration, for the record: never used to choose between runs."""
 
+    test_accuracy: float
+    test_data_digest: str
+    mean_corruption_accuracy: float | None  # None: not measured (--robustness-images 0)
+
+
+def assess_model(model_uri: str, data_dir: Path | None = None, robustness_images: int = 500) -> Assessment:
+    """Re-evaluate a logged model through the serving path (ONNX Runtime): test split, corruptions."""
     from cifar.data import ensure_cache
+    from cifar.inference import Predictor
+    from cifar.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
 
     data = ensure_cache(data_dir)
-    model = mlflow.pyfunc.load_model(model_uri)
-    images, labels = data.images["test"], data.labels["test"]
-    correct = 0
-    for start in range(0, len(labels), 1000):
-        batch = np.asarray(images[start : start + 1000]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-        logits = model.predict({"image": batch})["logits"]
-        correct += int((logits.argmax(1) == labels[start : start + 1000]).sum())
-    return correct / len(labels), data.digest
+    predictor = Predictor.from_uri(model_uri)
+    logits = predictor.logits(np.asarray(data.images["test"]))
+    accuracy = float((logits.argmax(1) == data.labels["test"]).mean())
+    corruption = None
+    if robustness_images > 0:
+        images, labels = sample_test_split(data, robustness_images)
+        corruption = mean_corruption_accuracy(corruption_table(predictor.logits, images, labels))
+    return Assessment(accuracy, data.digest, corruption)
 
 
 def production_version(name: str = MODEL_NAME):
@@ -160,13 +186,40 @@ class Decision:
     reason: str
     version: str | None = None
     test_accuracy: float | None = None
+    refused: bool = False  # misses a required trust minimum: not even registered
 
 
-def decide(candidate: Candidate, name: str, min_improvement: float, force: bool) -> Decision:
+def trust_shortfall(candidate: Candidate, max_ece: float | None, min_ood_auroc: float | None) -> str | None:
+    """Why the candidate misses a required trust minimum, or None when it meets them all."""
+    fix = f"measure it with: python -m cifar.calibrate --run-id {candidate.run_id}"
+    if max_ece is not None:
+        if candidate.ece is None:
+            return f"the run has no calibration error (test_ece_calibrated) for --max-ece; {fix}"
+        if candidate.ece > max_ece:
+            return f"calibration error {candidate.ece:.4f} is above --max-ece {max_ece:g}"
+    if min_ood_auroc is not None:
+        if candidate.ood_auroc is None:
+            return f"the run has no OOD AUROC for --min-ood-auroc; {fix}"
+        if candidate.ood_auroc < min_ood_auroc:
+            return f"OOD AUROC {candidate.ood_auroc:.4f} is below --min-ood-auroc {min_ood_auroc:g}"
+    return None
+
+
+def decide(
+    candidate: Candidate,
+    name: str,
+    min_improvement: float,
+    force: bool,
+    max_ece: float | None = None,
+    min_ood_auroc: float | None = None,
+) -> Decision:
     champion = production_version(name)
     champion_value = float(champion.tags["val_accuracy"]) if champion and "val_accuracy" in champion.tags else None
     if champion is not None and champion.run_id == candidate.run_id:
         return Decision(candidate, champion, champion_value, False, "the candidate already is production")
+    shortfall = trust_shortfall(candidate, max_ece, min_ood_auroc)
+    if shortfall:  # an explicit minimum: --force does not override it
+        return Decision(candidate, champion, champion_value, False, shortfall, refused=True)
     if force:
         return Decision(candidate, champion, champion_value, True, "--force")
     if champion is None:
@@ -188,12 +241,31 @@ def decide(candidate: Candidate, name: str, min_improvement: float, force: bool)
     )
 
 
-def register_and_promote(decision: Decision, name: str, data_dir: Path | None = None) -> Decision:
+def trust_tags(metrics: dict[str, float], corruption: float | None = None) -> dict[str, str]:
+    """Version tags for what the registry shows about trust."""
+    from cifar.trust import headline_ood_auroc
+
+    values = {
+        "test_ece": metrics.get("test_ece_calibrated"),
+        "ood_auroc": headline_ood_auroc(metrics),
+        "mean_corruption_accuracy": corruption,
+        "temperature": metrics.get("temperature"),
+    }
+    return {k: f"{v:.6f}" for k, v in values.items() if v is not None}
+
+
+def register_and_promote(
+    decision: Decision, name: str, data_dir: Path | None = None, assessment: Assessment | None = None
+) -> Decision:
     """Register the candidate (once per run) and, if decided, move ``production`` to it."""
     import mlflow
 
     c = decision.candidate
-    test_accuracy, digest = score_on_test_split(c.model_uri, data_dir)  # before any write: no half-written registry
+    if decision.refused:
+        raise CifarError(f"run {c.run_id} was not registered: {decision.reason}.")
+    # measured before any write: no half-written registry
+    assessment = assessment or assess_model(c.model_uri, data_dir)
+    test_accuracy, digest = assessment.test_accuracy, assessment.test_data_digest
     decision.test_accuracy = test_accuracy
     client = _client()
     with registry_lock():
@@ -211,6 +283,7 @@ def register_and_promote(decision: Decision, name: str, data_dir: Path | None = 
                 "study": c.study,
                 "selection_metric": c.metric,
                 "source": "training run",
+                **trust_tags(c.trust, assessment.mean_corruption_accuracy),
             }
             version = mlflow.register_model(c.model_uri, name, tags=tags)
             client.update_model_version(
@@ -224,6 +297,8 @@ def register_and_promote(decision: Decision, name: str, data_dir: Path | None = 
             decision.version = str(version.version)
         else:
             decision.version = str(existing.version)
+            for key, value in trust_tags(c.trust, assessment.mean_corruption_accuracy).items():
+                client.set_model_version_tag(name, existing.version, key, value)  # e.g. calibrated since
         if decision.promote:
             current = production_version(name)
             if current is not None and current.version != decision.version:
@@ -273,81 +348,14 @@ def list_versions(name: str = MODEL_NAME) -> list[dict]:
             "stage": v.current_stage,
             "val_accuracy": v.tags.get("val_accuracy", "-"),
             "test_accuracy": v.tags.get("test_accuracy", "-"),
+            "test_ece": v.tags.get("test_ece", "-"),
+            "ood_auroc": v.tags.get("ood_auroc", "-"),
+            "corruption_acc": v.tags.get("mean_corruption_accuracy", "-"),
             "source": v.tags.get("source", "-"),
             "run_id": v.run_id or "-",
         }
         for v in versions
     ]
-
-
-def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tuple[str, bool]:
-    """Register the repository's bundled model (once) and make it production if there is none.
-
-    Its run (experiment ``bundled-model``) carries the accuracy measured when it was built.
-    Returns (version, whether it is production now).
-    """
-    import json
-
-    import mlflow
-    import onnx
-    import yaml
-
-    from cifar.bundle import BUNDLE_DIR
-    from cifar.tracking import log_onnx_model
-
-    folder = Path(bundle_dir or BUNDLE_DIR)
-    if not (folder / "MLmodel").is_file():
-        raise CifarError(f"no bundled model in {folder} (expected an MLflow model folder with MLmodel).")
-    metrics = json.loads((folder / "metrics.json").read_text())
-    metadata = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("metadata") or {}
-    client = _client()
-    with registry_lock():
-        existing = client.search_model_versions(f"name='{name}' and tags.source='bundled'") if _has_model(name) else []
-        if existing:
-            version = existing[0].version
-        else:
-            proto = onnx.load(str(folder / "model.onnx"))
-            example = np.zeros((1, 3, 32, 32), np.float32)
-            mlflow.set_experiment("bundled-model")
-            with mlflow.start_run(run_name="bundled-model") as run:
-                mlflow.log_metrics(
-                    {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
-                )
-                mlflow.log_artifact(str(folder / "README.md"), "bundle")
-                for file, artifact_dir in (
-                    ("per_class.csv", "evaluation"),
-                    ("confusion_matrix.png", "evaluation"),
-                    ("training_curves.png", "plots"),
-                ):
-                    if (folder / file).is_file():
-                        mlflow.log_artifact(str(folder / file), artifact_dir)
-                mlflow.log_dict(metrics, "bundle/metrics.json")
-                uri = log_onnx_model(proto, metadata, example)
-                mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})
-            tags = {
-                "source": "bundled",
-                "run_id": run.info.run_id,
-                "val_accuracy": f"{metrics['val_accuracy']:.6f}",
-                "test_accuracy": f"{metrics['test_accuracy']:.6f}",
-                "data_digest": metrics["data_digest"],
-                "experiment": "bundled-model",
-                "study": "",
-            }
-            version = mlflow.register_model(uri, name, tags=tags).version
-            client.update_model_version(
-                name,
-                version,
-                description=(
-                    "Bundled with the repository (models/bundled/README.md): "
-                    f"test accuracy {metrics['test_accuracy']:.4f}."
-                ),
-            )
-        promoted = False
-        if production_version(name) is None:
-            client.set_registered_model_alias(name, PRODUCTION, version)
-            _sync_stage(name)
-            promoted = True
-    return str(version), promoted
 
 
 def _has_model(name: str) -> bool:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar.errors import CifarError
 from cifar.inference import Predictor
 
 MODEL_NAME = "cifar10-classifier"
+TRUST_TAGS = ("test_ece", "ood_auroc", "mean_corruption_accuracy", "temperature")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelInfo:
     test_accuracy: str
     source: str
     tracking_uri: str
+    trust: dict[str, str] = field(default_factory=dict)  # test_ece, ood_auroc, mean_corruption_accuracy, ...
 
     @property
     def uri(self) -> str:
@@ -84,6 +86,7 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
         version.tags.get("test_accuracy", "?"),
         version.tags.get("source", "training run"),
         uri,
+        {k: version.tags[k] for k in TRUST_TAGS if k in version.tags},
     )
 
 
@@ -130,4 +133,13 @@ def thumbnail(array, size: int = 128) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(array).resize((size, size), Image.Resampling.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explanation_png(predictor: Predictor, array, size: int = 160, stride: int = 4) -> bytes:
+    """Occlusion map of the predicted class over the 32x32 input, as PNG bytes."""
+    from cifar.trust import heatmap_overlay
+
+    buf = io.BytesIO()
+    heatmap_overlay(array, predictor.explain(array, stride=stride), size).save(buf, format="PNG")
     return buf.getvalue()

@@ -217,6 +217,14 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
                 f"test accuracy {test.accuracy:.4f}; training {result.train_seconds:.1f} s",
                 flush=True,
             )
+        trust, trust_scores = _calibrate(model, data, test, device, t)
+        if options.progress:
+            m = trust.metrics
+            print(
+                f"temperature {trust.temperature:.3f}: test ECE {m['test_ece_uncalibrated']:.4f} -> "
+                f"{m['test_ece_calibrated']:.4f}; OOD threshold accepts {m['ood_accept_rate_in']:.1%} of test images",
+                flush=True,
+            )
         from cifar.export import model_metadata, save_weights
 
         metadata = model_metadata(
@@ -228,6 +236,7 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             experiment=cfg.name,
             data_digest=data.digest,
             tta=cfg.train.tta,
+            trust=trust.to_dict(),
         )
         if options.save_dir:
             save_weights(
@@ -248,7 +257,35 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             )
         if not options.track:
             return TrainOutcome(result, test, None, None)
-        run.log_results(fit=result, test=test, model=model, data=data, metadata=metadata)
+        run.log_results(fit=result, test=test, model=model, data=data, metadata=metadata, trust_scores=trust_scores)
         if checkpoint_path is not None:  # finished: the checkpoint has done its job
             shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
     return TrainOutcome(result, test, run.run_id, run.model_uri)
+
+
+def _calibrate(model, data, test: EvalResult, device, t):
+    """Temperature and OOD threshold fitted on validation, measured on test and OOD images (fp32, as served)."""
+    import numpy as np
+
+    from cifar.calibrate import calibrate_logits, ood_sets
+
+    def logits_of(images) -> np.ndarray:
+        labels = np.zeros(len(images), np.int64)
+        return evaluate(
+            model,
+            images,
+            labels,
+            device=device,
+            batch_size=t.eval_batch_size,
+            tta=t.tta,
+            amp=False,
+            channels_last=t.channels_last,
+        ).logits
+
+    return calibrate_logits(
+        logits_of(data.images["val"]),
+        data.labels["val"],
+        test.logits,
+        test.labels,
+        {s.name: logits_of(s.images) for s in ood_sets()},
+    )

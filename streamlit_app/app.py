@@ -80,12 +80,20 @@ def show_prediction(name: str, data: bytes, predictor: serving.Predictor) -> Non
         st.warning(f"Could not read {exc}. Try a JPEG, PNG, WebP, BMP or GIF photo.")
         return
     prediction = predictor.predict_arrays([array], top_k=5)[0]
-    original, seen, chart = st.columns([2, 1, 3])
+    original, seen, looks, chart = st.columns([2, 1, 1, 3])
     shown = preview(data)
     if shown:
         original.image(shown, caption=name)
     seen.image(serving.thumbnail(array), caption="What the model sees (32×32)")
-    chart.markdown(f"### {prediction.label}\n{prediction.confidence:.1%} confident")
+    looks.image(serving.explanation_png(predictor, array), caption="Where it looks (occlusion: red mattered)")
+    if prediction.in_distribution:
+        chart.markdown(f"### {prediction.label}\n{prediction.confidence:.1%} confident")
+    else:
+        chart.markdown(f"### none of these?\nbest guess {prediction.label}, {prediction.confidence:.1%} confident")
+        chart.warning(
+            "This does not look like any of the 10 classes: its out-of-distribution score is below the "
+            "threshold that accepts 95% of validation images."
+        )
     top = pd.DataFrame(prediction.top_k, columns=["class", "probability"])
     chart.bar_chart(top, x="class", y="probability", horizontal=True, sort="-probability", height=220)
 
@@ -150,6 +158,19 @@ def model_page(info: serving.ModelInfo, predictor: serving.Predictor) -> None:
     if report.training_curves_png:
         st.subheader("Training curves")
         st.image(report.training_curves_png)
+    st.subheader("How far to trust it")
+    trust = info.trust
+    cells = st.columns(4)
+    for cell, key, label, help_text in (
+        (cells[0], "test_ece", "Calibration error (ECE)", "after temperature scaling, test split; lower is better"),
+        (cells[1], "ood_auroc", "Out-of-distribution AUROC", "telling Fashion-MNIST apart from CIFAR-10 test images"),
+        (cells[2], "mean_corruption_accuracy", "Accuracy under corruptions", "mean over 7 corruptions x 5 severities"),
+        (cells[3], "temperature", "Temperature", "divides the logits before softmax; fitted on validation"),
+    ):
+        value = trust.get(key)
+        cell.metric(label, f"{float(value):.3f}" if value else "not measured", help=help_text)
+    if not trust:
+        st.caption("Measure them with python -m cifar.calibrate and python -m cifar.robustness.")
     ms = latency_for(info.uri, info.tracking_uri)
     if ms is not None:
         st.metric("One prediction (decode, resize, predict; median of 20)", f"{ms:.1f} ms")

@@ -14,7 +14,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from cifar import registry
-from cifar.bundle import BUNDLE_DIR
+from cifar.bundle import BUNDLE_DIR, import_bundled
 from cifar.data.sources import CIFAR10_CLASSES
 from cifar.tracking import log_onnx_model
 
@@ -34,7 +34,7 @@ def fresh_caches():
 @pytest.fixture
 def served(tracking_env):
     """A store whose production model is the bundled one."""
-    version, promoted = registry.import_bundled()
+    version, promoted = import_bundled()
     assert promoted
     return tracking_env
 
@@ -77,7 +77,27 @@ def test_sidebar_shows_the_served_model(served):
         "Confusion matrix",
         "Training curves",
     }
-    assert at.metric[0].value.endswith(" ms")
+    assert at.metric[-1].value.endswith(" ms")
+    # How far to trust it: the bundled model's calibration and OOD figures (models/bundled/trust.json)
+    trust = {m.label: m.value for m in at.metric}
+    assert float(trust["Calibration error (ECE)"]) < 0.05
+    assert float(trust["Out-of-distribution AUROC"]) > 0.85
+    assert 0.3 < float(trust["Temperature"]) < 1.0
+
+
+def test_noise_is_not_one_of_the_classes(served, mini_raw):
+    at = run_app()
+    noise = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    at.file_uploader[0].set_value(
+        [("static.png", buf.getvalue(), "image/png"), ("cat.jpg", jpeg_of(mini_raw.test_images[60]), "image/jpeg")]
+    )
+    at.run()
+    assert not at.exception, at.exception
+    headings = [m.value for m in at.markdown if m.value.startswith("### ")]
+    assert headings[0].startswith("### none of these?") and headings[1].startswith("### cat")
+    assert any("does not look like any of the 10 classes" in w.value for w in at.warning)
 
 
 def test_upload_real_images(served, mini_raw):
@@ -144,7 +164,8 @@ def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch)
         uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
         mlflow.set_tag("model_uri", uri)
     decision = registry.decide(registry.find_best_run(["newer"]), registry.MODEL_NAME, 0.0, False)
-    assert registry.register_and_promote(decision, registry.MODEL_NAME).version == "2"
+    assessment = registry.assess_model(uri, robustness_images=0)  # the bundled net is slow on 2 cores
+    assert registry.register_and_promote(decision, registry.MODEL_NAME, assessment=assessment).version == "2"
     at.run()
     assert "version **1**" in text_of(at)  # cached for up to a minute...
     at.sidebar.button[0].click()  # ...or until "Check for a new model"

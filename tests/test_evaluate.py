@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
+from cifar.bundle import import_bundled
 from cifar.evaluate import build_report, report_figures
 from cifar.metrics import calibration_bins, expected_calibration_error, most_confused_pairs, softmax
 
@@ -63,9 +64,8 @@ def test_figures_render(mini_raw):
 
 @pytest.mark.integration
 def test_evaluate_cli_on_the_production_model(tracking_env, prepared_dir):
-    from cifar import registry
 
-    version, _ = registry.import_bundled()
+    version, _ = import_bundled()
     env = {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
     result = run_cli(["-m", "cifar.evaluate"], env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

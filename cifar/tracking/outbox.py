@@ -46,6 +46,7 @@ class Outbox:
         self.artifacts = self.folder / "artifacts"
         self.model_dir = self.folder / "model"
         self._lock = threading.Lock()
+        self.logged_model_uri: str | None = None  # remembered after a finished run's folder is gone
 
     @classmethod
     def create(cls, run_id: str, tracking_uri: str, root: Path | None = None) -> Outbox:
@@ -89,7 +90,7 @@ class Outbox:
         path = self.folder / "progress.json"
         return json.loads(path.read_text()) if path.exists() else {"metric_lines": 0, "artifacts": []}
 
-    def push(self, *, include_end: bool = True) -> bool:
+    def push(self, *, include_end: bool = True, metrics_only: bool = False) -> bool:
         """Upload what is pending; True when nothing is left (the folder is then gone once finished).
 
         Raises whatever the tracking client raises when the server cannot be reached; what was
@@ -98,9 +99,9 @@ class Outbox:
         with self._lock:
             if not self.folder.exists():
                 return True
-            return self._push(include_end)
+            return self._push(include_end, metrics_only)
 
-    def _push(self, include_end: bool) -> bool:
+    def _push(self, include_end: bool, metrics_only: bool) -> bool:
         import mlflow
         from mlflow.entities import Metric
 
@@ -116,7 +117,7 @@ class Outbox:
             client.log_batch(run_id, metrics=batch, synchronous=True)
             progress["metric_lines"] = number + 1
             _write_json(self.folder / "progress.json", progress)
-        if not include_end:
+        if metrics_only:  # while training: artifacts may still be being written
             return False
         if self.artifacts.exists():
             for folder in sorted(p for p in self.artifacts.iterdir() if p.is_dir()):
@@ -127,9 +128,12 @@ class Outbox:
         if self.model_dir.exists() and not progress.get("model_uri"):
             progress["model_uri"] = self._log_model(run_id)
             _write_json(self.folder / "progress.json", progress)
-        if progress.get("model_uri"):
+        if progress.get("model_uri") and not progress.get("model_tagged"):
             client.set_tag(run_id, "model_uri", progress["model_uri"])
-        if not self.finished:
+            progress["model_tagged"] = True
+            _write_json(self.folder / "progress.json", progress)
+        self.logged_model_uri = progress.get("model_uri")
+        if not include_end or not self.finished:
             return False
         end = json.loads((self.folder / "finish.json").read_text())
         for key, value in end["tags"].items():
@@ -144,7 +148,7 @@ class Outbox:
 
     @property
     def model_uri(self) -> str | None:
-        return self._progress().get("model_uri") if self.folder.exists() else None
+        return self._progress().get("model_uri") if self.folder.exists() else self.logged_model_uri
 
     def _log_model(self, run_id: str) -> str:
         import onnx

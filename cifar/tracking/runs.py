@@ -58,7 +58,6 @@ class TrainingRun:
         self.nested = nested
         self.parent_run_id = parent_run_id
         self.run_id: str | None = None
-        self.model_uri: str | None = None
         self._pusher = None
         self._pending = None
         self._warned = False
@@ -137,6 +136,11 @@ class TrainingRun:
         return False
 
     # --- uploading ----------------------------------------------------------------------------
+    @property
+    def model_uri(self) -> str | None:
+        """``models:/m-...`` once the model is on the tracking server (None while it is away)."""
+        return self.outbox.model_uri
+
     def push(self, *, include_end: bool = True) -> bool:
         """Upload what the outbox holds; on failure warn once and keep it (True = all sent)."""
         self._wait_for_background_push()
@@ -168,7 +172,7 @@ class TrainingRun:
 
     def push_metrics(self) -> None:
         try:
-            self.outbox.push(include_end=False)
+            self.outbox.push(include_end=False, metrics_only=True)
         except Exception as exc:
             self._warn(exc)
 
@@ -200,7 +204,9 @@ class TrainingRun:
         self.tensorboard.epoch(metrics)
         self._push_in_background()
 
-    def log_results(self, *, fit, test, model, data, metadata: dict[str, Any]) -> None:
+    def log_results(
+        self, *, fit, test, model, data, metadata: dict[str, Any], trust_scores: dict[str, np.ndarray] | None = None
+    ) -> None:
         """Final metrics, evaluation figures, safetensors weights and the ONNX MLflow model.
 
         Everything is written to the outbox first, then uploaded; ``model_uri`` is set once the
@@ -236,12 +242,18 @@ class TrainingRun:
             "onnx_max_abs_diff": parity,
             **report.metrics(),
         }
+        if metadata.get("trust"):
+            from cifar.calibrate import write_trust_report
+            from cifar.trust import TrustProfile
+
+            profile = TrustProfile.from_dict(metadata["trust"])
+            write_trust_report(profile, trust_scores or {}, test.logits, test.labels, box.artifact_dir("trust"))
+            final.update(profile.metrics)
         box.add_metrics(final)
         if parity > 1e-3:
             raise CifarError(f"the exported ONNX model disagrees with PyTorch (max |diff| {parity:.2e}).")
         box.stage_model(proto, metadata, sample[:2])
         self.push(include_end=False)
-        self.model_uri = box.model_uri
 
 
 def download_checkpoint(run_id: str, folder: Path) -> Path:
