@@ -80,8 +80,8 @@ bench: install data
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/time_to_accuracy.py --experiment cpu --set data.subset=5000 --set train.epochs=2
 	$(BIN)/python benchmarks/tracking_overhead.py --quick
-	$(BIN)/python benchmarks/inference.py --quick
 	$(BIN)/python benchmarks/tune_throughput.py --quick
+	$(BIN)/python benchmarks/inference.py --quick
 
 clean:
 	rm -rf .pytest_cache .ruff_cache benchmarks/out

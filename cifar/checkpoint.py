@@ -7,6 +7,7 @@ full disk leaves the previous checkpoint, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -33,7 +34,8 @@ def save_checkpoint(path: Path, tensors: dict[str, Any], info: dict[str, Any]) -
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:  # safetensors reports ENOSPC/EFBIG as its own error
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            tmp.unlink(missing_ok=True)
         raise CifarError(
             f"could not write the checkpoint {path}: {getattr(exc, 'strerror', None) or exc}. Free space or "
             "choose a writable folder (CIFAR_CHECKPOINTS); the previous checkpoint, if any, is intact."

@@ -19,6 +19,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         if type(exc).__module__.startswith(("mlflow", "optuna", "sqlalchemy", "requests")):
             print(f"error: {type(exc).__name__} from the tracking/search backend: {str(exc)[:1500]}", file=sys.stderr)
             return 2
+        if isinstance(exc, OSError):  # a full disk, a folder that is a file, a permission: name it
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"error: {exc.strerror or exc}{where}. Free space or choose a writable folder.", file=sys.stderr)
+            return 2
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,3 +3,25 @@
 
 class CifarError(Exception):
     """A problem with the user's input or environment, reported as one clear message."""
+
+
+def writable_dir(path, what: str, setting: str):
+    """``path`` created if needed and checked writable now, before hours of work depend on it.
+
+    ``what`` names the folder for the message; ``setting`` says how to choose another one.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CifarError(f"cannot write the {what} {path}: {reason}. Choose a writable folder: {setting}.") from None
+    if not os.access(path, os.W_OK):
+        raise CifarError(f"cannot write the {what} {path}. Choose a writable folder: {setting}.")
+    return path

@@ -18,7 +18,7 @@ from cifar.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, 
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
 from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
-from cifar.errors import CifarError
+from cifar.errors import CifarError, writable_dir
 from cifar.models import create_model
 from cifar.trainstate import TrainingInterrupted, TrainingState
 
@@ -120,9 +120,15 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
     import torch
 
     from cifar.tracking import TrainingRun, check_tracking_store
+    from cifar.tracking.outbox import outbox_root
 
-    if options.track:
-        check_tracking_store()  # before any data work: a wrong URI fails in a second, not after
+    if options.track:  # before any data work: a wrong URI or folder fails in a second, not after
+        check_tracking_store()
+        writable_dir(outbox_root(), "tracking outbox", "$CIFAR_OUTBOX")
+        if cfg.train.checkpoint_every > 0:
+            writable_dir(checkpoint_root(), "checkpoint folder", "$CIFAR_CHECKPOINTS")
+    if options.save_dir:
+        writable_dir(options.save_dir, "output folder", "--save-dir")
     data = ensure_cache(options.data_dir, options.source)
     source = data.manifest["source"]
     data = data.subset(cfg.data.subset, seed=cfg.train.seed)

@@ -184,3 +184,22 @@ def test_unreachable_tracking_server_is_named(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(None)
     assert uri in at.error[0].value and "unset MLFLOW_TRACKING_URI" in at.error[0].value
+
+
+def test_a_production_model_with_wrong_metadata_is_named_not_served(tracking_env):
+    """Metadata that disagrees with the graph (5 class names for 10 outputs): refused, with the reason."""
+    import json
+
+    proto = onnx.load(str(BUNDLE_DIR / "model.onnx"))
+    entry = next(p for p in proto.metadata_props if p.key == "cifar")
+    metadata = json.loads(entry.value)
+    edited = {**metadata, "classes": metadata["classes"][:5]}
+    entry.value = json.dumps(edited)
+    mlflow.set_experiment("edited")
+    with mlflow.start_run():
+        uri = log_onnx_model(proto, edited, np.zeros((1, 3, 32, 32), np.float32))
+    version = mlflow.register_model(uri, registry.MODEL_NAME).version
+    mlflow.MlflowClient().set_registered_model_alias(registry.MODEL_NAME, "production", version)
+    at = run_app()
+    assert "could not be loaded" in at.error[0].value
+    assert "outputs 10 classes but its metadata names 5" in at.error[0].value

@@ -227,3 +227,38 @@ class PlantsAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def _edited_model(tmp_path, edit) -> str:
+    """The bundled ONNX model with its graph or metadata changed by ``edit(proto, metadata)``."""
+    import onnx
+
+    proto = onnx.load(str(BUNDLE_DIR / "model.onnx"))
+    entry = next(p for p in proto.metadata_props if p.key == "cifar")
+    metadata = json.loads(entry.value)
+    edit(proto, metadata)
+    entry.value = json.dumps(metadata)
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    return str(path)
+
+
+def _input_64(proto, metadata):
+    for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_value = 64
+
+
+def _five_classes(proto, metadata):
+    metadata["classes"] = metadata["classes"][:5]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [(_input_64, "not N x 3 x 32 x 32 images"), (_five_classes, "outputs 10 classes but its metadata names 5")],
+    ids=["input-size", "class-count"],
+)
+def test_a_model_for_another_shape_is_refused_by_the_cli(tmp_path, edit, message):
+    model = _edited_model(tmp_path, edit)
+    image = ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"
+    result = run_cli(["-m", "cifar.predict", str(image), "--model-uri", model])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

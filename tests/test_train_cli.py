@@ -41,3 +41,41 @@ def test_missing_data_with_a_bad_source(tmp_path):
     }
     result = run_cli([str(ROOT / "train.py"), "--experiment", "smoke"], env=env, cwd=tmp_path)
     assert_clear_error(result, "no-such-archive.tar.gz", "does not exist")
+
+
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        ({"args": ["--save-dir", "{blocker}/out"]}, "cannot write the output folder"),
+        ({"env": {"CIFAR_CHECKPOINTS": "{blocker}/checkpoints"}}, "cannot write the checkpoint folder"),
+        ({"env": {"CIFAR_OUTBOX": "{blocker}/outbox"}}, "cannot write the tracking outbox"),
+        ({"experiment_artifacts": "{blocker}/artifacts"}, "cannot write the artifact store"),
+    ],
+    ids=["save-dir", "checkpoints", "outbox", "artifact-store"],
+)
+def test_unwritable_folders_fail_at_once(tmp_path, prepared_dir, setting, fragment):
+    """A folder that cannot be created (its parent is a file; root ignores permissions) fails before training."""
+    import mlflow
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir)}
+    env.update({k: v.format(blocker=blocker) for k, v in setting.get("env", {}).items()})
+    args = [a.format(blocker=blocker) for a in setting.get("args", [])]
+    if "experiment_artifacts" in setting:
+        mlflow.set_tracking_uri(uri)
+        try:
+            location = (tmp_path / setting["experiment_artifacts"].format(blocker=blocker)).as_uri()
+            mlflow.create_experiment("blocked", artifact_location=location)
+        finally:
+            mlflow.set_tracking_uri(None)
+        args += ["--mlflow-experiment", "blocked"]
+    cmd = [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "1", "--no-progress", *args]
+    result = run_cli(cmd, env=env, cwd=tmp_path)
+    assert_clear_error(result, fragment, str(blocker))
+    assert "epoch" not in result.stdout  # reported before any training
+    if "experiment_artifacts" in setting:
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
+        assert [r.info.status for r in runs] == ["FAILED"]  # not left RUNNING

@@ -80,7 +80,14 @@ class TrainingRun:
             mlflow.set_tag("mlflow.runName", self.run_name)
         mlflow.set_tags({**git_state(), **self.tags})
         mlflow.log_params(self.cfg.flat())
-        mlflow.log_text(self.cfg.to_yaml(), "config/experiment.yaml")
+        try:  # the first artifact: an artifact store that cannot be written fails here, not after training
+            mlflow.log_text(self.cfg.to_yaml(), "config/experiment.yaml")
+        except OSError as exc:
+            mlflow.end_run("FAILED")
+            raise CifarError(
+                f"cannot write the artifact store {run.info.artifact_uri}: {exc.strerror or exc}. Fix its "
+                "permissions or space, or use an experiment whose artifact location is writable."
+            ) from None
         self.outbox = Outbox.create(self.run_id, uri)
         self.tensorboard = TensorBoardLog(self.experiment_name, self.run_name or "run", self.run_id)
         return self
@@ -153,10 +160,12 @@ class TrainingRun:
     def _warn(self, exc: Exception) -> None:
         if not self._warned:
             self._warned = True
+            network = type(exc).__module__.startswith(("requests", "urllib3", "mlflow"))
+            problem = "cannot reach the tracking server" if network else "cannot write to the tracking store"
             print(
-                f"warning: cannot reach the tracking server ({type(exc).__name__}: {str(exc)[:200]}). "
+                f"warning: {problem} ({type(exc).__name__}: {str(exc)[:200]}). "
                 f"Training goes on; this run's metrics and results are kept in {self.outbox.folder} "
-                "and sent when it answers.",
+                "and sent when it answers (or later with: python -m cifar.sync).",
                 flush=True,
             )
 
