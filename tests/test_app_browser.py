@@ -130,6 +130,7 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
 
     async def session(browser, photo: Path) -> str:
         context = await browser.new_context(viewport={"width": 1200, "height": 900})
+        context.set_default_timeout(180_000)  # 20 pages at once on 2 cores: the first paint can take a while
         try:
             page = await context.new_page()
             await page.goto(app_url)
@@ -155,7 +156,7 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             try:
                 results = await asyncio.wait_for(
-                    asyncio.gather(*(session(browser, photo) for photo in photos), promote_meanwhile()), timeout=300
+                    asyncio.gather(*(session(browser, photo) for photo in photos), promote_meanwhile()), timeout=480
                 )
             finally:
                 await browser.close()

@@ -22,7 +22,7 @@ from cifar.preprocess import MAX_FILE_BYTES, MAX_PIXELS, decode_image, to_rgb32
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "I;16"]
 # Formats PIL can write, with the modes each accepts (it converts the others first).
 FORMATS = {
-    "PNG": ("1", "L", "P", "RGB", "RGBA", "I", "LA", "I;16"),
+    "PNG": ("1", "L", "P", "RGB", "RGBA", "LA", "I;16"),  # Pillow 13 writes 32-bit "I" PNGs no more
     "JPEG": ("L", "RGB", "CMYK"),
     "GIF": ("L", "P"),
     "BMP": ("1", "L", "P", "RGB"),

@@ -136,7 +136,7 @@ def test_predict_cli_json_and_per_file_errors(tmp_path, mini_dir):
     assert result.returncode == 1  # one file failed; the others were classified
     records = json.loads(result.stdout)
     assert [r["path"] for r in records] == [*map(str, images), str(bad)]
-    assert set(records[0]) == {"path", "label", "confidence", "top_k", "model"}
+    assert set(records[0]) == {"path", "label", "confidence", "in_distribution", "top_k", "model"}
     assert records[0]["label"] == "cat" and len(records[0]["top_k"]) == 2
     assert set(records[0]["top_k"][0]) == {"label", "probability"}
     assert "not a readable image" in records[2]["error"]
