@@ -78,7 +78,7 @@ postgres: install system-deps
 bench: install data
 	$(BIN)/python benchmarks/data_prepare.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick
-	$(BIN)/python benchmarks/time_to_accuracy.py --experiment cpu --set data.subset=5000 --set train.epochs=2
+	$(BIN)/python benchmarks/time_to_accuracy.py --experiment cpu --set data.subset=5000 --set train.epochs=2 --track
 	$(BIN)/python benchmarks/tracking_overhead.py --quick
 	$(BIN)/python benchmarks/tune_throughput.py --quick
 	$(BIN)/python benchmarks/inference.py --quick

@@ -105,17 +105,23 @@ def test_unreadable_input_is_a_clear_error():
         decode_image(b"definitely not an image", "x.jpg")
 
 
-def test_pickle_planted_as_a_model_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["model.onnx", "model.pkl", "weights.bin", "model"])
+def test_pickle_planted_as_a_model_is_refused(tmp_path, name):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    planted = tmp_path / "model.onnx"
-    planted.write_bytes(pickle.dumps(Evil()))
+    planted = tmp_path / name
+    planted.write_bytes(pickle.dumps(PlantsAFile(str(marker))))
     with pytest.raises(CifarError, match="is a Python pickle"):
         Predictor.from_uri(str(planted))
+    result = run_cli(
+        [
+            "-m",
+            "cifar.predict",
+            str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"),
+            "--model-uri",
+            str(planted),
+        ]
+    )
+    assert result.returncode == 2 and "is a Python pickle" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
 
 
