@@ -83,6 +83,7 @@ def test_sidebar_shows_the_served_model(served):
     assert float(trust["Calibration error (ECE)"]) < 0.05
     assert float(trust["Out-of-distribution AUROC"]) > 0.85
     assert 0.3 < float(trust["Temperature"]) < 1.0
+    assert float(trust["Accuracy under corruptions"]) == pytest.approx(0.675, abs=1e-3)  # metrics.json
 
 
 def test_noise_is_not_one_of_the_classes(served, mini_raw):
