@@ -15,6 +15,7 @@ metrics and figures to the run. Predictors apply it from then on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -37,11 +38,14 @@ from cifar.trust import (
 TRUST_FILE = "trust.json"
 
 
-def ood_sets() -> list[OodSet]:
-    """Generated noise and flat images, plus Fashion-MNIST when Debian's package is installed."""
-    sets = generated_ood_images()
+@functools.lru_cache(maxsize=1)
+def ood_sets() -> tuple[OodSet, ...]:
+    """Generated noise and flat images, plus Fashion-MNIST when Debian's package is installed.
+
+    Built once per process: a tune worker calibrates every trial on the same images.
+    """
     fashion = fashion_mnist_images()
-    return sets + ([fashion] if fashion is not None else [])
+    return (*generated_ood_images(), *([fashion] if fashion is not None else []))
 
 
 def calibrate_logits(

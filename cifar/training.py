@@ -207,16 +207,7 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
                 )
             raise
         t = cfg.train
-        test = evaluate(
-            model,
-            data.images["test"],
-            data.labels["test"],
-            device=device,
-            batch_size=t.eval_batch_size,
-            tta=t.tta,
-            amp=False,  # fp32, the precision the exported model serves in: the reported figure is the served one
-            channels_last=t.channels_last,
-        )
+        test = _served_evaluate(model, data.images["test"], data.labels["test"], device, t)
         if options.progress:
             print(
                 f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
@@ -269,24 +260,28 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
     return TrainOutcome(result, test, run.run_id, run.model_uri)
 
 
+def _served_evaluate(model, images, labels, device, t) -> EvalResult:
+    """fp32, the precision the exported model serves in: reported figures are the served ones."""
+    return evaluate(
+        model,
+        images,
+        labels,
+        device=device,
+        batch_size=t.eval_batch_size,
+        tta=t.tta,
+        amp=False,
+        channels_last=t.channels_last,
+    )
+
+
 def _calibrate(model, data, test: EvalResult, device, t):
-    """Temperature and OOD threshold fitted on validation, measured on test and OOD images (fp32, as served)."""
+    """Temperature and OOD threshold fitted on validation, measured on test and OOD images."""
     import numpy as np
 
     from cifar.calibrate import calibrate_logits, ood_sets
 
     def logits_of(images) -> np.ndarray:
-        labels = np.zeros(len(images), np.int64)
-        return evaluate(
-            model,
-            images,
-            labels,
-            device=device,
-            batch_size=t.eval_batch_size,
-            tta=t.tta,
-            amp=False,
-            channels_last=t.channels_last,
-        ).logits
+        return _served_evaluate(model, images, np.zeros(len(images), np.int64), device, t).logits
 
     return calibrate_logits(
         logits_of(data.images["val"]),
