@@ -4,6 +4,7 @@ python register.py                          # best finished run of any experimen
 python register.py --study-name cpu-search  # best completed trial of a study
 python register.py --dry-run                # decide and print, change nothing
 python register.py --max-ece 0.03 --min-ood-auroc 0.9   # also require calibration and OOD detection
+python register.py --int8                   # register the run's int8 model (2-3x faster on CPU)
 python register.py --list | --rollback
 """
 
@@ -34,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=500,
         help="test images per corruption and severity for the recorded mean corruption accuracy (0: skip)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize the chosen run's model (cifar.quantize) and register the int8 model instead",
+    )
+    p.add_argument(
+        "--max-int8-drop",
+        type=float,
+        default=0.005,
+        help="with --int8: the most validation accuracy quantization may cost (default 0.005)",
     )
     p.add_argument("--data-dir", type=Path, help="prepared data for the test re-evaluation")
     group = p.add_mutually_exclusive_group()
@@ -82,7 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     decision = registry.decide(candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc)
     champion = decision.champion
     already = champion is not None and champion.run_id == candidate.run_id
-    assessment = None if already else registry.assess_model(candidate.model_uri, args.data_dir, args.robustness_images)
+    extra_tags = {}
+    if args.int8 and not (already or decision.refused or args.dry_run):
+        from cifar.quantize import describe, int8_candidate, int8_shortfall, int8_tags
+
+        candidate, quantized = int8_candidate(candidate, args.data_dir)
+        print(describe(quantized))
+        shortfall = int8_shortfall(quantized, args.max_int8_drop) or registry.trust_shortfall(
+            candidate, args.max_ece, args.min_ood_auroc
+        )
+        decision.candidate, extra_tags = candidate, int8_tags(quantized)
+        if shortfall:
+            decision.promote, decision.reason, decision.refused = False, shortfall, True
+    assessment = (
+        None
+        if already or decision.refused
+        else registry.assess_model(candidate.model_uri, args.data_dir, args.robustness_images)
+    )
     tags = champion.tags if champion else {}
 
     def fmt(value) -> str:
@@ -97,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 candidate.metric: fmt(candidate.value),
                 "test_ece": fmt(candidate.ece),
                 "ood_auroc": fmt(candidate.ood_auroc),
-                "corruption_acc": fmt(assessment.mean_corruption_accuracy) if assessment else "(production)",
+                "corruption_acc": fmt(assessment.mean_corruption_accuracy) if assessment else "-",
+                "precision": extra_tags.get("precision", "float32"),
                 "experiment": candidate.study or candidate.experiment,
             },
             {
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 "test_ece": fmt(tags.get("test_ece")),
                 "ood_auroc": fmt(tags.get("ood_auroc")),
                 "corruption_acc": fmt(tags.get("mean_corruption_accuracy")),
+                "precision": tags.get("precision", "float32") if champion else "-",
                 "experiment": tags.get("study") or tags.get("experiment", "-") if champion else "-",
             },
         ]
@@ -120,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or already:
         print("Dry run: nothing changed." if args.dry_run else "Nothing to do.")
         return 0
-    decision = registry.register_and_promote(decision, name, args.data_dir, assessment)
+    decision = registry.register_and_promote(decision, name, args.data_dir, assessment, extra_tags)
     state = "production" if decision.promote else "registered as a challenger"
     print(
         f"{name} version {decision.version}: {state}; test accuracy {decision.test_accuracy:.4f} "

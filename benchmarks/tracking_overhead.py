@@ -44,6 +44,9 @@ def main() -> None:
     cfg = load_experiment(args.experiment, overrides)
     warm = load_experiment(args.experiment, [*overrides, "train.epochs=1"])
     train_experiment(warm, TrainOptions(data_dir=args.data_dir, device=args.device, track=False, progress=False))
+    from cifar.tracking import check_tracking_store
+
+    check_tracking_store()  # a store's tables are made once per machine, not per run
 
     clocks: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for _ in range(repeats):

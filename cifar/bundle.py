@@ -77,6 +77,7 @@ def build_bundle(
         onnx_execution_providers=["CPUExecutionProvider"],
     )
     metrics = {
+        "trained_with": command,
         "test_accuracy": test.accuracy,
         "test_loss": test.loss,
         "val_accuracy": results.get("best_val_accuracy"),
@@ -104,13 +105,17 @@ def build_bundle(
     return metrics
 
 
-def model_card(meta: dict, metrics: dict, report, command: str) -> str:
+def model_card(meta: dict, metrics: dict, report, command: str, trust: dict | None = None) -> str:
     recipe = meta.get("recipe", {})
+    int8 = bool(metrics.get("quantization"))
+    parity_of = " (the float model it was quantized from)" if int8 else ""
+    quantized = " and `python -m cifar.bundle quantize`" if int8 else ""
     rows = "\n".join(
         f"| {r['class']} | {r['recall']:.1%} | {r['precision']:.1%} | {r['f1']:.3f} |"
         for r in report.to_dict(orient="records")
     )
-    return f"""# Bundled model: `{meta["model"]}` (width {meta["width"]})
+    command = command or metrics.get("trained_with", "")
+    return f"""# Bundled model: `{meta["model"]}` (width {meta["width"]}{", int8" if int8 else ""})
 
 The model a fresh clone serves until you register your own (`python register.py --import-bundled`,
 run by `make app` on an empty store). An MLflow ONNX model: loads with `mlflow.pyfunc.load_model`
@@ -122,12 +127,13 @@ or ONNX Runtime, without torch and without unpickling.
   (full recipe in `recipe.json`): {recipe.get("model", {})}, {recipe.get("optim", {})},
   {recipe.get("augment", {})}, label smoothing {recipe.get("train", {}).get("label_smoothing")}, flip TTA in the graph.
 - **Trained with**: `{command or "python train.py --experiment best --set model.width=2.0 --epochs 80 --save-dir DIR"}`
-  on an NVIDIA H100 ({metrics["train_seconds"]:.1f} s of training), then `python -m cifar.bundle build --weights DIR`.
-- **Accuracy** (measured by `cifar.bundle build` on this machine, test split, once):
+  on an NVIDIA H100 ({metrics["train_seconds"]:.1f} s of training),
+  then `python -m cifar.bundle build --weights DIR`{quantized}.
+- **Accuracy** (measured by `cifar.bundle {"quantize" if int8 else "build"}` on this machine, test split, once):
   **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}
   (the epoch was chosen on validation).
-- ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 test images.
-
+- ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 test images{parity_of}.
+{_int8_lines(metrics)}
 | class | recall (accuracy) | precision | F1 |
 |---|---|---|---|
 {rows}
@@ -135,9 +141,100 @@ or ONNX Runtime, without torch and without unpickling.
 ## Known limits
 - Trained and tested on quality-75 JPEGs of 32×32 images; every input is reduced to 32×32, so
   fine detail in a photo is lost. Cats and dogs are the most confused pair.
-- It always answers with one of the ten classes, even for photos of none of them.
+{_trust_lines(trust)}
 - Accuracy on the canonical (PNG-quality) CIFAR-10 test set was not measured here.
 """
+
+
+def _int8_lines(metrics: dict) -> str:
+    q = metrics.get("quantization")
+    if not q:
+        return ""
+    return (
+        f"- **int8** (`python -m cifar.bundle quantize`): ONNX Runtime static quantization calibrated on "
+        f"{q['calibration_images']} validation images; test accuracy {q['float_test_accuracy']:.2%} as float, "
+        f"{metrics['test_accuracy']:.2%} as int8; the two give the same label to {q['val_agreement']:.2%} of "
+        f"validation images. A quarter of the float file's size, about 2.4x faster on CPUs with VNNI/AMX.\n"
+    )
+
+
+def _trust_lines(trust: dict | None) -> str:
+    if not trust:
+        return "- It always answers with one of the ten classes, even for photos of none of them."
+    m = trust["metrics"]
+    return (
+        f"- It scores every image against the ten classes. `trust.json` (fitted on this cache's validation split "
+        f"by `python -m cifar.calibrate`) adds a temperature of {trust['temperature']:.3f} (test ECE "
+        f"{m['test_ece_uncalibrated']:.3f} → {m['test_ece_calibrated']:.3f}) and an out-of-distribution "
+        f"threshold that accepts {trust['accept_rate']:.0%} of validation images: it flags "
+        f"{1 - m['ood_false_accept_noise']:.0%} of noise images but only "
+        f"{1 - m.get('ood_false_accept_fashion_mnist', float('nan')):.0%} of Fashion-MNIST clothing photos and "
+        f'{1 - m["ood_false_accept_flat"]:.0%} of flat single-colour images as "none of these".'
+    )
+
+
+def quantize_bundle(bundle_dir: Path = BUNDLE_DIR, data_dir: Path | None = None, robustness_images: int = 500) -> dict:
+    """Replace a float bundle by its int8 model, re-measured here: accuracy, per class, trust, corruptions."""
+    import tempfile
+
+    import onnx
+
+    from cifar.calibrate import TRUST_FILE
+    from cifar.data import ensure_cache
+    from cifar.inference import Predictor
+    from cifar.metrics import confusion_matrix, negative_log_likelihood, per_class_report, softmax
+    from cifar.plots import confusion_matrix_figure
+    from cifar.quantize import quantize_model
+    from cifar.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
+    from cifar.tracking import save_onnx_model_folder
+
+    bundle_dir = Path(bundle_dir)
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    if metrics.get("quantization"):
+        raise CifarError(f"{bundle_dir} already holds an int8 model.")
+    data = ensure_cache(data_dir)
+    tmp = bundle_dir.with_name(bundle_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        q = quantize_model(bundle_dir / "model.onnx", data, Path(scratch))
+        save_onnx_model_folder(onnx.load(str(q.path)), q.metadata, np.zeros((1, 3, 32, 32), np.float32), tmp)
+        corruption = None
+        if robustness_images > 0:
+            images, sample_labels = sample_test_split(data, robustness_images)
+            corruption = mean_corruption_accuracy(corruption_table(Predictor(q.path).logits, images, sample_labels))
+    labels = np.asarray(data.labels["test"])
+    cm = confusion_matrix(labels, q.test_logits.argmax(1), len(data.classes))
+    report = per_class_report(cm, data.classes)
+    metrics.update(
+        {
+            "test_accuracy": q.test_accuracy,
+            "test_loss": negative_log_likelihood(softmax(q.test_logits), labels),
+            "val_accuracy": q.val_accuracy,
+            "per_class": report.set_index("class").round(4).to_dict(orient="index"),
+            "quantization": {
+                **q.metadata["quantization"],
+                "float_test_accuracy": metrics["test_accuracy"],
+                "val_agreement": q.val_agreement,
+            },
+        }
+    )
+    if corruption is not None:
+        metrics["mean_corruption_accuracy"] = corruption
+        metrics["mean_corruption_accuracy_note"] = (
+            f"python -m cifar.bundle quantize: 7 corruptions x 5 severities, {robustness_images} test images"
+        )
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / TRUST_FILE).write_text(json.dumps(q.trust.to_dict(), indent=2))
+    (tmp / "per_class.csv").write_text(report.to_csv(index=False, float_format="%.4f"))
+    confusion_matrix_figure(cm, data.classes, "Test split (int8)").savefig(tmp / "confusion_matrix.png", dpi=80)
+    for keep in ("recipe.json", "training_curves.png"):
+        if (bundle_dir / keep).is_file():
+            shutil.copy2(bundle_dir / keep, tmp / keep)
+    meta = {**q.metadata, "recipe": json.loads((bundle_dir / "recipe.json").read_text())}
+    (tmp / "README.md").write_text(model_card(meta, metrics, report, "", q.trust.to_dict()))
+    shutil.rmtree(bundle_dir)
+    tmp.rename(bundle_dir)
+    return metrics
 
 
 def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tuple[str, bool]:
@@ -203,6 +300,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                 "data_digest": metrics["data_digest"],
                 "experiment": "bundled-model",
                 "study": "",
+                "precision": metadata.get("precision", "float32"),
                 **trust_tags(trust, metrics.get("mean_corruption_accuracy")),
             }
             version = mlflow.register_model(uri, name, tags=tags).version
@@ -232,7 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, default=BUNDLE_DIR)
     build.add_argument("--data-dir", type=Path)
     build.add_argument("--trained-with", default="", help="the command that trained the weights (for the card)")
+    quantize = sub.add_parser("quantize", help="replace the bundled float model by its int8 model, re-measured")
+    quantize.add_argument("--bundle", type=Path, default=BUNDLE_DIR)
+    quantize.add_argument("--data-dir", type=Path)
+    quantize.add_argument("--robustness-images", type=int, default=500)
     args = parser.parse_args(argv)
+    if args.command == "quantize":
+        metrics = quantize_bundle(args.bundle, args.data_dir, args.robustness_images)
+        q = metrics["quantization"]
+        print(
+            f"Bundled model in {args.bundle} is int8: test accuracy {metrics['test_accuracy']:.4f} "
+            f"(float {q['float_test_accuracy']:.4f}), same label on {q['val_agreement']:.2%} of validation images"
+        )
+        return 0
     metrics = build_bundle(args.weights, args.out, args.data_dir, args.trained_with)
     print(f"Bundled model in {args.out}: test accuracy {metrics['test_accuracy']:.4f}")
     return 0

@@ -112,7 +112,8 @@ class Predictor:
             raise CifarError(
                 f"{onnx_path} outputs {outputs[0].shape[-1]} classes but its metadata names {len(self.classes)}."
             )
-        self.trust = _trust_profile(Path(onnx_path), self.metadata)
+        self.onnx_path = Path(onnx_path)
+        self.trust = _trust_profile(self.onnx_path, self.metadata)
         self.input_name = inputs[0].name
         self._slots = threading.BoundedSemaphore(min(8, os.cpu_count() or 2))
         self.description = description or str(onnx_path)

@@ -167,13 +167,14 @@ def _sync_stage(name: str) -> None:
             client.transition_model_version_stage(name, version.version, "Production")
 
 
-def _version_for_run(name: str, run_id: str):
+def _version_for_run(name: str, run_id: str, precision: str = "float32"):
     from mlflow.exceptions import MlflowException
 
     try:
         versions = _client().search_model_versions(f"name='{name}' and run_id='{run_id}'")
     except MlflowException:
         return None
+    versions = [v for v in versions if v.tags.get("precision", "float32") == precision]
     return versions[0] if versions else None
 
 
@@ -255,9 +256,13 @@ def trust_tags(metrics: dict[str, float], corruption: float | None = None) -> di
 
 
 def register_and_promote(
-    decision: Decision, name: str, data_dir: Path | None = None, assessment: Assessment | None = None
+    decision: Decision,
+    name: str,
+    data_dir: Path | None = None,
+    assessment: Assessment | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> Decision:
-    """Register the candidate (once per run) and, if decided, move ``production`` to it."""
+    """Register the candidate (once per run and precision) and, if decided, move ``production`` to it."""
     import mlflow
 
     c = decision.candidate
@@ -269,7 +274,8 @@ def register_and_promote(
     decision.test_accuracy = test_accuracy
     client = _client()
     with registry_lock():
-        existing = _version_for_run(name, c.run_id)
+        extra_tags = extra_tags or {}
+        existing = _version_for_run(name, c.run_id, extra_tags.get("precision", "float32"))
         if existing is None:
             tags = {
                 "run_id": c.run_id,
@@ -284,6 +290,7 @@ def register_and_promote(
                 "selection_metric": c.metric,
                 "source": "training run",
                 **trust_tags(c.trust, assessment.mean_corruption_accuracy),
+                **extra_tags,
             }
             version = mlflow.register_model(c.model_uri, name, tags=tags)
             client.update_model_version(
@@ -351,6 +358,7 @@ def list_versions(name: str = MODEL_NAME) -> list[dict]:
             "test_ece": v.tags.get("test_ece", "-"),
             "ood_auroc": v.tags.get("ood_auroc", "-"),
             "corruption_acc": v.tags.get("mean_corruption_accuracy", "-"),
+            "precision": v.tags.get("precision", "float32"),
             "source": v.tags.get("source", "-"),
             "run_id": v.run_id or "-",
         }

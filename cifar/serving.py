@@ -30,6 +30,7 @@ class ModelInfo:
     source: str
     tracking_uri: str
     trust: dict[str, str] = field(default_factory=dict)  # test_ece, ood_auroc, mean_corruption_accuracy, ...
+    precision: str = "float32"  # or int8 (cifar.quantize)
 
     @property
     def uri(self) -> str:
@@ -87,6 +88,7 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
         version.tags.get("source", "training run"),
         uri,
         {k: version.tags[k] for k in TRUST_TAGS if k in version.tags},
+        version.tags.get("precision", "float32"),
     )
 
 

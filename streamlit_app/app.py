@@ -105,7 +105,7 @@ def sidebar(info: serving.ModelInfo) -> None:
         f"aliases: {', '.join(info.aliases) or '-'}  \n"
         f"validation accuracy: {_pct(info.val_accuracy)}  \n"
         f"test accuracy: {_pct(info.test_accuracy)}  \n"
-        f"source: {info.source}  \n"
+        f"source: {info.source}, {info.precision}  \n"
         f"run: `{info.run_id or '-'}`"
     )
     link = info.run_link()

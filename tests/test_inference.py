@@ -32,7 +32,7 @@ def test_inference_module_imports_no_torch():
 def test_bundled_model_is_accurate_on_real_test_images(bundled, mini_raw):
     predictions = bundled.predict_arrays(mini_raw.test_images)
     accuracy = np.mean([p.label == mini_raw.classes[y] for p, y in zip(predictions, mini_raw.test_labels)])
-    assert accuracy > 0.85  # the card says 92.24% on the full test split
+    assert accuracy > 0.85  # the card says 92.16% (int8) on the full test split
     card = (BUNDLE_DIR / "README.md").read_text()
     metrics = json.loads((BUNDLE_DIR / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.92 and f"{metrics['test_accuracy']:.2%}" in card
@@ -250,6 +250,7 @@ def _edited_model(tmp_path, edit) -> str:
 
 
 def _input_64(proto, metadata):
+    del proto.graph.value_info[:]  # shapes inferred for 32 x 32 inputs when the model was quantized
     for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
         dim.dim_value = 64
 

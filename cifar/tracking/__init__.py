@@ -6,9 +6,11 @@ from cifar.tracking.store import (
     TRIAL_RUN_ATTR,
     check_tracking_store,
     git_state,
+    log_derived_model,
     log_onnx_model,
     onnx_signature,
     redact_url,
+    save_onnx_model_folder,
 )
 from cifar.tracking.studies import close_run, study_parent_run, summarize_study
 
@@ -21,9 +23,11 @@ __all__ = [
     "close_run",
     "download_checkpoint",
     "git_state",
+    "log_derived_model",
     "log_onnx_model",
     "onnx_signature",
     "redact_url",
+    "save_onnx_model_folder",
     "study_parent_run",
     "summarize_study",
 ]

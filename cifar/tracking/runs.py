@@ -228,9 +228,12 @@ class TrainingRun:
         box = self.outbox
         report = build_report(test.logits, test.labels, data.classes)
         training_curves(fit.history, fit.best_epoch).savefig(box.artifact_dir("plots") / "training_curves.png")
-        write_report(report, np.asarray(data.images["test"]), box.artifact_dir("evaluation"))
+        evaluation = write_report(report, np.asarray(data.images["test"]), box.artifact_dir("evaluation"))
         self.tensorboard.results(
-            self.cfg, data, report, {**report.metrics(), "best_val_accuracy": fit.best_val_accuracy}
+            self.cfg,
+            data,
+            evaluation / "confusion_matrix.png",
+            {**report.metrics(), "best_val_accuracy": fit.best_val_accuracy},
         )
         metadata = {
             **metadata,
@@ -326,12 +329,12 @@ class TensorBoardLog:
         ):
             self.writer.add_scalar(name, value, m.epoch)
 
-    def results(self, cfg: ExperimentConfig, data, report, final: dict[str, float]) -> None:
+    def results(self, cfg: ExperimentConfig, data, confusion_png: Path, final: dict[str, float]) -> None:
         import torch
+        from PIL import Image
         from torchvision.utils import make_grid
 
         from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
-        from cifar.plots import confusion_matrix_figure
 
         spread = np.linspace(0, len(data.labels["train"]) - 1, 64).astype(int)
         sample = images_to_tensor(np.asarray(data.images["train"])[spread], "cpu").float() / 255
@@ -340,9 +343,8 @@ class TensorBoardLog:
             sample, Augmentation(cfg.augment.flip, cfg.augment.translate, cfg.augment.cutout), generator
         )
         self.writer.add_image("augmented_batch", make_grid(augmented, nrow=8, padding=1), 0)
-        self.writer.add_figure(
-            "confusion_matrix", confusion_matrix_figure(report.confusion, data.classes, "Test split"), 0
-        )
+        with Image.open(confusion_png) as image:  # the evaluation's figure, not drawn a second time
+            self.writer.add_image("confusion_matrix", np.asarray(image.convert("RGB")), 0, dataformats="HWC")
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.flat().items()}
         self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
 

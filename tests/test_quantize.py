@@ -1,0 +1,125 @@
+"""cifar.quantize: int8 models calibrated on validation, logged to their run, registered, bundled."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, run_cli, train_small_model
+
+from cifar import quantize, registry
+from cifar.bundle import BUNDLE_DIR
+from cifar.data import load_cache
+from cifar.export import export_onnx, model_metadata
+from cifar.inference import Predictor
+from cifar.tracking import log_onnx_model
+
+
+def _op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+@pytest.fixture(scope="module")
+def float_onnx(prepared_dir, tmp_path_factory):
+    """small_cnn really trained on the fixture, exported as the float ONNX model a run logs."""
+    data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=6"])
+    meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std, data_digest=data.digest)
+    path = tmp_path_factory.mktemp("float") / "model.onnx"
+    export_onnx(model, path, meta)
+    return path
+
+
+def test_int8_model_is_smaller_agrees_with_float_and_has_its_own_trust_profile(float_onnx, prepared_dir, tmp_path):
+    data = load_cache(prepared_dir)
+    result = quantize.quantize_model(float_onnx, data, tmp_path, calibration_images=64)
+
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(result.path)
+    assert result.path.stat().st_size < 0.5 * float_onnx.stat().st_size
+    int8, original = Predictor(result.path), Predictor(float_onnx)
+    assert int8.metadata["precision"] == "int8" and int8.metadata["quantization"]["calibration_images"] == 64
+    assert int8.classes == original.classes
+
+    val = np.asarray(data.images["val"])
+    same = (int8.logits(val).argmax(1) == original.logits(val).argmax(1)).mean()
+    assert result.val_agreement == pytest.approx(same) and same >= 0.9
+    assert abs(result.val_accuracy_drop) <= 0.05
+    test_accuracy = (int8.logits(np.asarray(data.images["test"])).argmax(1) == data.labels["test"]).mean()
+    assert result.test_accuracy == pytest.approx(test_accuracy) and test_accuracy > 0.3  # 10 classes: chance 0.1
+    # refitted on the int8 logits, and what a Predictor of the file applies
+    assert int8.trust.temperature == pytest.approx(result.trust.temperature) and result.trust.temperature > 0
+    assert int8.trust.ood_threshold == pytest.approx(result.trust.ood_threshold)
+    assert quantize.int8_shortfall(result, result.val_accuracy_drop) is None
+    assert "more than --max-int8-drop" in quantize.int8_shortfall(result, result.val_accuracy_drop - 0.01)
+
+
+@pytest.fixture
+def finished_run(tracking_env, prepared_dir, float_onnx, monkeypatch):
+    """A finished training run as the registry sees it: validation metric and a logged float model."""
+    monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))
+    proto = onnx.load(str(float_onnx))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["cifar"])
+    mlflow.set_experiment("trained")
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({"best_val_accuracy": 0.5, "test_accuracy": 0.5})
+        uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
+        mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": meta["data_digest"]})
+    return run.info.run_id, {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quantize_a_run_then_register_its_int8_model(finished_run, tmp_path):
+    run_id, env = finished_run
+    logged = run_cli(["-m", "cifar.quantize", "--run-id", run_id, "--calibration-images", "64"], env=env, cwd=tmp_path)
+    assert logged.returncode == 0, logged.stderr
+    run = mlflow.get_run(run_id)
+    int8_uri = run.data.tags[quantize.INT8_URI_TAG]
+    assert int8_uri in logged.stdout and "int8 model: validation accuracy" in logged.stdout
+    assert {"int8_val_accuracy", "int8_test_accuracy", "int8_val_agreement"} <= set(run.data.metrics)
+    assert Predictor.from_uri(int8_uri).metadata["precision"] == "int8"
+    assert run.data.tags["model_uri"] != int8_uri  # the float model stays the run's model
+
+    # a gate the int8 model cannot meet: nothing is registered
+    args = [str(ROOT / "register.py"), "--int8", "--robustness-images", "20"]
+    refused = run_cli([*args, "--max-int8-drop", "-1"], env=env, cwd=tmp_path)
+    assert refused.returncode == 1 and "more than --max-int8-drop -1" in refused.stdout, refused.stdout
+    assert "Traceback" not in refused.stderr and not registry.list_versions()
+
+    promoted = run_cli(args, env=env, cwd=tmp_path)
+    assert promoted.returncode == 0 and "PROMOTE" in promoted.stdout, promoted.stdout + promoted.stderr
+    version = registry.production_version()
+    assert version.run_id == run_id and version.tags["precision"] == "int8"
+    assert float(version.tags["int8_val_agreement"]) >= 0.9
+    served = Predictor.from_uri(f"models:/{registry.MODEL_NAME}@production")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(served.onnx_path)
+    assert float(version.tags["temperature"]) == pytest.approx(served.trust.temperature, abs=1e-6)
+    listing = run_cli([str(ROOT / "register.py"), "--list"], env=env, cwd=tmp_path)
+    assert "precision" in listing.stdout and "int8" in listing.stdout
+
+
+def test_quantize_cli_refuses_bad_requests_with_one_message(prepared_dir, tmp_path):
+    env = {"CIFAR_DATA": str(prepared_dir)}
+    twice = run_cli(["-m", "cifar.quantize", "--model-uri", str(BUNDLE_DIR), "--out", str(tmp_path / "o")], env=env)
+    assert twice.returncode == 2 and "is already int8" in twice.stderr and "Traceback" not in twice.stderr
+    no_out = run_cli(["-m", "cifar.quantize", "--model-uri", str(BUNDLE_DIR)], env=env)
+    assert no_out.returncode == 2 and "needs --out" in no_out.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    full = run_cli(["-m", "cifar.quantize", "--model-uri", str(BUNDLE_DIR), "--out", str(tmp_path / "full")], env=env)
+    assert full.returncode == 2 and "is not empty" in full.stderr
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_bundled_model_is_int8_and_close_to_its_float_accuracy():
+    served = Predictor.from_uri(str(BUNDLE_DIR))
+    assert served.metadata["precision"] == "int8"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(served.onnx_path)
+    metrics = json.loads((BUNDLE_DIR / "metrics.json").read_text())
+    q = metrics["quantization"]
+    assert q["float_test_accuracy"] - metrics["test_accuracy"] <= 0.005 and q["val_agreement"] >= 0.98
+    assert json.loads((BUNDLE_DIR / "trust.json").read_text())["temperature"] == pytest.approx(
+        served.metadata["trust"]["temperature"]
+    )
