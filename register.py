@@ -91,19 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     candidate = registry.find_best_run(args.experiment, args.study_name, args.metric)
-    decision = registry.decide(candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc)
+    precision = "int8" if args.int8 else "float32"
+    decision = registry.decide(
+        candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc, precision
+    )
     champion = decision.champion
-    already = champion is not None and champion.run_id == candidate.run_id
+    already = registry.is_production(champion, candidate.run_id, precision)
     extra_tags = {}
     if args.int8 and not (already or decision.refused or args.dry_run):
         from cifar.quantize import describe, int8_candidate, int8_shortfall, int8_tags
 
         candidate, quantized = int8_candidate(candidate, args.data_dir)
         print(describe(quantized))
-        shortfall = int8_shortfall(quantized, args.max_int8_drop) or registry.trust_shortfall(
-            candidate, args.max_ece, args.min_ood_auroc
+        # decided again: the int8 model competes on its own validation accuracy and trust figures
+        decision = registry.decide(
+            candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc, precision
         )
-        decision.candidate, extra_tags = candidate, int8_tags(quantized)
+        extra_tags = int8_tags(quantized)
+        shortfall = int8_shortfall(quantized, args.max_int8_drop)
         if shortfall:
             decision.promote, decision.reason, decision.refused = False, shortfall, True
     assessment = (

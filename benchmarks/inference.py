@@ -2,11 +2,12 @@
 
     python benchmarks/inference.py [--model models/bundled] [--weights DIR] [--quick]
 
-- single-image latency (p50/p99) and batch throughput: ONNX Runtime (what is served) against
-  PyTorch eager on the same weights (needs ``--weights``: safetensors from ``train.py --save-dir``;
-  without it, a model of the same architecture with fresh weights: same cost);
+- single-image latency (p50/p99) and batch throughput: ONNX Runtime on the served model (the
+  bundled one is int8) against ONNX Runtime on a float32 export and PyTorch eager (on the same
+  weights with ``--weights``: safetensors from ``train.py --save-dir``; without it, a model of the
+  same architecture with fresh weights: same cost);
 - end to end for a 12-megapixel JPEG photo (decode at reduced size, resize, predict);
-- ``python -m cifar.predict`` on 1,000 PNG files, start-up included.
+- ``python -m cifar.predict`` on 1,000 PNG files, start-up included (served model and float32).
 Appends its figures to benchmarks/RESULTS.md with the machine named.
 """
 
@@ -48,7 +49,7 @@ def time_calls(fn, repeats: int) -> list[float]:
 def torch_model(predictor: Predictor, weights: Path | None):
     import torch
 
-    from cifar.export import load_weights, servable
+    from cifar.export import load_weights
     from cifar.models import create_model
 
     if weights:
@@ -57,32 +58,51 @@ def torch_model(predictor: Predictor, weights: Path | None):
         meta = predictor.metadata
         norm = meta["normalization"]
         model = create_model(meta["model"], width=meta["width"], mean=norm["mean"], std=norm["std"])
-    model = servable(model, meta)
     torch.set_grad_enabled(False)
-    return model
+    return model.eval(), meta
+
+
+def float_onnx(model, meta: dict, folder: Path) -> Path:
+    """The float32 ONNX export of ``model``, as a training run logs it."""
+    from cifar.export import export_onnx
+
+    meta = {k: v for k, v in meta.items() if k not in ("precision", "quantization")}
+    path = folder / "float32.onnx"
+    export_onnx(model, path, meta)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models" / "bundled"))
     parser.add_argument("--weights", type=Path)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and files (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under 2 minutes)")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
-    repeats, files = (30, 300) if args.quick else (200, 1000)
+    repeats, files = (30, 1000) if args.quick else (200, 1000)
 
     import torch
 
+    from cifar.export import servable
+
+    scratch = tempfile.TemporaryDirectory()
     predictor = Predictor.from_uri(args.model)
-    model = torch_model(predictor, args.weights)
+    raw_model, meta = torch_model(predictor, args.weights)
+    model = servable(raw_model, meta)
+    float_path = float_onnx(raw_model, {**predictor.metadata, **meta}, Path(scratch.name))
+    float_predictor = Predictor(float_path)
+    precision = predictor.metadata.get("precision", "float32")
     rng = np.random.default_rng(0)
     one = rng.integers(0, 255, (1, 32, 32, 3), np.uint8)
     batch = rng.integers(0, 255, (256, 32, 32, 3), np.uint8)
     to_tensor = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).astype(np.float32) / 255)  # noqa: E731
     onnx_p50, onnx_p99 = percentiles(time_calls(lambda: predictor.predict_arrays(one), repeats))
+    float_p50, float_p99 = percentiles(time_calls(lambda: float_predictor.predict_arrays(one), repeats))
     torch_p50, torch_p99 = percentiles(time_calls(lambda: model(to_tensor(one)), repeats))
-    onnx_batch = 256 / np.median(time_calls(lambda: predictor.predict_arrays(batch), max(5, repeats // 10)))
-    torch_batch = 256 / np.median(time_calls(lambda: model(to_tensor(batch)), max(5, repeats // 10)))
+    few = max(5, repeats // 10)
+    onnx_batch = 256 / np.median(time_calls(lambda: predictor.predict_arrays(batch), few))
+    float_batch = 256 / np.median(time_calls(lambda: float_predictor.predict_arrays(batch), few))
+    torch_batch = 256 / np.median(time_calls(lambda: model(to_tensor(batch)), few))
 
     from PIL import Image
 
@@ -96,29 +116,39 @@ def main() -> None:
         time_calls(lambda: predictor.predict_arrays([decode_image(jpeg)]), max(10, repeats // 5))
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(files):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(f"{tmp}/{i:04d}.png")
+    def predict_cli(folder: str, model_uri: str) -> float:
         start = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "cifar.predict", tmp, "--model-uri", args.model, "--json"],
+            [sys.executable, "-m", "cifar.predict", folder, "--model-uri", model_uri, "--json"],
             cwd=ROOT,
             capture_output=True,
             text=True,
         )
-        cli_seconds = time.perf_counter() - start
         assert done.returncode == 0, done.stderr[-2000:]
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(files):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(f"{tmp}/{i:04d}.png")
+        cli_seconds = predict_cli(tmp, args.model)
+        cli_float_seconds = predict_cli(tmp, str(float_path))
+    scratch.cleanup()
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    served = f"ONNX Runtime {precision} (served)"
     lines = [
-        f"single image (32x32, incl. preprocessing): ONNX Runtime p50 {onnx_p50:.2f} ms / p99 {onnx_p99:.2f} ms; "
-        f"PyTorch eager p50 {torch_p50:.2f} ms / p99 {torch_p99:.2f} ms (ratio {torch_p50 / onnx_p50:.2f}x)",
-        f"batch of 256: ONNX Runtime {onnx_batch:,.0f} img/s; PyTorch eager {torch_batch:,.0f} img/s "
-        f"(ratio {onnx_batch / torch_batch:.2f}x)",
+        f"single image (32x32, incl. preprocessing): {served} p50 {onnx_p50:.2f} ms / p99 {onnx_p99:.2f} ms; "
+        f"ONNX Runtime float32 p50 {float_p50:.2f} / p99 {float_p99:.2f} ms; "
+        f"PyTorch eager p50 {torch_p50:.2f} ms / p99 {torch_p99:.2f} ms "
+        f"(ratios: {float_p50 / onnx_p50:.2f}x vs float32 ONNX, {torch_p50 / onnx_p50:.2f}x vs eager)",
+        f"batch of 256: {served} {onnx_batch:,.0f} img/s; ONNX Runtime float32 {float_batch:,.0f} img/s; "
+        f"PyTorch eager {torch_batch:,.0f} img/s "
+        f"(ratios: {onnx_batch / float_batch:.2f}x vs float32 ONNX, {onnx_batch / torch_batch:.2f}x vs eager)",
         f"12-megapixel JPEG end to end (decode with draft, resize, predict): "
         f"p50 {e2e_p50:.1f} ms / p99 {e2e_p99:.1f} ms",
-        f"python -m cifar.predict on {files} PNG files, start-up included: {cli_seconds:.2f} s = "
-        f"{files / cli_seconds:,.0f} images/s",
+        f"python -m cifar.predict on {files} PNG files, start-up included: {precision} {cli_seconds:.2f} s = "
+        f"{files / cli_seconds:,.0f} images/s; float32 {cli_float_seconds:.2f} s = "
+        f"{files / cli_float_seconds:,.0f} images/s (ratio {cli_float_seconds / cli_seconds:.2f}x)",
     ]
     print(f"model {args.model} on {machine}")
     for line in lines:

@@ -49,6 +49,7 @@ def main() -> None:
     check_tracking_store()  # a store's tables are made once per machine, not per run
 
     clocks: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    accuracies: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for track in (False, True):
             start = time.perf_counter()
@@ -65,7 +66,12 @@ def main() -> None:
             total = time.perf_counter() - start
             clocks[track].append((out.fit.train_seconds, total))
             label = "tracked" if track else "untracked"
-            print(f"{label}: training {out.fit.train_seconds:.2f} s, whole call {total:.2f} s", flush=True)
+            print(
+                f"{label}: training {out.fit.train_seconds:.2f} s, whole call {total:.2f} s, "
+                f"test accuracy {out.test.accuracy:.4f}",
+                flush=True,
+            )
+            accuracies[track].append(out.test.accuracy)
     tmp.cleanup()
 
     def mean(track: bool, i: int) -> float:
@@ -79,6 +85,8 @@ def main() -> None:
         f"(overhead {100 * (fit_on / fit_off - 1):+.1f}%)",
         f"whole run incl. logging the model: untracked {all_off:.2f} s, tracked {all_on:.2f} s "
         f"(overhead {100 * (all_on / all_off - 1):+.1f}%, {all_on - all_off:.1f} s)",
+        f"test accuracy: untracked {statistics.mean(accuracies[False]):.4f}, "
+        f"tracked {statistics.mean(accuracies[True]):.4f}",
     ]
     record("tracking_overhead" + (" (quick)" if args.quick else ""), lines, write=not args.no_results)
 

@@ -213,10 +213,11 @@ def decide(
     force: bool,
     max_ece: float | None = None,
     min_ood_auroc: float | None = None,
+    precision: str = "float32",
 ) -> Decision:
     champion = production_version(name)
     champion_value = float(champion.tags["val_accuracy"]) if champion and "val_accuracy" in champion.tags else None
-    if champion is not None and champion.run_id == candidate.run_id:
+    if is_production(champion, candidate.run_id, precision):
         return Decision(candidate, champion, champion_value, False, "the candidate already is production")
     shortfall = trust_shortfall(candidate, max_ece, min_ood_auroc)
     if shortfall:  # an explicit minimum: --force does not override it
@@ -240,6 +241,11 @@ def decide(
         False,
         f"does not beat production ({champion_value:.4f}) by more than {min_improvement:g}",
     )
+
+
+def is_production(champion, run_id: str, precision: str = "float32") -> bool:
+    """Whether the production version is this run's model in this precision."""
+    return champion is not None and champion.run_id == run_id and champion.tags.get("precision", "float32") == precision
 
 
 def trust_tags(metrics: dict[str, float], corruption: float | None = None) -> dict[str, str]:

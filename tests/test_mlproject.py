@@ -111,6 +111,14 @@ def test_mlflow_run_tune_then_register(tmp_path, prepared_dir):
     mlflow_run(tmp_path, "tuning", "-e", "register", *params("study_name=mlp"), env=env)
     production = client.get_model_version_by_alias("cifar10-classifier", "production")
     assert production.run_id in {c.info.run_id for c in children}
+    # the same run as int8: registered beside production, promoted only if int8 scores higher on validation
+    mlflow_run(tmp_path, "tuning", "-e", "register_int8", *params("study_name=mlp", "max_int8_drop=1"), env=env)
+    versions = client.search_model_versions("name='cifar10-classifier'")
+    int8 = [v for v in versions if v.tags.get("precision") == "int8"]
+    assert len(versions) == 2 and len(int8) == 1 and int8[0].run_id == production.run_id
+    drop = client.get_run(production.run_id).data.metrics["int8_val_accuracy_drop"]
+    now = client.get_model_version_by_alias("cifar10-classifier", "production").version
+    assert now == (int8[0].version if drop < 0 else production.version)
 
 
 def test_mlflow_run_torchrun_entry_point(tmp_path, prepared_dir):
