@@ -77,7 +77,7 @@ def whole_batches(images: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> np
 
 
 def quantize_onnx(source: Path, calibration: np.ndarray, target: Path, batch_size: int = CALIBRATION_BATCH) -> Path:
-    """Statically quantize ``source`` (QDQ: int8 weights per channel in a 7-bit range, uint8 activations) into ``target``."""
+    """Quantize ``source`` into ``target``: QDQ, int8 weights per channel (7-bit range), uint8 activations."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -166,7 +166,8 @@ def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int 
         **original.metadata,
         "precision": "int8",
         "quantization": {
-            "method": "onnxruntime static, QDQ, int8 weights per channel (7-bit range), uint8 activations, percentile ranges",
+            "method": "onnxruntime static, QDQ, int8 weights per channel (7-bit range), uint8 activations, "
+            "percentile ranges",
             "calibration_images": len(calibration),
             "calibration_split": "validation",
             "float_val_accuracy": float((float_val == val_labels).mean()),
