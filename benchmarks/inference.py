@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import machine_name  # noqa: E402
 
 from cifar.inference import Predictor  # noqa: E402
 from cifar.preprocess import decode_image  # noqa: E402
@@ -134,7 +135,7 @@ def main() -> None:
         cli_float_seconds = predict_cli(tmp, str(float_path))
     scratch.cleanup()
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = machine_name()
     served = f"ONNX Runtime {precision} (served)"
     lines = [
         f"single image (32x32, incl. preprocessing): {served} p50 {onnx_p50:.2f} ms / p99 {onnx_p99:.2f} ms; "

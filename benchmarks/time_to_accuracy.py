@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import sys
 from datetime import date
@@ -20,16 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import machine_name  # noqa: E402
+
 from cifar.config import load_experiment  # noqa: E402
 from cifar.training import TrainOptions, train_experiment  # noqa: E402
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -72,7 +65,7 @@ def main() -> None:
 
     accs, secs = [a for a, _ in finals], [s for _, s in finals]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    machine = device_name(args.device)
+    machine = machine_name(args.device)
     summary = (
         f"{cfg.name} ({cfg.train.epochs} epochs, {len(accs)} seeds) on {machine}: test accuracy "
         f"{statistics.mean(accs):.4f} +- {std:.4f} (min {min(accs):.4f}), training {statistics.mean(secs):.2f} s "

@@ -154,7 +154,8 @@ def _int8_lines(metrics: dict) -> str:
         f"- **int8** (`python -m cifar.bundle quantize`): ONNX Runtime static quantization calibrated on "
         f"{q['calibration_images']} validation images; test accuracy {q['float_test_accuracy']:.2%} as float, "
         f"{metrics['test_accuracy']:.2%} as int8; the two give the same label to {q['val_agreement']:.2%} of "
-        f"validation images. A quarter of the float file's size, about 2.4x faster on CPUs with VNNI/AMX.\n"
+        f"validation images. A quarter of the float file's size; how much faster depends on the CPU "
+        "(int8 dot products: VNNI/AMX), see `benchmarks/RESULTS.md`.\n"
     )
 
 
