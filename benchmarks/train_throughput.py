@@ -63,7 +63,7 @@ def main() -> None:
     from cifar.config import load_experiment
     from cifar.data import ensure_cache
     from cifar.data.loader import Augmentation, DeviceLoader
-    from cifar.engine import build_optimizer, resolve_device, train_step
+    from cifar.engine import build_optimizer, native_bf16, resolve_device, train_step
     from cifar.models import create_model
 
     cfg = load_experiment(args.experiment, args.overrides)
@@ -129,7 +129,8 @@ def main() -> None:
     machine = machine_name(str(device))
     setting = (
         f"`{cfg.name}` ({cfg.model.name} width {cfg.model.width}, batch {t.batch_size}, "
-        f"{'bf16 autocast' if t.amp else 'fp32'}), {steps} steps after {warmup} warm-up, {machine}"
+        f"{'bf16 autocast' if t.amp and native_bf16(device) else 'fp32'}), "
+        f"{steps} steps after {warmup} warm-up, {machine}"
     )
     lines = [f"setting: {setting}; conventional = ImageFolder + transforms + DataLoader(num_workers={args.workers})"]
     for kind in ("training", "input only"):

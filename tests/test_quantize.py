@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ROOT, run_cli, train_small_model
+from onnx import numpy_helper
 
 from cifar import quantize, registry
 from cifar.bundle import BUNDLE_DIR
@@ -20,6 +21,14 @@ from cifar.tracking import log_onnx_model
 
 def _op_types(path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _largest_weight(path) -> int:
+    """Largest |int8 weight|: 7-bit (<= 64), as full-range ones saturate u8 x s8 on CPUs without VNNI."""
+    int8 = onnx.TensorProto.INT8
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == int8]
+    assert weights, f"{path} has no int8 weights"
+    return max(int(np.abs(w.astype(int)).max()) for w in weights)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +46,7 @@ def test_int8_model_is_smaller_agrees_with_float_and_has_its_own_trust_profile(f
     result = quantize.quantize_model(float_onnx, data, tmp_path, calibration_images=64)
 
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(result.path)
+    assert _largest_weight(result.path) <= 64
     assert result.path.stat().st_size < 0.5 * float_onnx.stat().st_size
     int8, original = Predictor(result.path), Predictor(float_onnx)
     assert int8.metadata["precision"] == "int8" and int8.metadata["quantization"]["calibration_images"] == 64
@@ -113,10 +123,15 @@ def test_quantize_cli_refuses_bad_requests_with_one_message(prepared_dir, tmp_pa
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
-def test_bundled_model_is_int8_and_close_to_its_float_accuracy():
+def test_bundled_model_is_int8_and_close_to_its_float_accuracy(prepared_dir):
     served = Predictor.from_uri(str(BUNDLE_DIR))
     assert served.metadata["precision"] == "int8"
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(served.onnx_path)
+    assert _largest_weight(served.onnx_path) <= 64
+    # measured on this CPU, on the fixture's 200 test images: 92% expected, 58% where int8 saturates
+    data = load_cache(prepared_dir)
+    accuracy = (served.logits(np.asarray(data.images["test"])).argmax(1) == data.labels["test"]).mean()
+    assert accuracy >= 0.85
     metrics = json.loads((BUNDLE_DIR / "metrics.json").read_text())
     q = metrics["quantization"]
     assert q["float_test_accuracy"] - metrics["test_accuracy"] <= 0.005 and q["val_agreement"] >= 0.98
