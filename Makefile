@@ -74,7 +74,8 @@ server: install
 postgres: install system-deps
 	$(BIN)/python -m cifar.localstack postgres --dir $(PG_DIR) --port $(PG_PORT)
 
-# Every benchmark in quick mode (each under 2 minutes on 2 AMX cores; 17 minutes in all on 2 AVX2 cores); figures go to benchmarks/RESULTS.md.
+# Every benchmark in quick mode (each under 2 minutes on 2 AMX cores; 17 minutes in all on 2 AVX2
+# cores); figures go to benchmarks/RESULTS.md.
 bench: install data
 	$(BIN)/python benchmarks/data_prepare.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick
