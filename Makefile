@@ -74,12 +74,12 @@ server: install
 postgres: install system-deps
 	$(BIN)/python -m cifar.localstack postgres --dir $(PG_DIR) --port $(PG_PORT)
 
-# Every benchmark in quick mode (each under 2 minutes on 2 AMX cores; 17 minutes in all on 2 AVX2
-# cores); figures go to benchmarks/RESULTS.md.
+# Every benchmark in quick mode (each under 2 minutes on 2 CPU cores; 8.5 minutes in all on 2 AVX2
+# cores in fp32); figures go to benchmarks/RESULTS.md.
 bench: install data
 	$(BIN)/python benchmarks/data_prepare.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick
-	$(BIN)/python benchmarks/time_to_accuracy.py --experiment cpu --set data.subset=5000 --set train.epochs=2 --track
+	$(BIN)/python benchmarks/time_to_accuracy.py --quick --track
 	$(BIN)/python benchmarks/tracking_overhead.py --quick
 	$(BIN)/python benchmarks/tune_throughput.py --quick
 	$(BIN)/python benchmarks/inference.py --quick

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow (benchmarks)")
     p.add_argument("--save-dir", type=Path, help="also write safetensors weights, config and metrics here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no per-step progress bar (epoch lines and results still print)"
+    )
     p.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted run from its checkpoint")
     return p
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow_experiment=args.mlflow_experiment,
             experiment_file=str(recipe),
             track=not args.no_track,
-            progress=not args.no_progress,
+            progress_bar=not args.no_progress,
             save_dir=args.save_dir,
         ),
     )
@@ -112,7 +114,7 @@ def resume(args: argparse.Namespace) -> int:
         )
     outcome = resume_training(
         args.resume,
-        TrainOptions(data_dir=args.data_dir, source=args.source, device=args.device, progress=not args.no_progress,
+        TrainOptions(data_dir=args.data_dir, source=args.source, device=args.device, progress_bar=not args.no_progress,
                      save_dir=args.save_dir),
     )  # fmt: skip
     print(f"MLflow run {outcome.run_id} finished; model {outcome.model_uri}.")

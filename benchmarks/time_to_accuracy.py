@@ -1,6 +1,7 @@
 """Accuracy against training time for an experiment, over several seeds (airbench style).
 
     python benchmarks/time_to_accuracy.py --experiment speedrun --seeds 5 [--set train.epochs=8]
+    python benchmarks/time_to_accuracy.py --quick --track   # make bench: half width, 4,000 images, 3 epochs
 
 Prints per-seed test accuracy and training seconds, then mean +- std; writes a per-epoch CSV
 (validation accuracy against cumulative seconds) and a plot next to it, and appends a row to
@@ -35,8 +36,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--track", action="store_true")
     p.add_argument("--save-dir", type=Path, help="keep the weights of the last seed here")
+    p.add_argument("--quick", action="store_true", help="half-width model, 4,000 images, 3 epochs (under 2 min)")
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args()
+    if args.quick:
+        args.overrides = ["model.width=0.5", "data.subset=4000", "train.epochs=3", *args.overrides]
 
     cfg = load_experiment(args.experiment, args.overrides)
     warm = load_experiment(args.experiment, [*args.overrides, "train.epochs=1"])
@@ -67,7 +71,8 @@ def main() -> None:
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     machine = machine_name(args.device)
     summary = (
-        f"{cfg.name} ({cfg.train.epochs} epochs, {len(accs)} seeds) on {machine}: test accuracy "
+        f"{cfg.name} (width {cfg.model.width}, {cfg.train.epochs} epochs, subset {cfg.data.subset or 'all'}, "
+        f"{len(accs)} seeds) on {machine}: test accuracy "
         f"{statistics.mean(accs):.4f} +- {std:.4f} (min {min(accs):.4f}), training {statistics.mean(secs):.2f} s "
         f"+- {statistics.stdev(secs) if len(secs) > 1 else 0:.2f}"
     )

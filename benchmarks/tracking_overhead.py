@@ -29,14 +29,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--quick", action="store_true", help="5,000 images x 2 epochs, one pair (about a minute on CPU)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="quarter-width model, 5,000 images x 2 epochs, one pair (under 2 minutes on 2 fp32 cores)",
+    )
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
 
     from cifar.config import load_experiment
     from cifar.training import TrainOptions, train_experiment
 
-    overrides = [*args.overrides, *(["data.subset=5000", "train.epochs=2"] if args.quick else [])]
+    quick = ["model.width=0.25", "data.subset=5000", "train.epochs=2"]
+    overrides = [*(quick if args.quick else []), *args.overrides]
     repeats = 1 if args.quick else args.repeats
     tmp = tempfile.TemporaryDirectory(prefix="tracking-overhead-")
     if "MLFLOW_TRACKING_URI" not in os.environ:
@@ -79,7 +84,8 @@ def main() -> None:
 
     fit_off, fit_on, all_off, all_on = mean(False, 0), mean(True, 0), mean(False, 1), mean(True, 1)
     lines = [
-        f"setting: `{cfg.name}` ({cfg.train.epochs} epochs, subset {cfg.data.subset or 'all'}), {repeats} pair(s), "
+        f"setting: `{cfg.name}` (width {cfg.model.width}, {cfg.train.epochs} epochs, "
+        f"subset {cfg.data.subset or 'all'}), {repeats} pair(s), "
         f"{machine_name(args.device)}",
         f"training clock: untracked {fit_off:.2f} s, tracked {fit_on:.2f} s "
         f"(overhead {100 * (fit_on / fit_off - 1):+.1f}%)",

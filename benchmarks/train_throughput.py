@@ -69,7 +69,7 @@ def main() -> None:
     cfg = load_experiment(args.experiment, args.overrides)
     t, aug = cfg.train, cfg.augment
     device = resolve_device(args.device)
-    steps, warmup = (12, 3) if args.quick else (args.steps, 5)
+    steps, warmup = (8, 2) if args.quick else (args.steps, 5)
     per_class = max(1, (steps + warmup) * t.batch_size // 10 + 1)  # enough files for one pass
 
     data = ensure_cache(args.data_dir, str(args.archive))

@@ -1,6 +1,6 @@
 """Trials per hour of ``tune.py`` with 1 and 2 workers on one study, side by side in one run.
 
-    python benchmarks/tune_throughput.py [--trials 8 --subset 5000 --epochs 2] [--storage URL] [--quick]
+    python benchmarks/tune_throughput.py [--trials 8 --subset 5000 --epochs 2] [--space S] [--storage URL] [--quick]
     python benchmarks/tune_throughput.py --postgres     # a private PostgreSQL + mlflow server (team stack)
 
 Worker processes are real ``tune.py`` runs sharing one Optuna study (a temporary SQLite
@@ -46,6 +46,8 @@ def run_workers(workers: int, trials: int, args, storage: str, env: dict[str, st
         "--subset",
         str(args.subset),
     ]
+    if args.space:
+        cmd += ["--space", str(args.space)]
     if args.data_dir:
         cmd += ["--data-dir", str(args.data_dir)]
     start = time.perf_counter()
@@ -74,17 +76,23 @@ def run_workers(workers: int, trials: int, args, storage: str, env: dict[str, st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="cpu")
+    p.add_argument("--space", type=Path, help="search space (default: the experiment's)")
     p.add_argument("--trials", type=int, default=8, help="trials in all, per setting (even)")
     p.add_argument("--subset", type=int, default=5000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--storage", help="Optuna RDB URL (default: a temporary SQLite file)")
     p.add_argument("--postgres", action="store_true", help="start a private PostgreSQL 15 and an mlflow server on it")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--quick", action="store_true", help="2 trials of 1 epoch on 2,000 images each (about 1.5 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 trials of 1 epoch on 2,000 images each, quarter-width space (under 2 min)",
+    )
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.trials, args.subset, args.epochs = 2, 2000, 1
+        args.space = args.space or Path(__file__).with_name("quick_space.yaml")
 
     tmp = tempfile.TemporaryDirectory(prefix="tune-throughput-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k == "MLFLOW_TRACKING_URI"}
@@ -110,7 +118,8 @@ def main() -> None:
     if args.postgres:
         backend += " + mlflow server on postgresql"
     lines = [
-        f"setting: `{args.experiment}` space, {args.trials} trials of {args.epochs} epoch(s) on {args.subset:,} "
+        f"setting: `{args.experiment}` recipe, {args.space.name if args.space else 'its'} space, "
+        f"{args.trials} trials of {args.epochs} epoch(s) on {args.subset:,} "
         f"images, Optuna storage {backend}, {machine_name()}",
         f"1 worker {results[1]:.0f} trials/hour; 2 workers {results[2]:.0f} trials/hour "
         f"(ratio {results[2] / results[1]:.2f}x)",

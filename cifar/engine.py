@@ -207,12 +207,14 @@ def fit(
     *,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
+    progress_bar: bool = True,
     resume: TrainingState | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place; leave it holding the weights of the best validation epoch.
 
+    ``progress`` prints a line per epoch; ``progress_bar`` adds a per-step bar to it.
     ``resume`` continues from a captured state (same batches, same augmentation: on CPU in
     deterministic mode the final weights are bit-identical to an uninterrupted run).
     ``should_stop`` is polled after every step; when it answers True, fit raises
@@ -288,8 +290,9 @@ def fit(
         skip = skip_steps if epoch == start_epoch else 0
         if skip and resumed_sums is not None:
             loss_sum, correct, seen = resumed_sums[0].clone(), resumed_sums[1].clone(), resumed_seen
+        show_bar = progress and progress_bar
         bar = tqdm(
-            loader, desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False, disable=not progress, mininterval=1.0
+            loader, desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False, disable=not show_bar, mininterval=1.0
         )
         for step, (x, y) in enumerate(bar):
             if step < skip:  # resuming mid-epoch: the batch is drawn (same generator state), not trained
@@ -305,7 +308,7 @@ def fit(
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if progress and step % 10 == 0:  # .item() syncs the GPU: not every step
+            if show_bar and step % 10 == 0:  # .item() syncs the GPU: not every step
                 rate = seen / max(1e-9, time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{(correct / seen).item():.3f}", img_s=f"{rate:.0f}")
             if should_stop is not None and should_stop():

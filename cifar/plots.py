@@ -94,7 +94,11 @@ def misclassified_gallery(rows, images: np.ndarray, columns: int = 8) -> Figure:
     """The misclassified test images, highest loss first, with true and predicted labels."""
     count = max(1, len(rows))
     n_rows = -(-count // columns)
-    fig = Figure(figsize=(columns * 1.6, n_rows * 1.9), layout="constrained")
+    height = n_rows * 1.9 + 0.5
+    fig = Figure(figsize=(columns * 1.6, height))
+    # A uniform grid: fixed margins place it as well as constrained layout does, at a fraction of
+    # the cost (laying out 40 titled axes took most of a run's report time).
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / height, wspace=0.08, hspace=0.45)
     axes = np.atleast_1d(fig.subplots(n_rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")

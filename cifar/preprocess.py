@@ -29,7 +29,7 @@ def to_rgb32(image: Image.Image) -> np.ndarray:
     if image.size != (IMAGE_SIZE, IMAGE_SIZE) and image.format == "JPEG":
         # JPEG can decode at 1/2, 1/4, 1/8 scale: a large photo never decodes at full size.
         image.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the (common) upright image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8), "L")
@@ -37,7 +37,8 @@ def to_rgb32(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8)

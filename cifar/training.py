@@ -33,7 +33,8 @@ class TrainOptions:
     experiment_file: str = ""
     track: bool = True
     save_dir: Path | None = None  # also write safetensors weights + metrics.json here
-    progress: bool = True
+    progress: bool = True  # print epoch lines and results (off for benchmarks and non-zero ranks)
+    progress_bar: bool = True  # and a per-step bar (train.py --no-progress turns it off)
     nested: bool = False
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
@@ -188,6 +189,7 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
                 device,
                 on_epoch_end=on_epoch_end,
                 progress=options.progress,
+                progress_bar=options.progress_bar,
                 resume=options.resume,
                 should_stop=should_stop,
                 on_checkpoint=on_checkpoint if checkpoint_path else None,

@@ -69,6 +69,15 @@ def test_per_epoch_and_final_metrics(store):
     assert metrics["onnx_max_abs_diff"] < 1e-4
 
 
+def test_no_progress_still_reports_epochs_and_results(store):
+    """--no-progress drops the per-step bar (for logs), never the epoch lines or the result."""
+    out, test_accuracy = store["stdout"], store["run"].data.metrics["test_accuracy"]
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert f"test accuracy {test_accuracy:.4f}" in out
+    assert "batch/s" not in out and "s/batch" not in out and "\r" not in out
+
+
 def test_dataset_lineage(store):
     inputs = store["run"].inputs.dataset_inputs
     by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}

@@ -92,9 +92,21 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (what training normalizes with)."""
-    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
-    return pixels.mean(0).round(6).tolist(), pixels.std(0).round(6).tolist()
+    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (what training normalizes with).
+
+    Exact, from per-channel histograms of the 256 levels: no float copy of the split (1 GB for
+    CIFAR-10's train split, most of the time data preparation once spent here).
+    """
+    counts = np.zeros((3, 256), dtype=np.float64)
+    for start in range(0, len(images), 8192):
+        block = np.asarray(images[start : start + 8192]).reshape(-1, 3)
+        for channel in range(3):
+            counts[channel] += np.bincount(block[:, channel], minlength=256)
+    levels = np.arange(256) / 255.0
+    total = counts.sum(1)
+    mean = counts @ levels / total
+    std = np.sqrt((counts * (levels[None, :] - mean[:, None]) ** 2).sum(1) / total)
+    return mean.round(6).tolist(), std.round(6).tolist()
 
 
 def _sha256(path: Path) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import free_port, make_tar, write_canonical_batches
 
+from cifar.data import sources
 from cifar.data.sources import CIFAR10_CLASSES, download_cifar10, load_source
 from cifar.errors import CifarError
 
@@ -51,6 +52,26 @@ def test_every_source_format_reads_the_same_images(fmt, request, tmp_path, mini_
         source = request.getfixturevalue(fmt)
     raw = load_source(str(source), tmp_path, workers=2)
     assert_same(raw, mini_raw)
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder_archive", "imagefolder_tree"])
+def test_parallel_decoding_keeps_every_image_in_order(fmt, request, monkeypatch, tmp_path, mini_raw, mini_dir):
+    """Chunks smaller than the fixture: decoding runs in a process pool while the archive still
+    streams in, and the images come back identical, in the serial read's order."""
+    monkeypatch.setattr(sources, "_DECODE_CHUNK", 64)
+    source = request.getfixturevalue("imagefolder_archive") if fmt == "imagefolder_archive" else mini_dir
+    raw = load_source(str(source), tmp_path, workers=2)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(raw, f"{split}_images"), getattr(mini_raw, f"{split}_images"))
+        np.testing.assert_array_equal(getattr(raw, f"{split}_labels"), getattr(mini_raw, f"{split}_labels"))
+
+
+def test_imagefolder_archive_truncated_while_decoding(monkeypatch, tmp_path, imagefolder_archive):
+    monkeypatch.setattr(sources, "_DECODE_CHUNK", 64)  # chunks already decoding when the stream breaks
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(imagefolder_archive.read_bytes()[: imagefolder_archive.stat().st_size * 2 // 3])
+    with pytest.raises(CifarError, match="truncated or corrupt"):
+        load_source(str(cut), tmp_path, workers=2)
 
 
 @pytest.fixture
