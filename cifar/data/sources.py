@@ -217,6 +217,14 @@ def _check_classes(found: dict[str, set[str]], source: str) -> None:
             )
 
 
+def _classes_by_split(entries: Iterable[tuple]) -> dict[str, set[str]]:
+    """{split: class folders seen} of entries that start with (split, class, ...)."""
+    found: dict[str, set[str]] = {}
+    for split, cls, *_ in entries:
+        found.setdefault(split, set()).add(cls)
+    return found
+
+
 def _decode_chunk(items: list[tuple[str, bytes | str]]) -> list[np.ndarray | str]:
     out: list[np.ndarray | str] = []
     for name, data in items:
@@ -269,10 +277,7 @@ def _to_dataset(
             yield name, data
 
     images = _decode_all(payloads(), workers, source)
-    found: dict[str, set[str]] = {}
-    for split, cls, _ in keys:
-        found.setdefault(split, set()).add(cls)
-    _check_classes(found, source)
+    _check_classes(_classes_by_split(keys), source)
     order = sorted(range(len(keys)), key=lambda i: (keys[i][0], CIFAR10_CLASSES.index(keys[i][1]), keys[i][2]))
     images = images[order]
     labels = np.array([CIFAR10_CLASSES.index(keys[i][1]) for i in order], dtype=np.int64)
@@ -306,13 +311,6 @@ def read_imagefolder(root: Path, workers: int | None = None) -> RawDataset:
                     entries.append((split, class_dir.name, str(file.relative_to(root)), str(file)))
     _check_classes(_classes_by_split(entries), str(root))  # before any decoding: the listing tells
     return _to_dataset(entries, str(root), "imagefolder", workers)
-
-
-def _classes_by_split(entries: list[tuple[str, str, str, str]]) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for split, cls, _, _ in entries:
-        found.setdefault(split, set()).add(cls)
-    return found
 
 
 def _iter_tar_images(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
