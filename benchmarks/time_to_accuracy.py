@@ -70,9 +70,9 @@ def main() -> None:
     accs, secs = [a for a, _ in finals], [s for _, s in finals]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     machine = machine_name(args.device)
+    setting = f"{cfg.name} (width {cfg.model.width}, {cfg.train.epochs} epochs, subset {cfg.data.subset or 'all'})"
     summary = (
-        f"{cfg.name} (width {cfg.model.width}, {cfg.train.epochs} epochs, subset {cfg.data.subset or 'all'}, "
-        f"{len(accs)} seeds) on {machine}: test accuracy "
+        f"{setting}, {len(accs)} seed(s), on {machine}: test accuracy "
         f"{statistics.mean(accs):.4f} +- {std:.4f} (min {min(accs):.4f}), training {statistics.mean(secs):.2f} s "
         f"+- {statistics.stdev(secs) if len(secs) > 1 else 0:.2f}"
     )
@@ -92,7 +92,7 @@ def main() -> None:
         pts = [r for r in rows if r["seed"] == seed]
         ax.plot([r["seconds"] for r in pts], [r["val_accuracy"] for r in pts], "o-", ms=3, label=f"seed {seed}")
     ax.set(
-        title=f"{cfg.name}: validation accuracy vs training time\n{machine}", xlabel="seconds", ylabel="val accuracy"
+        title=f"{setting}: validation accuracy vs training time\n{machine}", xlabel="seconds", ylabel="val accuracy"
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
