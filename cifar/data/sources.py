@@ -5,6 +5,7 @@ Every reader returns a ``RawDataset`` of decoded uint8 arrays; nothing here writ
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import os
@@ -249,10 +250,16 @@ def _decode_all(items: Iterable[tuple[str, bytes | str]], workers: int | None, s
     workers = workers or os.cpu_count() or 1
     chunks = _chunks(items, _DECODE_CHUNK)
     head = list(itertools.islice(chunks, 2))
+    results: list[np.ndarray | str] = []
     if workers > 1 and len(head) > 1:  # a process pool pays off beyond one chunk
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_decode_chunk, chunk) for chunk in itertools.chain(head, chunks)]
-            results = [r for future in futures for r in future.result()]
+            pending: collections.deque = collections.deque()
+            for chunk in itertools.chain(head, chunks):
+                pending.append(pool.submit(_decode_chunk, chunk))
+                if len(pending) > 4 * workers:  # bounded: a huge archive never sits in memory whole
+                    results.extend(pending.popleft().result())
+            while pending:
+                results.extend(pending.popleft().result())
     else:
         results = [r for chunk in itertools.chain(head, chunks) for r in _decode_chunk(chunk)]
     errors = [r for r in results if isinstance(r, str)]
