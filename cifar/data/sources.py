@@ -261,7 +261,8 @@ def _decode_all(items: Iterable[tuple[str, bytes | str]], workers: int | None, s
             while pending:
                 results.extend(pending.popleft().result())
     else:
-        results = [r for chunk in itertools.chain(head, chunks) for r in _decode_chunk(chunk)]
+        for chunk in itertools.chain(head, chunks):
+            results.extend(_decode_chunk(chunk))
     errors = [r for r in results if isinstance(r, str)]
     if errors:
         shown = "\n  ".join(errors[:5])
