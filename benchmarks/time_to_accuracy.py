@@ -91,7 +91,8 @@ def main() -> None:
     for seed in range(args.seeds):
         pts = [r for r in rows if r["seed"] == seed]
         ax.plot([r["seconds"] for r in pts], [r["val_accuracy"] for r in pts], "o-", ms=3, label=f"seed {seed}")
-    ax.set(title=f"{setting}: validation accuracy vs training time\n{machine}", xlabel="seconds", ylabel="val accuracy")
+    ax.set_title(f"Validation accuracy vs training time\n{setting}\n{machine}", fontsize=10)
+    ax.set(xlabel="seconds", ylabel="val accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(f"{stem}.png", dpi=120)
