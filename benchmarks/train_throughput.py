@@ -9,11 +9,15 @@ Conventional: ``torchvision.datasets.ImageFolder`` over the JPEG files + ``trans
 Both feed the same model, optimizer, batch size, precision and device through
 ``engine.train_step``; each is timed over the same number of steps after warm-up steps, both with
 the model (training throughput) and without it (what the input pipeline alone can deliver).
+For ``fastnet`` it also times the project's steps once the whitening stem is frozen (after
+``train.whiten_bias_epochs``: backward then skips the first conv's input gradient), alternating
+rounds of both so that a drifting machine speed affects them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from collections.abc import Iterator
@@ -63,8 +67,9 @@ def main() -> None:
     from cifar.config import load_experiment
     from cifar.data import ensure_cache
     from cifar.data.loader import Augmentation, DeviceLoader
-    from cifar.engine import build_optimizer, native_bf16, resolve_device, train_step
+    from cifar.engine import native_bf16, resolve_device, train_step
     from cifar.models import create_model
+    from cifar.optim import build_optimizer
 
     cfg = load_experiment(args.experiment, args.overrides)
     t, aug = cfg.train, cfg.augment
@@ -78,7 +83,7 @@ def main() -> None:
         data.labels["train"][: per_class * 10],
         t.batch_size,
         device,
-        augmentation=Augmentation(aug.flip, aug.translate, aug.cutout),
+        augmentation=Augmentation.from_config(aug),
         shuffle=True,
         drop_last=True,
         channels_last=t.channels_last,
@@ -120,11 +125,26 @@ def main() -> None:
     def no_model(x, y):
         pass
 
+    frozen_step = None
+    if hasattr(model, "freeze_stem"):
+        frozen_model = copy.deepcopy(model)
+        frozen_model.freeze_stem()
+        frozen_optimizer = build_optimizer(frozen_model, cfg, device)
+
+        def frozen_step(x, y):
+            train_step(frozen_model, frozen_optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
+
     figures = {}
     for pipeline, make in (("project", lambda: iter(project)), ("conventional", lambda: to_device(conventional))):
         figures[pipeline, "input only"] = timed_steps(forever(make), steps, warmup, no_model)
         figures[pipeline, "training"] = timed_steps(forever(make), steps, warmup, step)
     tmp.cleanup()
+    if frozen_step is not None:
+        rounds, learning, frozen = (2 if args.quick else 4), [], []
+        for _ in range(rounds):
+            learning.append(timed_steps(forever(lambda: iter(project)), steps // 2 // rounds, 1, step))
+            frozen.append(timed_steps(forever(lambda: iter(project)), steps // 2 // rounds, 1, frozen_step))
+        figures["stem learning"], figures["stem frozen"] = sum(learning) / rounds, sum(frozen) / rounds
 
     machine = machine_name(str(device))
     setting = (
@@ -136,6 +156,12 @@ def main() -> None:
     for kind in ("training", "input only"):
         a, b = figures["project", kind], figures["conventional", kind]
         lines.append(f"{kind}: project {a:,.0f} img/s, conventional {b:,.0f} img/s (ratio {a / b:.2f}x)")
+    if "stem frozen" in figures:
+        a, b = figures["stem frozen"], figures["stem learning"]
+        lines.append(
+            f"project training once the whitening stem is frozen: {a:,.0f} img/s vs {b:,.0f} img/s while it "
+            f"learns (ratio {a / b:.2f}x, alternating rounds)"
+        )
     record("train_throughput" + (" (quick)" if args.quick else ""), lines, write=not args.no_results)
 
 

@@ -46,6 +46,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     flip: bool = True
+    alternate_flip: bool = False  # derandomized flip (airbench): each image mirrored every other epoch
     translate: int = 2
     cutout: int = 0
 
@@ -57,6 +58,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     label_smoothing: float = 0.2
     ema_decay: float = 0.0  # 0 = no weight EMA
+    lookahead: bool = False  # Lookahead averaging that strengthens towards the end (cifar.optim)
+    whiten_bias_epochs: int = 0  # fastnet: the whitening bias learns this many epochs, then freezes (0 = always)
     tta: bool = True  # flip test-time augmentation at evaluation
     seed: int = 0
     amp: bool = True  # bf16 autocast where native: GPUs, CPUs with AMX/AVX512-BF16 (engine.native_bf16)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from cifar.config import ExperimentConfig
 from cifar.data.loader import Augmentation, DeviceLoader, images_to_tensor
 from cifar.errors import CifarError
+from cifar.optim import Lookahead, build_optimizer, lr_factor
 from cifar.trainstate import TrainingInterrupted, TrainingState, capture_state, restore_state
 
 
@@ -104,45 +105,6 @@ def native_bf16(device: torch.device) -> bool:
 
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
-
-
-def _lr_factor(schedule: str, warmup: float, final: float) -> Callable[[float], float]:
-    """Learning-rate multiplier as a function of progress in [0, 1]."""
-
-    def factor(progress: float) -> float:
-        if schedule == "constant":
-            return 1.0
-        if warmup > 0 and progress < warmup:
-            return progress / warmup
-        rest = (progress - warmup) / max(1e-8, 1 - warmup)
-        if schedule == "cosine":
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * rest))
-        return final + (1 - final) * (1 - rest)  # onecycle: linear decay
-
-    if schedule not in ("onecycle", "cosine", "constant"):
-        raise CifarError(f"unknown schedule.name '{schedule}': use onecycle, cosine or constant.")
-    return factor
-
-
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    # BatchNorm and bias parameters learn faster (bias_lr_scale) with the same per-step decay,
-    # as in airbench; conv/linear weights take the base rate.
-    weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    scale = o.bias_lr_scale
-    groups = [
-        {"params": weights, "weight_decay": o.weight_decay, "lr": o.lr},
-        {"params": biases, "weight_decay": o.weight_decay / scale, "lr": o.lr * scale},
-    ]
-    fused = device.type == "cuda"
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, fused=fused
-        )
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, fused=fused)
-    raise CifarError(f"unknown optim.name '{o.name}': use sgd or adamw.")
 
 
 def train_step(
@@ -230,7 +192,7 @@ def fit(
         train_labels,
         t.batch_size,
         device,
-        augmentation=Augmentation(cfg.augment.flip, cfg.augment.translate, cfg.augment.cutout),
+        augmentation=Augmentation.from_config(cfg.augment),
         shuffle=True,
         drop_last=True,
         seed=t.seed,
@@ -247,25 +209,32 @@ def fit(
         raise CifarError(f"train.batch_size {t.batch_size} must divide among {world} processes; pick a multiple.")
     optimizer = build_optimizer(model, cfg, device)
     total_steps = max(1, t.epochs * len(loader))
-    factor = _lr_factor(cfg.schedule.name, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_fraction)
+    factor = lr_factor(cfg.schedule.name, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / total_steps))
     ema = None
     if t.ema_decay > 0:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
         )
-    step_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    lookahead = Lookahead(model) if t.lookahead else None
 
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(step_model) if t.compile else step_model
+    def wrapped() -> nn.Module:
+        step_model = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(step_model) if t.compile else step_model
+
+    step_model = wrapped()
 
     result = FitResult()
     best_state = None
     start_epoch, skip_steps, resumed_sums, resumed_seen = 1, 0, None, 0
     if resume is not None:
-        restored = restore_state(resume, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, device=device)
+        restored = restore_state(
+            resume, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, lookahead=lookahead, device=device
+        )
         best_state = restored["best_state"]
         result.history = [EpochMetrics(**m) for m in resume.info["history"]]
         result.best_epoch, result.best_val_accuracy = resume.info["best_epoch"], resume.info["best_val_accuracy"]
@@ -275,14 +244,16 @@ def fit(
     def snapshot(epoch: int, step: int, sums: torch.Tensor, seen: int) -> TrainingState:
         result.train_seconds = time.perf_counter() - started
         return capture_state(
-            model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, best_state=best_state,
-            result=result, epoch=epoch, step=step, sums=sums, seen=seen,
+            model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, lookahead=lookahead,
+            best_state=best_state, result=result, epoch=epoch, step=step, sums=sums, seen=seen,
         )  # fmt: skip
 
     started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         loader.set_epoch(epoch)
         model.train()
+        if 0 < t.whiten_bias_epochs < epoch and hasattr(model, "freeze_stem") and model.freeze_stem():
+            step_model = wrapped()  # DDP must not wait for gradients the stem no longer has
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -303,6 +274,8 @@ def fit(
                 x, y = x[rank::world], y[rank::world]
             loss, logits = train_step(step_model, optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
             scheduler.step()
+            if lookahead is not None:
+                lookahead.step((epoch - 1) * len(loader) + step + 1, total_steps)
             if ema is not None:
                 ema.update_parameters(model)
             loss_sum += loss.detach() * len(y)
@@ -325,6 +298,8 @@ def fit(
                 f"training diverged at epoch {epoch} (loss {train_loss}); lower optim.lr and try again "
                 "(the last checkpoint, if any, holds the last finite epoch)."
             )
+        if lookahead is not None and epoch == t.epochs:
+            lookahead.finish()
         train_time = time.perf_counter() - epoch_start
         eval_model = ema.module if ema is not None else model
         val = evaluate(

@@ -56,6 +56,10 @@ class Classifier(nn.Module):
         if hasattr(self.body, "init_from_data"):
             self.body.init_from_data(self.normalize(images))
 
+    def freeze_stem(self) -> bool:
+        """Stop training the body's fixed first layer, if it has one; True when that changed anything."""
+        return bool(self.body.freeze_stem()) if hasattr(self.body, "freeze_stem") else False
+
 
 def create_model(
     name: str,
@@ -128,6 +132,12 @@ class FastNet(nn.Module):
         x = self.layers(nn.functional.gelu(self.whiten(x)))
         x = torch.amax(x, dim=(2, 3))
         return self.head(x) * self.head_scale
+
+    def freeze_stem(self) -> bool:
+        """Freeze the whitening bias: with no trainable stem, backward skips the first conv's input gradient."""
+        changed = self.whiten.bias.requires_grad
+        self.whiten.bias.requires_grad_(False)
+        return changed
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:

@@ -1,8 +1,8 @@
 """Everything ``engine.fit`` needs to continue exactly where it stopped, as tensors + JSON.
 
-Model, optimizer (momentum buffers and groups), scheduler, EMA, the best epoch's weights so far,
-the partial epoch's running sums, history and RNG states. ``cifar.checkpoint`` writes it to disk;
-this module never touches files.
+Model, optimizer (momentum buffers and groups), scheduler, EMA, Lookahead's slow weights, the best
+epoch's weights so far, the partial epoch's running sums, history and RNG states.
+``cifar.checkpoint`` writes it to disk; this module never touches files.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def capture_state(
     optimizer,
     scheduler,
     ema,
+    lookahead=None,
     best_state: dict[str, torch.Tensor] | None,
     result,
     epoch: int,
@@ -74,6 +75,8 @@ def capture_state(
                 scalars.setdefault(str(index), {})[key] = value
     if ema is not None:
         tensors.update(_prefixed("ema", ema.state_dict()))
+    if lookahead is not None:
+        tensors.update(_prefixed("lookahead", lookahead.state_dict()))
     if best_state is not None:
         tensors.update(_prefixed("best", best_state))
     tensors["rng.torch"] = torch.get_rng_state()
@@ -95,7 +98,7 @@ def capture_state(
     return TrainingState(tensors, info)
 
 
-def restore_state(state: TrainingState, *, model, optimizer, scheduler, ema, device) -> dict[str, Any]:
+def restore_state(state: TrainingState, *, model, optimizer, scheduler, ema, device, lookahead=None) -> dict[str, Any]:
     """Load ``state`` into the training objects; returns the loop's own values (best weights, sums)."""
     tensors, info = state.tensors, state.info
     model.load_state_dict(_unprefixed("model", tensors))
@@ -110,6 +113,8 @@ def restore_state(state: TrainingState, *, model, optimizer, scheduler, ema, dev
     scheduler.load_state_dict(info["scheduler"])
     if ema is not None:
         ema.load_state_dict(_unprefixed("ema", tensors))
+    if lookahead is not None:
+        lookahead.load_state_dict(_unprefixed("lookahead", tensors))
     torch.set_rng_state(tensors["rng.torch"])
     kind, keys, *rest = info["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))

@@ -45,6 +45,20 @@ def test_torchrun_two_processes_match_one(tmp_path, prepared_dir):
         assert two.data.metrics[key] == pytest.approx(one.data.metrics[key], abs=0.05), key
 
 
+def test_torchrun_keeps_training_after_the_whitening_stem_freezes(tmp_path, prepared_dir):
+    # Freezing a parameter that DDP expects gradients for would stall its reducer; fit re-wraps.
+    recipe = ["--experiment", "smoke", "--epochs", "2", "--no-track", "--no-progress"]
+    for setting in ("model.name=fastnet", "model.width=0.25", "train.whiten_bias_epochs=1", "train.lookahead=true"):
+        recipe += ["--set", setting]
+    ddp = run_cli(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *recipe],
+        env={"CIFAR_DATA": str(prepared_dir)},
+        cwd=tmp_path,
+    )
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    assert "epoch   2/2" in ddp.stdout and ddp.stdout.count("test accuracy") == 1
+
+
 def test_torchrun_tune_trials_train_on_both_ranks(tmp_path, prepared_dir):
     import optuna
     import yaml

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import train_small_model
 
+from cifar.config import load_experiment
 from cifar.data import load_cache
-from cifar.engine import evaluate
+from cifar.engine import evaluate, fit, seed_everything
 from cifar.errors import CifarError
 from cifar.models import create_model
+from cifar.trainstate import TrainingInterrupted
 
 CPU = torch.device("cpu")
 
@@ -56,3 +58,49 @@ def test_evaluate_tta_uses_the_mirror(prepared_dir):
     mirrored = evaluate(model, images[:, :, ::-1].copy(), data.labels["test"][:20], device=CPU).logits
     both = evaluate(model, images, data.labels["test"][:20], device=CPU, tta=True).logits
     assert np.allclose(both, (plain + mirrored) / 2, atol=1e-5)
+
+
+AIRBENCH_TRICKS = ["train.lookahead=true", "augment.alternate_flip=true", "train.whiten_bias_epochs=1"]
+
+
+def fastnet_run(prepared_dir, overrides):
+    """A quarter-width fastnet on the fixture, deterministic on CPU, and a ``fit`` bound to it."""
+    data = load_cache(prepared_dir)
+    cfg = load_experiment(
+        "smoke", ["model.name=fastnet", "model.width=0.25", "train.batch_size=50", "optim.lr=0.05", *overrides]
+    )
+    seed_everything(cfg.train.seed, deterministic=True)
+    model = create_model("fastnet", width=0.25, mean=data.mean, std=data.std)
+
+    def run(**kwargs):
+        split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
+        return fit(model, *split, cfg, CPU, progress=False, **kwargs)
+
+    return model, run
+
+
+def test_whitening_bias_learns_then_freezes(prepared_dir):
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", "train.whiten_bias_epochs=1"])
+    biases = []
+    run(on_epoch_end=lambda _: biases.append(model.body.whiten.bias.detach().clone()))
+    assert biases[0].abs().sum() > 0, "the bias (zero at init) learned in epoch 1"
+    assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])
+    # Nothing before the first conv needs a gradient now, so backward stops there.
+    assert not model.body.whiten(torch.rand(2, 3, 32, 32)).requires_grad
+
+
+def test_lookahead_alternating_flip_and_frozen_stem_resume_exactly(prepared_dir):
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
+    reference = run()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
+    steps = iter(range(10_000))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run(should_stop=lambda: next(steps) == 2 * len(load_cache(prepared_dir).labels["train"]) // 50 - 3)
+    assert stopped.value.state.epoch == 2, "stopped during epoch 2, after the stem froze"
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
+    resumed = run(resume=stopped.value.state)
+    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in reference.history]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name

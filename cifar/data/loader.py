@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cifar.config import AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,21 @@ class Augmentation:
     flip: bool = True
     translate: int = 2  # pixels of random shift (reflect-padded crop)
     cutout: int = 0  # side of a square erased at a random place; 0 = off
+    # Derandomized flip (Jordan, 2024): an image is mirrored in every other epoch, from a random
+    # start, so consecutive epochs always show both views instead of repeating one by chance.
+    alternate_flip: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> Augmentation:
+        return cls(cfg.flip, cfg.translate, cfg.cutout, cfg.alternate_flip)
+
+
+def alternating_flips(n: int, epoch: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Which of ``n`` images epoch ``epoch`` (1-based) mirrors: a fixed random half, then the rest."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 100_003 + 7)
+    first = torch.rand(n, device=device, generator=generator) < 0.5
+    return first if epoch % 2 == 1 else ~first
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -28,12 +47,18 @@ def images_to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Te
     )  # copy: cache is read-only mmap
 
 
-def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """Randomly flip, translate and cut out a float batch (B x C x H x W); pure given ``generator``."""
+def augment_batch(
+    x: torch.Tensor, aug: Augmentation, generator: torch.Generator, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Randomly flip, translate and cut out a float batch (B x C x H x W); pure given ``generator``.
+
+    ``flip`` (B booleans) says which images to mirror instead of drawing it (alternating flip).
+    """
     b, _, h, w = x.shape
     device = x.device
     if aug.flip:
-        flip = torch.rand(b, device=device, generator=generator) < 0.5
+        if flip is None:
+            flip = torch.rand(b, device=device, generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if aug.translate:
         p = aug.translate
@@ -98,13 +123,15 @@ class DeviceLoader:
         generator.manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.labels)
         order = torch.randperm(n, device=self.device, generator=generator) if self.shuffle else None
+        aug = self.augmentation
+        flips = alternating_flips(n, self.epoch, self.seed, self.device) if aug and aug.alternate_flip else None
         for i in range(len(self)):
             index = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
             if order is not None:
                 index = order[index]
             x = self.images[index].float().div_(255)
-            if self.augmentation is not None:
-                x = augment_batch(x, self.augmentation, generator)
+            if aug is not None:
+                x = augment_batch(x, aug, generator, None if flips is None else flips[index])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[index]

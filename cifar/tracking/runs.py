@@ -339,9 +339,7 @@ class TensorBoardLog:
         spread = np.linspace(0, len(data.labels["train"]) - 1, 64).astype(int)
         sample = images_to_tensor(np.asarray(data.images["train"])[spread], "cpu").float() / 255
         generator = torch.Generator().manual_seed(cfg.train.seed)
-        augmented = augment_batch(
-            sample, Augmentation(cfg.augment.flip, cfg.augment.translate, cfg.augment.cutout), generator
-        )
+        augmented = augment_batch(sample, Augmentation.from_config(cfg.augment), generator)
         self.writer.add_image("augmented_batch", make_grid(augmented, nrow=8, padding=1), 0)
         with Image.open(confusion_png) as image:  # the evaluation's figure, not drawn a second time
             self.writer.add_image("confusion_matrix", np.asarray(image.convert("RGB")), 0, dataformats="HWC")

@@ -98,3 +98,27 @@ def test_loader_drop_last_and_channels_last(prepared_dir):
     assert len(batches) == len(loader) == 400 // 128
     x, y = batches[0]
     assert x.shape == (128, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch(prepared_dir):
+    images = np.asarray(load_cache(prepared_dir).images["train"][:96])
+    ids = np.arange(len(images))  # labels carry the image index, so each output can be traced back
+    loader = DeviceLoader(
+        images, ids, 32, "cpu", augmentation=Augmentation(translate=0, alternate_flip=True), shuffle=True, seed=3
+    )
+    originals = images_to_tensor(images, "cpu").float() / 255
+
+    def mirrored_in(epoch):
+        loader.set_epoch(epoch)
+        flipped = {}
+        for x, y in loader:
+            for out, i in zip(x, y.tolist()):
+                assert torch.equal(out, originals[i]) or torch.equal(out, originals[i].flip(2))
+                flipped[i] = torch.equal(out, originals[i].flip(2)) and not torch.equal(out, originals[i])
+        assert sorted(flipped) == list(range(len(images)))
+        return torch.tensor([flipped[i] for i in range(len(images))])
+
+    first, second, third = mirrored_in(1), mirrored_in(2), mirrored_in(3)
+    assert 0.3 < first.float().mean() < 0.7, "the starting half is random"
+    assert torch.equal(second, ~first), "the next epoch shows every image the other way round"
+    assert torch.equal(third, first)
