@@ -226,7 +226,9 @@ def decide(
         return Decision(candidate, champion, champion_value, True, "--force")
     if champion is None:
         return Decision(candidate, None, None, True, "no production version yet")
-    if champion_value is None or candidate.value > champion_value + min_improvement:
+    # Production's figure is stored at 6 decimals; compare at that precision, or a tie (a float32
+    # mean such as 0.23000000417 against "0.230000") would promote.
+    if champion_value is None or round(candidate.value, 6) > champion_value + min_improvement:
         return Decision(
             candidate,
             champion,

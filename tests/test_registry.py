@@ -108,6 +108,16 @@ def test_worse_challenger_is_refused_then_forced_then_rolled_back(store, trained
     assert better  # registered, never promoted
 
 
+def test_a_tie_is_not_an_improvement_whatever_the_float_noise(store, trained_proto):
+    champion = make_run("a", val=0.23, test=0.5, proto_meta=trained_proto)
+    promote()
+    tie = float(np.float32(0.23))  # 0.23000000417..., as a float32 mean of 23/100 comes out
+    make_run("b", val=tie, test=0.9, proto_meta=trained_proto)
+    decision = promote(experiments=["b"])
+    assert not decision.promote and "does not beat" in decision.reason
+    assert production_run() == champion
+
+
 def test_rollback_without_previous_is_clear(store, trained_proto):
     make_run("a", val=0.8, test=0.5, proto_meta=trained_proto)
     promote()
