@@ -184,6 +184,13 @@ def fit(
     ``train.checkpoint_every`` epochs (only after a finite epoch: the last one is always good).
     """
     t = cfg.train
+    if t.whiten_bias_epochs < 0:
+        raise CifarError(f"train.whiten_bias_epochs must be 0 (always learns) or more, got {t.whiten_bias_epochs}.")
+    if t.whiten_bias_epochs and not getattr(model, "can_freeze_stem", False):
+        raise CifarError(
+            f"train.whiten_bias_epochs needs a model with a whitening stem (fastnet); {cfg.model.name} has none: "
+            "set it to 0."
+        )  # checked before training, not after its first epochs
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -252,7 +259,7 @@ def fit(
     for epoch in range(start_epoch, t.epochs + 1):
         loader.set_epoch(epoch)
         model.train()
-        if 0 < t.whiten_bias_epochs < epoch and hasattr(model, "freeze_stem") and model.freeze_stem():
+        if 0 < t.whiten_bias_epochs < epoch and model.freeze_stem():
             step_model = wrapped()  # DDP must not wait for gradients the stem no longer has
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)

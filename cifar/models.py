@@ -56,9 +56,13 @@ class Classifier(nn.Module):
         if hasattr(self.body, "init_from_data"):
             self.body.init_from_data(self.normalize(images))
 
+    @property
+    def can_freeze_stem(self) -> bool:
+        return hasattr(self.body, "freeze_stem")
+
     def freeze_stem(self) -> bool:
-        """Stop training the body's fixed first layer, if it has one; True when that changed anything."""
-        return bool(self.body.freeze_stem()) if hasattr(self.body, "freeze_stem") else False
+        """Stop training the body's fixed first layer; True when that changed anything."""
+        return bool(self.body.freeze_stem())
 
 
 def create_model(

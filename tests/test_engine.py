@@ -89,6 +89,15 @@ def test_whitening_bias_learns_then_freezes(prepared_dir):
     assert not model.body.whiten(torch.rand(2, 3, 32, 32)).requires_grad
 
 
+def test_freezing_a_stem_the_model_lacks_is_refused_before_training(prepared_dir):
+    epochs = []
+    with pytest.raises(CifarError, match="whiten_bias_epochs needs a model with a whitening stem.*small_cnn"):
+        train_small_model(prepared_dir, ["train.whiten_bias_epochs=1"], callback=epochs.append)
+    assert epochs == []
+    with pytest.raises(CifarError, match="whiten_bias_epochs must be 0"):
+        train_small_model(prepared_dir, ["train.whiten_bias_epochs=-1"])
+
+
 def test_lookahead_alternating_flip_and_frozen_stem_resume_exactly(prepared_dir):
     model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
     reference = run()
