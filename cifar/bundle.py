@@ -126,9 +126,8 @@ or ONNX Runtime, without torch and without unpickling.
 - **Recipe**: `experiments/{recipe.get("name", "?")}.yaml` with model.width={meta["width"]}, {metrics["epochs"]} epochs
   (full recipe in `recipe.json`): {recipe.get("model", {})}, {recipe.get("optim", {})},
   {recipe.get("augment", {})}, label smoothing {recipe.get("train", {}).get("label_smoothing")}, flip TTA in the graph.
-- **Trained with**: `{command or "python train.py --experiment best --set model.width=2.0 --epochs 80 --save-dir DIR"}`
-  on an NVIDIA H100 ({metrics["train_seconds"]:.1f} s of training),
-  then `python -m cifar.bundle build --weights DIR`{quantized}.
+- **Trained with**: `{command or "python train.py --experiment NAME --save-dir DIR"}`
+  ({metrics["train_seconds"]:.1f} s of training), then `python -m cifar.bundle build --weights DIR`{quantized}.
 - **Accuracy** (measured by `cifar.bundle {"quantize" if int8 else "build"}` on this machine, test split, once):
   **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}
   (the epoch was chosen on validation).
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--weights", type=Path, required=True, help="folder with model.safetensors + model_config.json")
     build.add_argument("--out", type=Path, default=BUNDLE_DIR)
     build.add_argument("--data-dir", type=Path)
-    build.add_argument("--trained-with", default="", help="the command that trained the weights (for the card)")
+    build.add_argument("--trained-with", default="", help="the training command and its machine (for the card)")
     quantize = sub.add_parser("quantize", help="replace the bundled float model by its int8 model, re-measured")
     quantize.add_argument("--bundle", type=Path, default=BUNDLE_DIR)
     quantize.add_argument("--data-dir", type=Path)

@@ -173,17 +173,31 @@ class Predictor:
         return occlusion_map(self.probabilities, image, target, patch, stride)
 
     def predict_files(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 256) -> list[Prediction | str]:
-        """Decode and predict files; an unreadable file yields its error message instead."""
+        """Decode and predict files; an unreadable file yields its error message instead.
+
+        The next chunk decodes on a thread while ONNX Runtime (which releases the GIL) scores this one.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
         results: list[Prediction | str] = []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            decoded: list[np.ndarray | str] = []
-            for p in chunk:
-                try:
-                    decoded.append(decode_image(Path(p), str(p)))
-                except CifarError as exc:
-                    decoded.append(str(exc))
-            good = [d for d in decoded if not isinstance(d, str)]
-            predictions = iter(self.predict_arrays(good, top_k) if good else [])
-            results.extend(d if isinstance(d, str) else next(predictions) for d in decoded)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(_decode_files, chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                decoded = pending.result()
+                pending = pool.submit(_decode_files, chunks[i + 1]) if i + 1 < len(chunks) else None
+                good = [d for d in decoded if not isinstance(d, str)]
+                predictions = iter(self.predict_arrays(good, top_k) if good else [])
+                results.extend(d if isinstance(d, str) else next(predictions) for d in decoded)
         return results
+
+
+def _decode_files(paths: list[str | Path]) -> list[np.ndarray | str]:
+    """Each file's 32x32x3 array, or its error message."""
+    decoded: list[np.ndarray | str] = []
+    for p in paths:
+        try:
+            decoded.append(decode_image(Path(p), str(p)))
+        except CifarError as exc:
+            decoded.append(str(exc))
+    return decoded

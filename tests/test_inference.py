@@ -155,6 +155,24 @@ def test_predict_cli_folder(mini_dir):
     assert len(lines) == 20 and sum(": frog (" in line for line in lines) >= 16
 
 
+def test_predict_files_keeps_order_and_errors_across_chunks(bundled, tmp_path, mini_dir):
+    # Chunks of 2 decode on a thread while the previous chunk is scored: results stay in input order.
+    good = sorted((mini_dir / "test" / "ship").glob("*.jpg"))[:5]
+    bad = [tmp_path / "empty.png", tmp_path / "missing.jpg", tmp_path / "text.jpg"]
+    bad[0].write_bytes(b"")
+    bad[2].write_text("not an image")
+    paths = [good[0], bad[0], good[1], good[2], bad[1], bad[2], good[3], good[4]]
+    results = bundled.predict_files(paths, batch_size=2)
+    single = [bundled.predict_files([p])[0] for p in paths]
+    assert len(results) == len(paths)
+    for path, chunked, alone in zip(paths, results, single):
+        if path in bad:
+            assert isinstance(chunked, str) and chunked == alone and path.name in chunked
+        else:
+            assert chunked.label == alone.label and np.allclose(chunked.probabilities, alone.probabilities, atol=1e-6)
+    assert sum(r.label == "ship" for r in results if not isinstance(r, str)) >= 4
+
+
 @pytest.mark.integration
 def test_import_bundled_then_load_production(tmp_path, mini_raw):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
