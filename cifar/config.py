@@ -28,12 +28,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # sgd | adamw | muon (Muon for conv filters, Nesterov SGD for the rest)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
     bias_lr_scale: float = 1.0  # learning-rate multiplier for BatchNorm and bias parameters
+    muon_lr: float = 0.12  # optim.name=muon: rate of the orthogonalized conv-filter updates
+    muon_momentum: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no weight EMA
     lookahead: bool = False  # Lookahead averaging that strengthens towards the end (cifar.optim)
     whiten_bias_epochs: int = 0  # fastnet: the whitening bias learns this many epochs, then freezes (0 = always)
+    # Progressive resizing: the first low_res_epochs train on batches downscaled to low_res pixels
+    # (a 24-pixel step costs about 0.6 of a 32-pixel one); validation and test stay at full size.
+    low_res_epochs: int = 0
+    low_res: int = 24
     tta: bool = True  # flip test-time augmentation at evaluation
     seed: int = 0
     amp: bool = True  # bf16 autocast where native: GPUs, CPUs with AMX/AVX512-BF16 (engine.native_bf16)

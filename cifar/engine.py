@@ -191,6 +191,11 @@ def fit(
             f"train.whiten_bias_epochs needs a model with a whitening stem (fastnet); {cfg.model.name} has none: "
             "set it to 0."
         )  # checked before training, not after its first epochs
+    if t.low_res_epochs < 0 or not 16 <= t.low_res <= 32:
+        raise CifarError(
+            f"train.low_res_epochs must be 0 or more (got {t.low_res_epochs}) and train.low_res between 16 and 32 "
+            f"pixels (got {t.low_res})."
+        )
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -258,6 +263,7 @@ def fit(
     started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         loader.set_epoch(epoch)
+        loader.image_size = t.low_res if epoch <= t.low_res_epochs else None
         model.train()
         if 0 < t.whiten_bias_epochs < epoch and model.freeze_stem():
             step_model = wrapped()  # DDP must not wait for gradients the stem no longer has

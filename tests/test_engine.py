@@ -89,6 +89,18 @@ def test_whitening_bias_learns_then_freezes(prepared_dir):
     assert not model.body.whiten(torch.rand(2, 3, 32, 32)).requires_grad
 
 
+def test_low_res_epochs_train_on_smaller_batches_then_full_size(prepared_dir):
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", "train.low_res_epochs=2", "train.low_res=20"])
+    sizes: list[tuple[bool, int]] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append((module.training, args[0].shape[-1])))
+    result = run()
+    per_epoch = len(load_cache(prepared_dir).labels["train"]) // 50
+    trained = [size for training, size in sizes if training]
+    assert trained == [20] * 2 * per_epoch + [32] * per_epoch
+    assert {size for training, size in sizes if not training} == {32}, "validation stays at full size"
+    assert result.history[-1].train_loss < result.history[0].train_loss
+
+
 def test_freezing_a_stem_the_model_lacks_is_refused_before_training(prepared_dir):
     epochs = []
     with pytest.raises(CifarError, match="whiten_bias_epochs needs a model with a whitening stem.*small_cnn"):
@@ -96,19 +108,27 @@ def test_freezing_a_stem_the_model_lacks_is_refused_before_training(prepared_dir
     assert epochs == []
     with pytest.raises(CifarError, match="whiten_bias_epochs must be 0"):
         train_small_model(prepared_dir, ["train.whiten_bias_epochs=-1"])
+    with pytest.raises(CifarError, match="train.low_res between 16 and 32 pixels \\(got 8\\)"):
+        train_small_model(prepared_dir, ["train.low_res_epochs=1", "train.low_res=8"], callback=epochs.append)
+    assert epochs == []
 
 
-def test_lookahead_alternating_flip_and_frozen_stem_resume_exactly(prepared_dir):
-    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
+@pytest.mark.parametrize(
+    "tricks",
+    [AIRBENCH_TRICKS, ["optim.name=muon", "train.low_res_epochs=2", "train.whiten_bias_epochs=1"]],
+    ids=["lookahead-altflip-frozen-stem", "muon-low-res"],
+)
+def test_training_tricks_resume_exactly(prepared_dir, tricks):
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *tricks])
     reference = run()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
-    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *tricks])
     steps = iter(range(10_000))
     with pytest.raises(TrainingInterrupted) as stopped:
         run(should_stop=lambda: next(steps) == 2 * len(load_cache(prepared_dir).labels["train"]) // 50 - 3)
     assert stopped.value.state.epoch == 2, "stopped during epoch 2, after the stem froze"
-    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *AIRBENCH_TRICKS])
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", *tricks])
     resumed = run(resume=stopped.value.state)
     assert [m.train_loss for m in resumed.history] == [m.train_loss for m in reference.history]
     for name, value in model.state_dict().items():

@@ -80,11 +80,17 @@ def augment_batch(
     return x
 
 
+def downscale_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a B x C x H x W batch to ``size`` x ``size`` (progressive resizing)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 class DeviceLoader:
     """Yields (images, labels) batches from tensors already on the device.
 
     Epoch ``e`` draws its order and augmentation from ``seed + e``, so an epoch can be
-    replayed exactly (a resumed run sees the same batches).
+    replayed exactly (a resumed run sees the same batches). ``image_size`` (set per epoch by the
+    engine) downscales the augmented batches; None keeps them at the stored size.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class DeviceLoader:
         self.seed = seed
         self.channels_last = channels_last
         self.epoch = 0
+        self.image_size: int | None = None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -132,6 +139,8 @@ class DeviceLoader:
             x = self.images[index].float().div_(255)
             if aug is not None:
                 x = augment_batch(x, aug, generator, None if flips is None else flips[index])
+            if self.image_size and self.image_size != x.shape[-1]:
+                x = downscale_batch(x, self.image_size)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[index]

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cifar.data import load_cache
-from cifar.data.loader import Augmentation, DeviceLoader, augment_batch, images_to_tensor
+from cifar.data.loader import Augmentation, DeviceLoader, augment_batch, downscale_batch, images_to_tensor
 
 
 def real_batch(prepared_dir, n=64):
@@ -122,3 +122,21 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch(prepared_dir):
     assert 0.3 < first.float().mean() < 0.7, "the starting half is random"
     assert torch.equal(second, ~first), "the next epoch shows every image the other way round"
     assert torch.equal(third, first)
+
+
+def test_downscaled_epochs_are_the_full_size_batches_resized(prepared_dir):
+    data = load_cache(prepared_dir)
+    aug = Augmentation(flip=True, translate=2)
+
+    def first_batch(image_size):
+        loader = DeviceLoader(data.images["train"], data.labels["train"], 32, "cpu", augmentation=aug, shuffle=True)
+        loader.set_epoch(3)
+        loader.image_size = image_size
+        return next(iter(loader))
+
+    (full, labels), (small, same_labels) = first_batch(None), first_batch(24)
+    assert full.shape[-2:] == (32, 32) and small.shape[-2:] == (24, 24)
+    assert torch.equal(labels, same_labels), "same order and augmentation, only smaller"
+    assert torch.allclose(small, downscale_batch(full, 24))
+    # Antialiased: each small pixel is close to the mean of the 4/3 x 4/3 area it covers.
+    assert abs(small.mean().item() - full.mean().item()) < 2e-3
