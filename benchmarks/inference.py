@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def main() -> None:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
             f.write(
                 f"\n### Inference ({date.today()}, {machine}, `{Path(args.model).name}`, "
-                f"`python benchmarks/inference.py{' --quick' if args.quick else ''}`)\n\n"
+                f"`{shlex.join(['python', 'benchmarks/inference.py', *sys.argv[1:]])}`)\n\n"
             )
             f.writelines(f"- {line}\n" for line in lines)
 
