@@ -96,7 +96,11 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:  # the torch.optim contract: re-evaluate the loss, with gradients
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             momentum, muon = group["momentum"], group["muon"]
             for p in group["params"]:
@@ -114,6 +118,7 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(math.sqrt(p.size(0)) / p.norm().clamp(min=1e-12))
                     update = orthogonalize(update.reshape(p.size(0), -1)).view_as(p)
                 p.add_(update, alpha=-group["lr"])
+        return loss
 
 
 class Lookahead:

@@ -138,5 +138,5 @@ def test_downscaled_epochs_are_the_full_size_batches_resized(prepared_dir):
     assert full.shape[-2:] == (32, 32) and small.shape[-2:] == (24, 24)
     assert torch.equal(labels, same_labels), "same order and augmentation, only smaller"
     assert torch.allclose(small, downscale_batch(full, 24))
-    # Antialiased: each small pixel is close to the mean of the 4/3 x 4/3 area it covers.
+    # Antialiased resampling keeps the batch's mean brightness.
     assert abs(small.mean().item() - full.mean().item()) < 2e-3
