@@ -120,22 +120,32 @@ class Predictor:
 
     @classmethod
     def from_uri(cls, uri: str = DEFAULT_MODEL_URI) -> Predictor:
-        """``models:/name@alias``, ``models:/name/N``, ``runs:/id/model``, a model folder or an .onnx file."""
+        """``models:/name@alias``, ``models:/name/N``, ``runs:/id/model``, a model folder or an .onnx file.
+
+        A registry model is copied once and reused while the local SQLite store is unchanged
+        (``cifar.modelcache``); ``description`` names the version an alias resolved to.
+        """
         path = Path(uri).expanduser()
         if path.exists():
             return cls(_find_onnx(path) if path.is_dir() else path, description=str(path))
         if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")):
             raise CifarError(f"model '{uri}' is neither a local path nor a models:/ or runs:/ URI.")
-        import mlflow
+        from cifar import modelcache
 
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(uri))
-        except Exception as exc:  # MLflow raises many types for a missing alias, run or server
-            raise CifarError(
-                f"cannot load model {uri} from {mlflow.get_tracking_uri()}: {str(exc).splitlines()[0][:300]}. "
-                "If no model is registered yet, run: python register.py (or python register.py --import-bundled)."
-            ) from None
-        return cls(_find_onnx(local) if local.is_dir() else local, description=uri)
+        found = modelcache.cached_copy(uri)
+        if found is None:
+            import mlflow
+
+            try:
+                found = modelcache.download_model(uri)
+            except Exception as exc:  # MLflow raises many types for a missing alias, run or server
+                raise CifarError(
+                    f"cannot load model {uri} from {mlflow.get_tracking_uri()}: {str(exc).splitlines()[0][:300]}. "
+                    "If no model is registered yet, run: python register.py (or python register.py --import-bundled)."
+                ) from None
+        local, resolved = found
+        description = uri if resolved == uri else f"{uri} (version {resolved.rsplit('/', 1)[-1]})"
+        return cls(_find_onnx(local) if local.is_dir() else local, description=description)
 
     def logits(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Raw logits (before temperature) for N x 32 x 32 x 3 uint8 images."""

@@ -20,6 +20,12 @@ SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PYTHON = sys.executable
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_model_cache(tmp_path_factory):
+    """Registry-model copies (cifar.modelcache) go to a temp folder, never the user's ~/.cache."""
+    os.environ["CIFAR_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+
+
 @pytest.fixture(autouse=True)
 def restore_environment():
     """MLflow 3's set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; keep tests apart."""

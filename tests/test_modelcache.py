@@ -1,0 +1,97 @@
+"""cifar.modelcache: a registry model is copied once and reused only while the SQLite store is unchanged."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from conftest import ROOT, run_cli
+
+from cifar import modelcache
+
+IMAGE = ROOT / "tests/fixtures/cifar10-mini/test/ship"
+NAME = "cifar10-classifier"
+
+
+def predict(env: dict, cwd) -> tuple[list[dict], bool]:
+    """The JSON answer for the fixture's ship images, and whether the call imported mlflow."""
+    result = run_cli(["-X", "importtime", "-m", "cifar.predict", str(IMAGE), "--json"], env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = any(line.rsplit("|", 1)[-1].strip() == "mlflow" for line in result.stderr.splitlines())
+    return json.loads(result.stdout), imported
+
+
+@pytest.fixture
+def registered(tmp_path):
+    """A private SQLite registry whose production alias is the bundled model (version 1)."""
+    cache = tmp_path / "cache"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CIFAR_MODEL_CACHE": str(cache)}
+    done = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return env, cache
+
+
+def move_production_to_a_new_version(env: dict) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        client = mlflow.MlflowClient()
+        first = client.get_model_version_by_alias(NAME, "production")
+        second = client.create_model_version(NAME, first.source, run_id=first.run_id)
+        client.set_registered_model_alias(NAME, "production", second.version)
+        return str(second.version)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.integration
+def test_second_call_skips_mlflow_until_the_alias_moves(registered, tmp_path):
+    env, cache = registered
+    cold, cold_imported = predict(env, tmp_path)
+    warm, warm_imported = predict(env, tmp_path)
+    assert cold_imported and not warm_imported, "the unchanged store should be read from the local copy"
+    assert [r["label"] for r in warm] == [r["label"] for r in cold] and len(cold) == 20
+    assert sum(r["label"] == "ship" for r in warm) >= 16
+    assert {r["model"] for r in cold} == {f"models:/{NAME}@production (version 1)"}
+    assert len(list(cache.glob("*.json"))) == 1
+
+    version = move_production_to_a_new_version(env)
+    moved, moved_imported = predict(env, tmp_path)
+    assert moved_imported and {r["model"] for r in moved} == {f"models:/{NAME}@production (version {version})"}
+    again, again_imported = predict(env, tmp_path)
+    assert not again_imported and again[0]["model"] == moved[0]["model"]
+
+
+@pytest.mark.integration
+def test_off_always_asks_the_registry_and_a_removed_store_is_not_served_from_the_copy(registered, tmp_path):
+    env, cache = registered
+    off = {**env, "CIFAR_MODEL_CACHE": "off"}
+    assert predict(off, tmp_path)[1] and predict(off, tmp_path)[1]
+    assert not cache.exists()
+
+    predict(env, tmp_path)  # fills the cache
+    (tmp_path / "mlflow.db").unlink()
+    gone = run_cli(["-m", "cifar.predict", str(IMAGE)], env=env, cwd=tmp_path)
+    assert gone.returncode == 2 and "python register.py" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_fingerprint_follows_every_write_and_only_sqlite_is_cached(tmp_path, monkeypatch):
+    db = tmp_path / "store.db"
+    uri = f"sqlite:///{db}"
+    with sqlite3.connect(db) as connection:
+        connection.execute("create table t (x)")
+    before = modelcache.store_state(uri, uri)
+    assert before == modelcache.store_state(uri, uri)
+    with sqlite3.connect(db) as connection:
+        connection.execute("insert into t values (1)")
+    assert modelcache.store_state(uri, uri) != before
+    for other in ("http://127.0.0.1:5000", "postgresql://u@127.0.0.1/mlflow", "databricks"):
+        assert modelcache.store_state(other, other) is None
+        assert modelcache.store_state(uri, other) is None
+
+    monkeypatch.setenv("CIFAR_MODEL_CACHE", str(tmp_path / "cache"))
+    assert modelcache.cached_copy("runs:/0123/model") is None  # a run's artifacts can change without a write
+    monkeypatch.setenv("CIFAR_MODEL_CACHE", "off")
+    assert modelcache.cache_root() is None
