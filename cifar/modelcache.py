@@ -106,6 +106,20 @@ def _temporary_folder() -> Path:
     return folder
 
 
+def _fetch(uri: str, folder: Path) -> Path:
+    """Download ``uri`` into ``folder``; nothing is left there unless it holds an ONNX model."""
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder)))
+        if not (local.is_file() or any(local.rglob("*.onnx"))):  # MLflow "downloads" a deleted model as nothing
+            raise FileNotFoundError(f"the artifact store holds no ONNX file for {uri} (deleted?)")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return local
+
+
 def download_model(uri: str) -> tuple[Path, str]:
     """Fetch ``uri`` with MLflow, keeping a copy for ``cached_copy`` when the store allows it.
 
@@ -118,14 +132,14 @@ def download_model(uri: str) -> tuple[Path, str]:
     state = store_state(mlflow.get_tracking_uri(), mlflow.get_registry_uri()) if root else None
     resolved = _resolve_alias(uri) if uri.startswith("models:/") else uri
     if state is None:
-        return Path(mlflow.artifacts.download_artifacts(resolved, dst_path=str(_temporary_folder()))), resolved
+        return _fetch(resolved, _temporary_folder()), resolved
     key = _key(uri)
     try:
         root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
     except OSError:  # an unwritable cache folder costs speed, not the prediction
-        return Path(mlflow.artifacts.download_artifacts(resolved, dst_path=str(_temporary_folder()))), resolved
-    local = Path(mlflow.artifacts.download_artifacts(resolved, dst_path=str(folder)))
+        return _fetch(resolved, _temporary_folder()), resolved
+    local = _fetch(resolved, folder)
     entry = {
         "uri": uri,
         "resolved": resolved,

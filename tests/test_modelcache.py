@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 
 import pytest
@@ -95,3 +96,15 @@ def test_fingerprint_follows_every_write_and_only_sqlite_is_cached(tmp_path, mon
     assert modelcache.cached_copy("runs:/0123/model") is None  # a run's artifacts can change without a write
     monkeypatch.setenv("CIFAR_MODEL_CACHE", "off")
     assert modelcache.cache_root() is None
+
+
+@pytest.mark.integration
+def test_a_failed_download_leaves_no_half_copy(registered, tmp_path):
+    env, cache = registered
+    artifacts = {p.parent for p in (tmp_path / "mlruns").rglob("model.onnx")}
+    assert artifacts, "the registered model's files are in the local artifact store"
+    for folder in artifacts:
+        shutil.rmtree(folder)
+    failed = run_cli(["-m", "cifar.predict", str(IMAGE)], env=env, cwd=tmp_path)
+    assert failed.returncode == 2 and "cannot load model" in failed.stderr and "Traceback" not in failed.stderr
+    assert not list(cache.glob("*")), "a partial copy or an entry for it was left in the cache"
