@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+
+from cifar.locks import sqlite_file
 
 CACHE_ENV = "CIFAR_MODEL_CACHE"  # a folder, or off
 _STALE_S = 60  # older copies of the same URI are removed once no loader can still be reading them
@@ -42,12 +43,6 @@ def _key(uri: str) -> str:
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(unquote(uri[len("sqlite:///") :].split("?")[0])).absolute()  # relative to the working folder
-
-
 def _file_store_data() -> bool:
     """MLflow's default URI falls back to ./mlruns when it holds file-store experiments."""
     try:
@@ -59,7 +54,7 @@ def _file_store_data() -> bool:
 
 def store_state(tracking_uri: str, registry_uri: str) -> list[Any] | None:
     """A fingerprint that changes with every write to the SQLite store; None for any other store."""
-    files = {_sqlite_file(tracking_uri), _sqlite_file(registry_uri)}
+    files = {sqlite_file(tracking_uri), sqlite_file(registry_uri)}
     if None in files:
         return None
     state: list[Any] = []
@@ -127,9 +122,10 @@ def download_model(uri: str) -> tuple[Path, str]:
     """
     import mlflow
 
+    tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     root = cache_root() if uri.startswith("models:/") else None
     # The fingerprint is taken before resolving: a write meanwhile makes the next call ask again.
-    state = store_state(mlflow.get_tracking_uri(), mlflow.get_registry_uri()) if root else None
+    state = store_state(tracking_uri, registry_uri) if root else None
     resolved = _resolve_alias(uri) if uri.startswith("models:/") else uri
     if state is None:
         return _fetch(resolved, _temporary_folder()), resolved
@@ -143,8 +139,8 @@ def download_model(uri: str) -> tuple[Path, str]:
     entry = {
         "uri": uri,
         "resolved": resolved,
-        "tracking_uri": mlflow.get_tracking_uri(),
-        "registry_uri": mlflow.get_registry_uri(),
+        "tracking_uri": tracking_uri,
+        "registry_uri": registry_uri,
         "state": state,
         "path": str(local.relative_to(root)),
     }

@@ -47,8 +47,10 @@ def default_storage() -> str:
     """``optuna.db`` beside the local MLflow store (``mlflow.db``), else in the current folder."""
     import mlflow
 
-    tracking = mlflow.get_tracking_uri()
-    folder = Path(tracking.removeprefix("sqlite:///")).parent if tracking.startswith("sqlite:///") else Path(".")
+    from cifar.locks import sqlite_file
+
+    database = sqlite_file(mlflow.get_tracking_uri())
+    folder = database.parent if database is not None else Path(".")
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
