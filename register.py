@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         ]
     )
+    print(f"OOD AUROC of the candidate: the lowest of {candidate.ood_basis}.")
     verdict = "PROMOTE" if decision.promote else "KEEP production"
     print(f"Decision: {verdict} ({decision.reason}).")
     if decision.refused:

@@ -66,13 +66,16 @@ def torch_model(predictor: Predictor, weights: Path | None):
     return model.eval(), meta
 
 
-def float_onnx(model, meta: dict, folder: Path) -> Path:
-    """The float32 ONNX export of ``model``, as a training run logs it."""
-    from cifar.export import export_onnx
+def float_onnx(model, meta: dict, served: Path, folder: Path) -> Path:
+    """The float32 served graph of ``model`` (as a training run logs it), with the head constants of ``served``."""
+    import onnx
+
+    from cifar import contract
+    from cifar.export import export_served
 
     meta = {k: v for k, v in meta.items() if k not in ("precision", "quantization")}
     path = folder / "float32.onnx"
-    export_onnx(model, path, meta)
+    onnx.save(export_served(model, meta, contract.constants_of(onnx.load(str(served)))), str(path))
     return path
 
 
@@ -87,19 +90,19 @@ def main() -> None:
 
     import torch
 
-    from cifar.export import servable
+    from cifar.export import ServedNet
 
     scratch = tempfile.TemporaryDirectory()
     predictor = Predictor.from_uri(args.model)
     raw_model, meta = torch_model(predictor, args.weights)
-    model = servable(raw_model, meta)
-    float_path = float_onnx(raw_model, {**predictor.metadata, **meta}, Path(scratch.name))
+    model = ServedNet(raw_model, bool(meta.get("tta"))).eval()  # eager: the network part of the served graph
+    float_path = float_onnx(raw_model, {**predictor.metadata, **meta}, predictor.onnx_path, Path(scratch.name))
     float_predictor = Predictor(float_path)
     precision = predictor.metadata.get("precision", "float32")
     rng = np.random.default_rng(0)
     one = rng.integers(0, 255, (1, 32, 32, 3), np.uint8)
     batch = rng.integers(0, 255, (256, 32, 32, 3), np.uint8)
-    to_tensor = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).astype(np.float32) / 255)  # noqa: E731
+    to_tensor = torch.from_numpy
     onnx_p50, onnx_p99 = percentiles(time_calls(lambda: predictor.predict_arrays(one), repeats))
     float_p50, float_p99 = percentiles(time_calls(lambda: float_predictor.predict_arrays(one), repeats))
     torch_p50, torch_p99 = percentiles(time_calls(lambda: model(to_tensor(one)), repeats))

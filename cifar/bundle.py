@@ -1,8 +1,11 @@
 """The model shipped with the repository (``models/bundled/``), so a fresh clone serves predictions.
 
 ``python -m cifar.bundle build --weights DIR`` turns a training's safetensors weights (from
-``train.py --save-dir``) into an MLflow ONNX model folder with a model card, measuring its
-accuracy here on the test split. ``register.py --import-bundled`` puts it in the registry.
+``train.py --save-dir``) into an MLflow model folder with the served graph (``cifar.contract``),
+its constants fitted on this machine's cache, and a model card measured on the test split.
+``quantize`` replaces it by its int8 model, re-measured. ``register.py --import-bundled`` puts it
+in the registry. ``dequantize`` recovers float weights from an int8 bundle whose float weights
+are gone (how today's bundle was rebuilt in the served format; its card says so).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar import contract
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
 from cifar.errors import CifarError
@@ -26,87 +30,137 @@ BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
 def build_bundle(
     weights_dir: Path, out_dir: Path = BUNDLE_DIR, data_dir: Path | None = None, command: str = ""
 ) -> dict:
+    """Weights -> a bundle folder: the served graph fitted on this cache, measured, with its card."""
     import torch
 
+    from cifar.calibrate import serve_model
     from cifar.data import ensure_cache
-    from cifar.engine import evaluate
-    from cifar.export import export_onnx, load_weights, onnx_parity
-    from cifar.metrics import confusion_matrix, per_class_report
-    from cifar.tracking import onnx_signature
+    from cifar.export import load_weights
 
     model, meta = load_weights(weights_dir)
     data = ensure_cache(data_dir)
     if meta.get("data_digest") and meta["data_digest"] != data.digest:
         print(f"note: weights were trained on data {meta['data_digest'][:12]}, evaluating on {data.digest[:12]}")
-    test = evaluate(
-        model,
-        data.images["test"],
-        data.labels["test"],
-        device=torch.device("cpu"),
-        tta=bool(meta.get("tta")),
-        batch_size=500,
-    )
-    cm = confusion_matrix(test.labels, test.predictions, len(data.classes))
-    report = per_class_report(cm, data.classes)
     results = meta.get("results", {})
-    metadata = {k: v for k, v in meta.items() if k not in ("results", "recipe")}
+    dropped = ("results", "recipe", "trust", "recovered_from", "trained_with", "input")
+    metadata = {k: v for k, v in meta.items() if k not in dropped}
     metadata.update(
         {
+            "contract": contract.describe(meta["classes"]),
             "bundled": True,
-            "test_accuracy": test.accuracy,
             "val_accuracy": results.get("best_val_accuracy"),
             "run_id": None,
         }
     )
-
-    import mlflow
-
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    proto = export_onnx(model, tmp / "scratch.onnx", metadata)
-    sample = np.asarray(data.images["test"][:64]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-    parity = onnx_parity(model, proto, sample, tta=bool(meta.get("tta")))
-    shutil.rmtree(tmp)
-    mlflow.onnx.save_model(
-        proto,
-        str(tmp),
-        signature=onnx_signature(len(data.classes)),
-        input_example={"image": sample[:2]},
-        metadata=metadata,
-        save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"],
-    )
+    served = serve_model(model, data, metadata, torch.device("cpu"), batch_size=500)
+    history = results.get("history", [])
     metrics = {
-        "trained_with": command,
-        "test_accuracy": test.accuracy,
-        "test_loss": test.loss,
+        "trained_with": command or meta.get("trained_with", ""),
         "val_accuracy": results.get("best_val_accuracy"),
         "train_seconds": results.get("train_seconds"),
-        "epochs": len(results.get("history", [])),
-        "onnx_max_abs_diff": parity,
-        "per_class": report.set_index("class").round(4).to_dict(orient="index"),
-        "data_digest": data.digest,
-        "data_source": data.manifest["source"],
+        "epochs": len(history) or results.get("epochs"),
+        "onnx_max_abs_diff": served.parity,
+        **({"recovered_from": meta["recovered_from"]} if meta.get("recovered_from") else {}),
     }
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    # The same evaluation files a training run logs, so the app's model page reads either alike.
-    from cifar.engine import EpochMetrics
-    from cifar.plots import confusion_matrix_figure, training_curves
-
-    (tmp / "per_class.csv").write_text(report.to_csv(index=False, float_format="%.4f"))
-    confusion_matrix_figure(cm, data.classes, "Test split").savefig(tmp / "confusion_matrix.png", dpi=80)
-    history = [EpochMetrics(**h) for h in results.get("history", [])]
+    tmp = _fresh(out_dir)
+    _write_bundle(tmp, served.proto, served.metadata, data, metrics, meta.get("recipe", {}), served.calibration)
     if history:
-        training_curves(history, results.get("best_epoch")).savefig(tmp / "training_curves.png", dpi=80)
-    (tmp / "recipe.json").write_text(json.dumps(meta.get("recipe", {}), indent=2))
-    (tmp / "README.md").write_text(model_card(meta, metrics, report, command))
+        from cifar.engine import EpochMetrics
+        from cifar.plots import training_curves
+
+        curves = [EpochMetrics(**h) for h in history]
+        training_curves(curves, results.get("best_epoch")).savefig(tmp / "training_curves.png", dpi=80)
+    elif (out_dir / "training_curves.png").is_file():  # recovered weights: the original training's curves
+        shutil.copy2(out_dir / "training_curves.png", tmp / "training_curves.png")
+    return _replace(tmp, out_dir)
+
+
+def quantize_bundle(bundle_dir: Path = BUNDLE_DIR, data_dir: Path | None = None, robustness_images: int = 500) -> dict:
+    """Replace a float bundle by its int8 model, re-measured here: accuracy, per class, trust, corruptions."""
+    import tempfile
+
+    import onnx
+
+    from cifar.data import ensure_cache
+    from cifar.quantize import quantize_model
+
+    bundle_dir = Path(bundle_dir)
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    if metrics.get("quantization"):
+        raise CifarError(f"{bundle_dir} already holds an int8 model.")
+    data = ensure_cache(data_dir)
+    tmp = _fresh(bundle_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        q = quantize_model(bundle_dir / "model.onnx", data, Path(scratch))
+        metrics["quantization"] = {
+            **q.metadata["quantization"],
+            "float_test_accuracy": metrics["test_accuracy"],
+            "val_agreement": q.val_agreement,
+        }
+        metrics["val_accuracy"] = q.val_accuracy
+        recipe = json.loads((bundle_dir / "recipe.json").read_text())
+        _write_bundle(tmp, onnx.load(str(q.path)), q.metadata, data, metrics, recipe, None, robustness_images)
+    if (bundle_dir / "training_curves.png").is_file():
+        shutil.copy2(bundle_dir / "training_curves.png", tmp / "training_curves.png")
+    return _replace(tmp, bundle_dir)
+
+
+def _fresh(out_dir: Path) -> Path:
+    tmp = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _replace(tmp: Path, out_dir: Path) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return metrics
+    return json.loads((out_dir / "metrics.json").read_text())
 
 
-def model_card(meta: dict, metrics: dict, report, command: str, trust: dict | None = None) -> str:
-    recipe = meta.get("recipe", {})
+def _write_bundle(
+    folder: Path, proto, metadata: dict, data, metrics: dict, recipe: dict, calibration, robustness_images: int = 0
+) -> None:
+    """The MLflow model folder and its card, every figure measured through the saved graph on ``data``."""
+    from cifar.inference import Predictor
+    from cifar.metrics import confusion_matrix, per_class_report
+    from cifar.plots import confusion_matrix_figure
+    from cifar.tracking import save_onnx_model_folder
+
+    save_onnx_model_folder(proto, metadata, np.asarray(data.images["val"][:2]), folder)
+    served = Predictor.from_uri(str(folder))
+    labels = np.asarray(data.labels["test"])
+    predicted = served.predicted_classes(np.asarray(data.images["test"]))
+    cm = confusion_matrix(labels, predicted, len(data.classes))
+    report = per_class_report(cm, data.classes)
+    trust = served.trust.to_dict()
+    metrics.update(
+        {
+            "test_accuracy": float((predicted == labels).mean()),
+            "per_class": report.set_index("class").round(4).to_dict(orient="index"),
+            "trust": trust,
+            "data_digest": data.digest,
+            "data_source": data.manifest["source"],
+        }
+    )
+    if robustness_images > 0:
+        from cifar.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
+
+        images, sample_labels = sample_test_split(data, robustness_images)
+        metrics["mean_corruption_accuracy"] = mean_corruption_accuracy(
+            corruption_table(served.predicted_classes, images, sample_labels)
+        )
+        metrics["mean_corruption_accuracy_note"] = (
+            f"python -m cifar.bundle quantize: 7 corruptions x 5 severities, {robustness_images} test images"
+        )
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "per_class.csv").write_text(report.to_csv(index=False, float_format="%.4f"))
+    title = "Test split (int8)" if metadata.get("precision") == "int8" else "Test split"
+    confusion_matrix_figure(cm, data.classes, title).savefig(folder / "confusion_matrix.png", dpi=80)
+    (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    (folder / "README.md").write_text(model_card(metadata, metrics, report, recipe))
+
+
+def model_card(meta: dict, metrics: dict, report, recipe: dict) -> str:
     int8 = bool(metrics.get("quantization"))
     parity_of = " (the float model it was quantized from)" if int8 else ""
     quantized = " and `python -m cifar.bundle quantize`" if int8 else ""
@@ -114,33 +168,42 @@ def model_card(meta: dict, metrics: dict, report, command: str, trust: dict | No
         f"| {r['class']} | {r['recall']:.1%} | {r['precision']:.1%} | {r['f1']:.3f} |"
         for r in report.to_dict(orient="records")
     )
-    command = command or metrics.get("trained_with", "")
+    recovered = metrics.get("recovered_from")
+    lineage = (
+        "\n- **Weights**: the float weights of that training were not kept; `python -m cifar.bundle dequantize` "
+        f"recovered them from the earlier int8 bundle ({recovered}), then `python -m cifar.bundle build "
+        f"--weights DIR`{quantized} made this one."
+        if recovered
+        else f", then `python -m cifar.bundle build --weights DIR`{quantized}."
+    )
     return f"""# Bundled model: `{meta["model"]}` (width {meta["width"]}{", int8" if int8 else ""})
 
 The model a fresh clone serves until you register your own (`python register.py --import-bundled`,
-run by `make app` on an empty store). An MLflow ONNX model: loads with `mlflow.pyfunc.load_model`
-or ONNX Runtime, without torch and without unpickling.
+run by `make app` on an empty store). An MLflow ONNX model that answers for any client
+(`mlflow models serve`, `mlflow.pyfunc`, ONNX Runtime): uint8 images (N×32×32×3) in; `label`,
+calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`cifar/contract.py`).
 
 - **Data**: CIFAR-10 (JPEG copy, `{metrics["data_source"]}`), cache digest `{metrics["data_digest"][:12]}`;
   45,000 training / 5,000 validation (stratified, seed 0) / 10,000 test images.
 - **Recipe**: `experiments/{recipe.get("name", "?")}.yaml` with model.width={meta["width"]}, {metrics["epochs"]} epochs
   (full recipe in `recipe.json`): {recipe.get("model", {})}, {recipe.get("optim", {})},
   {recipe.get("augment", {})}, label smoothing {recipe.get("train", {}).get("label_smoothing")}, flip TTA in the graph.
-- **Trained with**: `{command or "python train.py --experiment NAME --save-dir DIR"}`
-  ({metrics["train_seconds"]:.1f} s of training), then `python -m cifar.bundle build --weights DIR`{quantized}.
-- **Accuracy** (measured by `cifar.bundle {"quantize" if int8 else "build"}` on this machine, test split, once):
-  **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}
-  (the epoch was chosen on validation).
-- ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 test images{parity_of}.
+- **Trained with**: `{metrics.get("trained_with") or "python train.py --experiment NAME --save-dir DIR"}`
+  ({metrics.get("train_seconds") or 0:.1f} s of training){lineage}
+- **Accuracy** (measured by `cifar.bundle {"quantize" if int8 else "build"}` on this cache, test split, once,
+  through the saved graph): **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}.
+- ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 validation images{parity_of}.
 {_int8_lines(metrics)}
 | class | recall (accuracy) | precision | F1 |
 |---|---|---|---|
 {rows}
 
+## How far to trust it
+{_trust_lines(metrics["trust"])}
+
 ## Known limits
 - Trained and tested on quality-75 JPEGs of 32×32 images; every input is reduced to 32×32, so
   fine detail in a photo is lost. Cats and dogs are the most confused pair.
-{_trust_lines(trust)}
 - Accuracy on the canonical (PNG-quality) CIFAR-10 test set was not measured here.
 """
 
@@ -151,90 +214,100 @@ def _int8_lines(metrics: dict) -> str:
         return ""
     return (
         f"- **int8** (`python -m cifar.bundle quantize`): ONNX Runtime static quantization calibrated on "
-        f"{q['calibration_images']} validation images; test accuracy {q['float_test_accuracy']:.2%} as float, "
-        f"{metrics['test_accuracy']:.2%} as int8; the two give the same label to {q['val_agreement']:.2%} of "
-        f"validation images. A quarter of the float file's size; how much faster depends on the CPU "
+        f"{q['calibration_images']} validation images, the contract's head left in float; test accuracy "
+        f"{q['float_test_accuracy']:.2%} as float, {metrics['test_accuracy']:.2%} as int8; the two give the same "
+        f"label to {q['val_agreement']:.2%} of validation images. How much faster depends on the CPU "
         "(int8 dot products: VNNI/AMX), see `benchmarks/RESULTS.md`.\n"
     )
 
 
-def _trust_lines(trust: dict | None) -> str:
-    if not trust:
-        return "- It always answers with one of the ten classes, even for photos of none of them."
+def _trust_lines(trust: dict) -> str:
     m = trust["metrics"]
-    return (
-        f"- It scores every image against the ten classes. `trust.json` (fitted on this cache's validation split "
-        f"by `python -m cifar.calibrate`) adds a temperature of {trust['temperature']:.3f} (test ECE "
-        f"{m['test_ece_uncalibrated']:.3f} → {m['test_ece_calibrated']:.3f}) and an out-of-distribution "
-        f"threshold that accepts {trust['accept_rate']:.0%} of validation images: it flags "
-        f"{1 - m['ood_false_accept_noise']:.0%} of noise images but only "
-        f"{1 - m.get('ood_false_accept_fashion_mnist', float('nan')):.0%} of Fashion-MNIST clothing photos and "
-        f'{1 - m["ood_false_accept_flat"]:.0%} of flat single-colour images as "none of these".'
+    sets = [k.removeprefix("ood_auroc_") for k in m if k.startswith("ood_auroc_")]
+    rows = "\n".join(
+        f"| {name.replace('_', ' ')} | {m['ood_auroc_' + name]:.3f} | {m['ood_false_accept_' + name]:.1%} |"
+        for name in sets
     )
+    missing = "".join(f"\n- {name}: {why}" for name, why in trust.get("not_measured", {}).items())
+    return f"""Fitted by `cifar.calibrate` on this cache (training and validation images only) and stored as
+constants of the graph:
+- temperature {trust["temperature"]:.3f}: test ECE {m["test_ece_uncalibrated"]:.3f} → {m["test_ece_calibrated"]:.3f},
+  NLL {m["test_nll_uncalibrated"]:.3f} → {m["test_nll_calibrated"]:.3f};
+- "none of these": the Mahalanobis distance of the image's features (every stage's mean activation
+  and the penultimate vector, fitted on {trust["fit_images"]:,} training images) to the nearest class;
+  the threshold accepts {trust["accept_rate"]:.0%} of validation images and
+  {m["ood_accept_rate_in"]:.2%} of the test split.
+
+| out-of-distribution set | AUROC | accepted as CIFAR-10 at the threshold |
+|---|---|---|
+{rows}
+{missing}"""
 
 
-def quantize_bundle(bundle_dir: Path = BUNDLE_DIR, data_dir: Path | None = None, robustness_images: int = 500) -> dict:
-    """Replace a float bundle by its int8 model, re-measured here: accuracy, per class, trust, corruptions."""
-    import tempfile
+def dequantize_weights(onnx_path: Path, out: Path, recipe: Path | None = None) -> Path:
+    """Float weights (safetensors + config) from an int8 QDQ graph exported by this project.
 
+    Each parameter is read back by its state-dict name: a float initializer as it is, an int8 one
+    as ``(q - zero_point) * scale`` (per output channel). BatchNorm scales that the exporter folded
+    into one shared tensor are the frozen 1.0 the model starts with.
+    """
     import onnx
+    import torch
+    from onnx import numpy_helper
 
-    from cifar.calibrate import TRUST_FILE
-    from cifar.data import ensure_cache
-    from cifar.inference import Predictor
-    from cifar.metrics import confusion_matrix, negative_log_likelihood, per_class_report, softmax
-    from cifar.plots import confusion_matrix_figure
-    from cifar.quantize import quantize_model
-    from cifar.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
-    from cifar.tracking import save_onnx_model_folder
+    from cifar.export import save_weights
+    from cifar.models import create_model
 
-    bundle_dir = Path(bundle_dir)
-    metrics = json.loads((bundle_dir / "metrics.json").read_text())
-    if metrics.get("quantization"):
-        raise CifarError(f"{bundle_dir} already holds an int8 model.")
-    data = ensure_cache(data_dir)
-    tmp = bundle_dir.with_name(bundle_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        q = quantize_model(bundle_dir / "model.onnx", data, Path(scratch))
-        save_onnx_model_folder(onnx.load(str(q.path)), q.metadata, np.zeros((1, 3, 32, 32), np.float32), tmp)
-        corruption = None
-        if robustness_images > 0:
-            images, sample_labels = sample_test_split(data, robustness_images)
-            corruption = mean_corruption_accuracy(corruption_table(Predictor(q.path).logits, images, sample_labels))
-    labels = np.asarray(data.labels["test"])
-    cm = confusion_matrix(labels, q.test_logits.argmax(1), len(data.classes))
-    report = per_class_report(cm, data.classes)
-    metrics.update(
-        {
-            "test_accuracy": q.test_accuracy,
-            "test_loss": negative_log_likelihood(softmax(q.test_logits), labels),
-            "val_accuracy": q.val_accuracy,
-            "per_class": report.set_index("class").round(4).to_dict(orient="index"),
-            "quantization": {
-                **q.metadata["quantization"],
-                "float_test_accuracy": metrics["test_accuracy"],
-                "val_agreement": q.val_agreement,
-            },
-        }
+    proto = onnx.load(str(onnx_path))
+    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}.get("cifar", "{}"))
+    if meta.get("precision") != "int8":
+        raise CifarError(f"{onnx_path} is not an int8 model of this project; nothing to dequantize.")
+    norm = meta["normalization"]
+    model = create_model(
+        meta["model"], num_classes=len(meta["classes"]), width=meta["width"], mean=norm["mean"], std=norm["std"]
     )
-    if corruption is not None:
-        metrics["mean_corruption_accuracy"] = corruption
-        metrics["mean_corruption_accuracy_note"] = (
-            f"python -m cifar.bundle quantize: 7 corruptions x 5 severities, {robustness_images} test images"
-        )
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / TRUST_FILE).write_text(json.dumps(q.trust.to_dict(), indent=2))
-    (tmp / "per_class.csv").write_text(report.to_csv(index=False, float_format="%.4f"))
-    confusion_matrix_figure(cm, data.classes, "Test split (int8)").savefig(tmp / "confusion_matrix.png", dpi=80)
-    for keep in ("recipe.json", "training_curves.png"):
-        if (bundle_dir / keep).is_file():
-            shutil.copy2(bundle_dir / keep, tmp / keep)
-    meta = {**q.metadata, "recipe": json.loads((bundle_dir / "recipe.json").read_text())}
-    (tmp / "README.md").write_text(model_card(meta, metrics, report, "", q.trust.to_dict()))
-    shutil.rmtree(bundle_dir)
-    tmp.rename(bundle_dir)
-    return metrics
+    state = {}
+    for key, default in model.state_dict().items():
+        name = f"model.{key}"
+        if name in tensors:
+            value = tensors[name]
+        elif f"{name}_quantized" in tensors:
+            q = tensors[f"{name}_quantized"].astype(np.float64)
+            scale = tensors.get(f"{name}_scale", tensors.get(f"{name}_quantized_scale"))
+            zero = tensors.get(f"{name}_zero_point", tensors.get(f"{name}_quantized_zero_point"))
+            shape = (-1,) + (1,) * (q.ndim - 1) if np.size(scale) > 1 else ()
+            value = (q - np.reshape(zero, shape)) * np.reshape(scale, shape)
+        elif key.endswith("num_batches_tracked") or (
+            ".norm" in key and key.endswith(".weight") and bool((default == 1).all())
+        ):
+            value = default.numpy()
+        else:
+            raise CifarError(f"{onnx_path} has no tensor for {key}; it was not exported by this project.")
+        state[key] = torch.as_tensor(np.array(value).reshape(default.shape), dtype=default.dtype)
+    model.load_state_dict(state)
+    dropped = ("trust", "quantization", "precision", "bundled", "run_id", "input", "test_accuracy", "val_accuracy")
+    keep = {k: v for k, v in meta.items() if k not in dropped}
+    card = onnx_path.parent / "metrics.json"  # the int8 bundle's record of the original training
+    old = json.loads(card.read_text()) if card.is_file() else {}
+    results = {
+        "best_val_accuracy": meta.get("quantization", {}).get("float_val_accuracy"),
+        "train_seconds": old.get("train_seconds"),
+        "epochs": old.get("epochs"),
+    }
+    keep["trained_with"] = old.get("trained_with", "")
+    recovered = "its int8 weights, 7-bit per output channel, read back as floats"
+    save_weights(
+        model,
+        out,
+        {
+            **keep,
+            "recipe": json.loads(recipe.read_text()) if recipe else {},
+            "results": results,
+            "recovered_from": recovered,
+        },
+    )
+    return out
 
 
 def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tuple[str, bool]:
@@ -246,6 +319,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
     import mlflow
     import onnx
     import yaml
+    from mlflow.models import Model
 
     from cifar.registry import (
         PRODUCTION,
@@ -270,7 +344,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
             version = existing[0].version
         else:
             proto = onnx.load(str(folder / "model.onnx"))
-            example = np.zeros((1, 3, 32, 32), np.float32)
+            example = Model.load(str(folder)).load_input_example(str(folder))["image"]
             mlflow.set_experiment("bundled-model")
             with mlflow.start_run(run_name="bundled-model") as run:
                 mlflow.log_metrics(
@@ -286,11 +360,8 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                         mlflow.log_artifact(str(folder / file), artifact_dir)
                 mlflow.log_dict(metrics, "bundle/metrics.json")
                 uri = log_onnx_model(proto, metadata, example)
-                trust = {}
-                if (folder / "trust.json").is_file():  # calibration made by python -m cifar.calibrate
-                    client.log_model_artifact(uri.removeprefix("models:/"), str(folder / "trust.json"))
-                    trust = json.loads((folder / "trust.json").read_text()).get("metrics", {})
-                    mlflow.log_metrics(trust)
+                trust = (metadata.get("trust") or {}).get("metrics", {})  # what the graph's constants do
+                mlflow.log_metrics(trust)
                 mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})
             tags = {
                 "source": "bundled",
@@ -330,11 +401,19 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, default=BUNDLE_DIR)
     build.add_argument("--data-dir", type=Path)
     build.add_argument("--trained-with", default="", help="the training command and its machine (for the card)")
+    dequantize = sub.add_parser("dequantize", help="float weights from an int8 bundle (whose float weights are gone)")
+    dequantize.add_argument("--onnx", type=Path, default=BUNDLE_DIR / "model.onnx")
+    dequantize.add_argument("--out", type=Path, required=True, help="folder for model.safetensors + model_config.json")
     quantize = sub.add_parser("quantize", help="replace the bundled float model by its int8 model, re-measured")
     quantize.add_argument("--bundle", type=Path, default=BUNDLE_DIR)
     quantize.add_argument("--data-dir", type=Path)
     quantize.add_argument("--robustness-images", type=int, default=500)
     args = parser.parse_args(argv)
+    if args.command == "dequantize":
+        recipe = args.onnx.parent / "recipe.json"
+        out = dequantize_weights(args.onnx, args.out, recipe if recipe.is_file() else None)
+        print(f"float weights in {out}; next: python -m cifar.bundle build --weights {out}")
+        return 0
     if args.command == "quantize":
         metrics = quantize_bundle(args.bundle, args.data_dir, args.robustness_images)
         q = metrics["quantization"]

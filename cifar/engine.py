@@ -54,6 +54,7 @@ class EvalResult:
     accuracy: float
     logits: np.ndarray  # N x classes, float32
     labels: np.ndarray
+    features: np.ndarray | None = None  # N x D (with_features): what the out-of-distribution score reads
 
     @property
     def predictions(self) -> np.ndarray:
@@ -137,25 +138,41 @@ def evaluate(
     tta: bool = False,
     amp: bool = True,
     channels_last: bool = False,
+    with_features: bool = False,
 ) -> EvalResult:
-    """Loss, accuracy and logits over a whole split (optionally averaging a horizontal flip)."""
+    """Loss, accuracy and logits over a whole split (optionally averaging a horizontal flip).
+
+    ``with_features`` also returns the features ``forward_features`` gives (flip-averaged with TTA),
+    as the served graph computes them.
+    """
     model.eval()
     data = images if isinstance(images, torch.Tensor) else images_to_tensor(images, device)
-    outputs = []
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if with_features:
+            logits, features = model.forward_features(x)
+            return logits.float(), features.float()
+        return model(x).float(), None
+
+    outputs, feature_batches = [], []
     for start in range(0, len(data), batch_size):
         x = data[start : start + batch_size].float().div_(255)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
-            logits = model(x).float()
+            logits, features = forward(x)
             if tta:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+                mirror_logits, mirror_features = forward(x.flip(3))
+                logits = 0.5 * (logits + mirror_logits)
+                features = None if features is None else 0.5 * (features + mirror_features)
         outputs.append(logits)
+        feature_batches.append(features)
     logits = torch.cat(outputs) if outputs else torch.zeros(0, 10, device=device)
     target = torch.as_tensor(np.asarray(labels), device=device)
     loss = F.cross_entropy(logits, target).item() if len(target) else float("nan")
     accuracy = (logits.argmax(1) == target).float().mean().item() if len(target) else float("nan")
-    return EvalResult(loss, accuracy, logits.cpu().numpy(), np.asarray(labels))
+    features = torch.cat(feature_batches).cpu().numpy() if with_features and feature_batches else None
+    return EvalResult(loss, accuracy, logits.cpu().numpy(), np.asarray(labels), features)
 
 
 def fit(

@@ -25,7 +25,6 @@ from cifar.metrics import (
     most_confused_pairs,
     negative_log_likelihood,
     per_class_report,
-    softmax,
 )
 
 
@@ -45,9 +44,10 @@ class EvaluationReport:
         return {f"{prefix}accuracy": self.accuracy, f"{prefix}ece": self.ece, f"{prefix}nll": self.nll}
 
 
-def build_report(logits: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> EvaluationReport:
+def build_report(probabilities: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> EvaluationReport:
+    """The report of a served model's calibrated ``probabilities`` (the graph's output) on labelled images."""
     labels = np.asarray(labels)
-    probabilities = softmax(np.asarray(logits, dtype=np.float64))
+    probabilities = np.asarray(probabilities, dtype=np.float64)
     predictions = probabilities.argmax(1)
     cm = confusion_matrix(labels, predictions, len(classes))
     wrong = np.flatnonzero(predictions != labels)
@@ -131,15 +131,7 @@ def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment:
     predictor = Predictor.from_uri(model_uri)
     data = ensure_cache(data_dir)
     images, labels = np.asarray(data.images["test"]), data.labels["test"]
-    logits = np.concatenate(
-        [
-            predictor.session.run(
-                None, {predictor.input_name: images[i : i + 1000].transpose(0, 3, 1, 2).astype(np.float32) / 255}
-            )[0]
-            for i in range(0, len(labels), 1000)
-        ]
-    )
-    report = build_report(logits, labels, tuple(predictor.classes))
+    report = build_report(predictor.probabilities(images), labels, tuple(predictor.classes))
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"evaluate {model_uri}") as run:
         mlflow.set_tags({"evaluated_model_uri": model_uri, "data_digest": data.digest})

@@ -1,15 +1,18 @@
-"""Trained model -> files that are data, not code: safetensors weights + JSON, and ONNX.
+"""Trained model -> files that are data, not code: safetensors weights + JSON, and the served ONNX graph.
 
-The ONNX graph takes float32 images in [0, 1], N x 3 x 32 x 32 (normalization is inside),
-and returns logits. Its metadata names the classes, so a bare ``.onnx`` file is self-describing.
+The served graph takes uint8 images as PIL and NumPy hold them (N x 32 x 32 x 3) and answers with
+a label, calibrated probabilities and "none of these" (``cifar.contract``). This module exports
+its network part from PyTorch, ``image -> (net_logits, features)``, and attaches the head.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +21,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
-METADATA_KEY = "cifar"
+from cifar import contract
 
 
-def model_metadata(model_name: str, width: float, classes: tuple[str, ...], mean, std, **extra: Any) -> dict[str, Any]:
+def model_metadata(model_name: str, width: float, classes: Sequence[str], mean, std, **extra: Any) -> dict[str, Any]:
     return {
         "model": model_name,
         "width": width,
         "classes": list(classes),
-        "input": {
-            "name": INPUT_NAME,
-            "shape": [-1, 3, 32, 32],
-            "dtype": "float32",
-            "range": [0.0, 1.0],
-            "layout": "NCHW RGB",
-        },
+        "contract": contract.describe(classes),
         "normalization": {"mean": list(mean), "std": list(std), "in_graph": True},
         **extra,
     }
@@ -46,87 +42,6 @@ def save_weights(model: nn.Module, folder: Path, metadata: dict[str, Any]) -> Pa
     save_file(state, str(folder / "model.safetensors"))
     (folder / "model_config.json").write_text(json.dumps(metadata, indent=2))
     return folder / "model.safetensors"
-
-
-def servable(model: nn.Module, metadata: dict[str, Any]) -> nn.Module:
-    """A float32 CPU copy in eval mode, with flip TTA in the graph when the run evaluated with it."""
-    from cifar.models import FlipTTA
-
-    cpu_model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    return FlipTTA(cpu_model).eval() if metadata.get("tta") else cpu_model
-
-
-def export_onnx(model: nn.Module, path: Path, metadata: dict[str, Any]):
-    """Export with a dynamic batch axis; returns the ``onnx.ModelProto`` (metadata attached).
-
-    The TorchScript exporter traces this static graph in about 0.1 s; the ``torch.export``-based
-    one takes 3-4 s on 2 CPU cores, on the wall time of every tracked run and trial. The newer
-    exporter is used when the older is gone (PyTorch deprecates it). Either way every export is
-    checked against PyTorch (``onnx_parity``) before it is logged.
-    """
-    import onnx
-
-    cpu_model = servable(model, metadata)
-    example = torch.rand(2, 3, 32, 32)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            proto = _export_torchscript(cpu_model, example)
-        except Exception:  # removed or failing in this PyTorch: the torch.export path
-            proto = _export_dynamo(cpu_model, example)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-    onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    return proto
-
-
-def _export_torchscript(model: nn.Module, example: torch.Tensor):
-    import io
-
-    import onnx
-
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (example,),
-        buffer,
-        dynamo=False,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=18,
-    )
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def _export_dynamo(model: nn.Module, example: torch.Tensor):
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        verbose=False,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes={"x": {0: batch}},
-        opset_version=18,
-    )
-    return program.model_proto
-
-
-def onnx_parity(model: nn.Module, proto, images01: np.ndarray, tta: bool = False) -> float:
-    """Largest absolute difference between PyTorch and ONNX Runtime logits on ``images01``."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    cpu_model = servable(model, {"tta": tta})
-    with torch.no_grad():
-        expected = cpu_model(torch.from_numpy(images01)).numpy()
-    actual = session.run(None, {INPUT_NAME: images01})[0]
-    return float(np.abs(actual - expected).max())
 
 
 def load_weights(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -146,3 +61,118 @@ def load_weights(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     )
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
     return model.eval(), metadata
+
+
+class ServedNet(nn.Module):
+    """uint8 N x 32 x 32 x 3 -> (logits, features): the input conversion and flip TTA, as the graph runs them."""
+
+    def __init__(self, model: nn.Module, tta: bool) -> None:
+        super().__init__()
+        self.model, self.tta = model, tta
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).float() / 255
+        logits, features = self.model.forward_features(x)
+        if self.tta:  # the mirror's logits and features, averaged: the served model scores as evaluated
+            mirror_logits, mirror_features = self.model.forward_features(x.flip(3))
+            logits, features = 0.5 * (logits + mirror_logits), 0.5 * (features + mirror_features)
+        return logits, features
+
+
+def _served_net(model: nn.Module, tta: bool) -> ServedNet:
+    """A float32 CPU copy in eval mode."""
+    cpu_model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    return ServedNet(cpu_model, tta).eval()
+
+
+def export_network(model: nn.Module, tta: bool):
+    """The network part of the served graph (``image -> net_logits, features``) as an ``onnx.ModelProto``.
+
+    The TorchScript exporter traces this static graph in about 0.1 s; the ``torch.export``-based
+    one takes 3-4 s on 2 CPU cores, on the wall time of every tracked run and trial. The newer
+    exporter is used when the older is gone (PyTorch deprecates it). Either way the served graph
+    is checked against PyTorch (``served_parity``) before it is logged.
+    """
+    net = _served_net(model, tta)
+    example = torch.randint(0, 256, (2, *contract.IMAGE_SHAPE), dtype=torch.uint8)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _export_torchscript(net, example)
+        except Exception:  # removed or failing in this PyTorch: the torch.export path
+            return _export_dynamo(net, example)
+
+
+def _export_torchscript(net: nn.Module, example: torch.Tensor):
+    import onnx
+
+    buffer = io.BytesIO()
+    outputs = [contract.NET_LOGITS, contract.FEATURES]
+    torch.onnx.export(
+        net,
+        (example,),
+        buffer,
+        dynamo=False,
+        input_names=[contract.INPUT],
+        output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in (contract.INPUT, *outputs)},
+        opset_version=contract.OPSET,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(net: nn.Module, example: torch.Tensor):
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(
+        net,
+        (example,),
+        dynamo=True,
+        verbose=False,
+        input_names=[contract.INPUT],
+        output_names=[contract.NET_LOGITS, contract.FEATURES],
+        dynamic_shapes={"image": {0: batch}},
+        opset_version=contract.OPSET,
+    )
+    return program.model_proto
+
+
+def export_served(model: nn.Module, metadata: dict[str, Any], constants: contract.Constants):
+    """The served graph (``cifar.contract``): the network exported from PyTorch, then the fitted head."""
+    return contract.attach_head(
+        export_network(model, bool(metadata.get("tta"))), metadata["classes"], constants, metadata
+    )
+
+
+def torch_network(
+    model: nn.Module, device: torch.device, *, tta: bool, batch_size: int = 1000, channels_last: bool = False
+) -> contract.NetOutputs:
+    """The model as the graph's network part, on ``device`` in fp32: uint8 images -> (logits, features)."""
+    from cifar.engine import evaluate
+
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = evaluate(
+            model,
+            images,
+            np.zeros(len(images), np.int64),
+            device=device,
+            batch_size=batch_size,
+            tta=tta,
+            amp=False,
+            channels_last=channels_last,
+            with_features=True,
+        )
+        return result.logits, result.features
+
+    return outputs
+
+
+def served_parity(model: nn.Module, proto, images: np.ndarray, tta: bool) -> float:
+    """Largest |difference| between the served graph's logits (ONNX Runtime) and PyTorch's, on uint8 ``images``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = _served_net(model, tta)(torch.from_numpy(np.array(images, np.uint8)))[0].numpy()
+    (actual,) = session.run([contract.LOGITS], {contract.INPUT: np.ascontiguousarray(images, np.uint8)})
+    return float(np.abs(actual - expected).max())

@@ -1,8 +1,10 @@
 """The one image -> prediction path: ONNX Runtime on an MLflow ONNX model. Imports no torch.
 
-Used by ``python -m cifar.predict``, the Streamlit app and the notebook. Preprocessing is
-``cifar.preprocess.to_rgb32`` (the same code that built the training cache); normalization is
-inside the ONNX graph, and the class names come from the model's own metadata.
+Used by ``python -m cifar.predict``, the Streamlit app, evaluation and the notebook. Images
+become the model's 32 x 32 uint8 input through ``cifar.preprocess`` (the code that also built
+the training cache); everything after that, from normalisation to the calibrated probabilities
+and "none of these", is inside the graph (``cifar.contract``), so this module only reads the
+graph's outputs: the same answer ``mlflow models serve`` gives.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from cifar import contract
 from cifar.errors import CifarError
-from cifar.metrics import softmax
 from cifar.preprocess import decode_image
 from cifar.trust import TrustProfile, occlusion_map
 
@@ -30,9 +32,9 @@ class Prediction:
     label: str
     confidence: float
     top_k: list[tuple[str, float]]
-    probabilities: np.ndarray = field(repr=False)  # calibrated: softmax(logits / temperature)
+    probabilities: np.ndarray = field(repr=False)  # calibrated, as the graph outputs them
     in_distribution: bool = True  # False: "this does not look like any of the classes"
-    ood_score: float | None = None  # the in-distribution score the threshold was applied to
+    ood_score: float | None = None  # distance to the nearest class; above the model's threshold -> False
 
     def as_dict(self, path: str, model: str) -> dict[str, Any]:
         return {
@@ -40,6 +42,7 @@ class Prediction:
             "label": self.label,
             "confidence": round(self.confidence, 6),
             "in_distribution": self.in_distribution,
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 6),
             "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k],
             "model": model,
         }
@@ -48,7 +51,7 @@ class Prediction:
 NOT_ONE_OF_THE_CLASSES = "this does not look like any of the 10 classes"
 
 
-def _find_onnx(folder: Path) -> Path:
+def find_onnx(folder: Path) -> Path:
     mlmodel = folder / "MLmodel"
     if mlmodel.is_file():
         import yaml
@@ -63,33 +66,38 @@ def _find_onnx(folder: Path) -> Path:
     return candidates[0]
 
 
-def _trust_profile(onnx_path: Path, metadata: dict[str, Any]) -> TrustProfile:
-    """The ONNX metadata's profile, overridden by a ``trust.json`` beside the file (cifar.calibrate)."""
-    sidecar = onnx_path.parent / "trust.json"
-    raw, where = metadata.get("trust"), f"{onnx_path} metadata"
-    if sidecar.is_file():
-        where = str(sidecar)
-        try:
-            raw = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as exc:
-            raise CifarError(f"{sidecar} is not readable JSON ({exc}); rerun python -m cifar.calibrate.") from None
-    try:
-        return TrustProfile.from_dict(raw if isinstance(raw, dict) else None)
-    except (TypeError, ValueError) as exc:
-        raise CifarError(f"the trust profile in {where} is unusable ({exc}); rerun cifar.calibrate.") from None
+def _check_contract(session, name: str, classes: list[str]) -> None:
+    """The graph must follow ``cifar.contract``; the old format gets the command that converts it."""
+    inputs = session.get_inputs()
+    outputs = {o.name: o for o in session.get_outputs()}
+    if len(inputs) == 1 and inputs[0].type == "tensor(float)" and list(inputs[0].shape[1:]) == [3, 32, 32]:
+        raise CifarError(
+            f"{name} is in the old format (float N x 3 x 32 x 32 in, logits out): the calibration and the "
+            f"'none of these' threshold are not in its graph. Convert it: python -m cifar.calibrate --model-uri {name}"
+        )
+    if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape[1:]) != list(contract.IMAGE_SHAPE):
+        raise CifarError(f"{name} expects input {inputs[0].type} {inputs[0].shape}, not N x 32 x 32 x 3 uint8 images.")
+    missing = [o for o in contract.OUTPUTS if o not in outputs]
+    if missing:
+        raise CifarError(f"{name} has no {', '.join(missing)} output; export it with cifar.export.")
+    width = outputs[contract.PROBABILITIES].shape[-1]
+    if width != len(classes):
+        raise CifarError(f"{name} outputs {width} classes but its metadata names {len(classes)}.")
 
 
 class Predictor:
-    """A loaded ONNX classifier, safe to share between threads.
+    """A loaded served model (``cifar.contract``), safe to share between threads.
 
     ONNX Runtime sessions allow concurrent ``run``, but each concurrent run keeps its own activation
     buffers in the session's memory arena; its intra-op pool already uses every core, so more runs at
     once than cores only add memory (32 threads grew it by 70 MB). A semaphore bounds them.
     """
 
-    def __init__(self, onnx_path: Path, description: str = "") -> None:
+    def __init__(self, onnx_path: Path, description: str = "", source: str | None = None) -> None:
+        """``description`` names the model in output; ``source`` is what the user gave (for messages)."""
         import onnxruntime as ort
 
+        self.description = description or str(onnx_path)
         raw = Path(onnx_path).read_bytes()[:2]
         if raw in _PICKLE_MAGIC:
             raise CifarError(f"{onnx_path} is a Python pickle, not an ONNX model; refusing to load it.")
@@ -101,22 +109,19 @@ class Predictor:
             raise CifarError(f"{onnx_path} is not a valid ONNX model ({str(exc).splitlines()[0][:200]}).") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
-            self.metadata: dict[str, Any] = json.loads(meta["cifar"])
+            self.metadata: dict[str, Any] = json.loads(meta[contract.METADATA_KEY])
             self.classes: list[str] = list(self.metadata["classes"])
         except (KeyError, ValueError):
             raise CifarError(f"{onnx_path} has no cifar metadata (class names); export it with cifar.export.") from None
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, 32, 32]:
-            raise CifarError(f"{onnx_path} expects input {inputs[0].shape}, not N x 3 x 32 x 32 images.")
-        if outputs[0].shape[-1] != len(self.classes):
+        _check_contract(self.session, source or str(onnx_path), self.classes)
+        try:  # the record of the graph's constants (written with them), for display
+            self.trust = TrustProfile.from_dict(self.metadata.get("trust"))
+        except (TypeError, ValueError) as exc:
             raise CifarError(
-                f"{onnx_path} outputs {outputs[0].shape[-1]} classes but its metadata names {len(self.classes)}."
-            )
+                f"the trust record in {onnx_path}'s metadata is unusable ({exc}); rerun python -m cifar.calibrate."
+            ) from None
         self.onnx_path = Path(onnx_path)
-        self.trust = _trust_profile(self.onnx_path, self.metadata)
-        self.input_name = inputs[0].name
         self._slots = threading.BoundedSemaphore(min(8, os.cpu_count() or 2))
-        self.description = description or str(onnx_path)
 
     @classmethod
     def from_uri(cls, uri: str = DEFAULT_MODEL_URI) -> Predictor:
@@ -127,7 +132,7 @@ class Predictor:
         """
         path = Path(uri).expanduser()
         if path.exists():
-            return cls(_find_onnx(path) if path.is_dir() else path, description=str(path))
+            return cls(find_onnx(path) if path.is_dir() else path, description=str(path), source=uri)
         if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")):
             raise CifarError(f"model '{uri}' is neither a local path nor a models:/ or runs:/ URI.")
         from cifar import modelcache
@@ -145,41 +150,64 @@ class Predictor:
                 ) from None
         local, resolved = found
         description = uri if resolved == uri else f"{uri} (version {resolved.rsplit('/', 1)[-1]})"
-        return cls(_find_onnx(local) if local.is_dir() else local, description=description)
+        return cls(find_onnx(local) if local.is_dir() else local, description=description, source=uri)
 
-    def logits(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        """Raw logits (before temperature) for N x 32 x 32 x 3 uint8 images."""
+    def run(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
+        """The graph's outputs (``cifar.contract.OUTPUTS``) for N x 32 x 32 x 3 uint8 images."""
         images = np.asarray(images, np.uint8)
-        out = []
+        parts = []
         for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+            batch = np.ascontiguousarray(images[start : start + batch_size])
             with self._slots:
-                out.append(self.session.run(None, {self.input_name: batch})[0].astype(np.float64))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+                parts.append(self.session.run(list(contract.OUTPUTS), {contract.INPUT: batch}))
+        if not parts:
+            return {
+                name: np.zeros((0, len(self.classes)) if name in (contract.PROBABILITIES, contract.LOGITS) else 0)
+                for name in contract.OUTPUTS
+            }
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(contract.OUTPUTS)}
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Raw logits (before the temperature)."""
+        return self.run(images)[contract.LOGITS]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities, softmax(logits / temperature)."""
-        return softmax(self.logits(images) / self.trust.temperature)
+        """Calibrated class probabilities, as the graph outputs them."""
+        return self.run(images)[contract.PROBABILITIES]
+
+    def predicted_classes(self, images: np.ndarray) -> np.ndarray:
+        """Class index of each image's ``label`` output."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.array([index[str(label)] for label in self.run(images)[contract.LABEL]], np.int64)
 
     def predict_arrays(self, images: list[np.ndarray] | np.ndarray, top_k: int = 5) -> list[Prediction]:
         """Predict a batch of 32x32x3 uint8 images (see ``cifar.preprocess``)."""
         if len(images) == 0:
             return []
-        logits = self.logits(np.stack(list(images)))
-        probabilities = softmax(logits / self.trust.temperature)
-        scores, accepted = self.trust.accepts(logits)
+        out = self.run(np.stack(list(images)))
         k = max(1, min(top_k, len(self.classes)))
-        out = []
-        for row, score, ok in zip(probabilities, scores, accepted):
+        predictions = []
+        for i, row in enumerate(out[contract.PROBABILITIES]):
             order = np.argsort(-row)[:k]
-            top = [(self.classes[i], float(row[i])) for i in order]
-            out.append(Prediction(top[0][0], top[0][1], top, row, bool(ok), float(score)))
-        return out
+            top = [(self.classes[j], float(row[j])) for j in order]
+            label = str(out[contract.LABEL][i])
+            confidence = float(row[self.classes.index(label)])
+            predictions.append(
+                Prediction(
+                    label,
+                    confidence,
+                    top,
+                    row,
+                    bool(out[contract.IN_DISTRIBUTION][i]),
+                    float(out[contract.OOD_SCORE][i]),
+                )
+            )
+        return predictions
 
     def explain(self, image: np.ndarray, target: int | None = None, patch: int = 8, stride: int = 2) -> np.ndarray:
         """Occlusion sensitivity (32 x 32): how much covering each pixel lowers the predicted class."""
         if target is None:
-            target = int(self.logits(image[None]).argmax())
+            target = int(self.predicted_classes(image[None])[0])
         return occlusion_map(self.probabilities, image, target, patch, stride)
 
     def predict_files(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 256) -> list[Prediction | str]:

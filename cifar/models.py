@@ -2,7 +2,9 @@
 
 Every model takes float images in [0, 1], NCHW, 32x32, and returns logits. Per-channel
 normalization is the first layer (buffers computed from the training split), so the
-exported ONNX graph carries it and no caller keeps a second copy.
+exported ONNX graph carries it and no caller keeps a second copy. ``forward_features`` also
+returns what the out-of-distribution score reads: each stage's mean activation and the
+pooled penultimate vector (``cifar.trust.fit_density``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalize(x))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features): features are every stage's mean activation and the penultimate vector."""
+        return self.body.forward_features(self.normalize(x))
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
@@ -137,6 +143,15 @@ class FastNet(nn.Module):
         x = torch.amax(x, dim=(2, 3))
         return self.head(x) * self.head_scale
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = nn.functional.gelu(self.whiten(x))
+        taps = []
+        for group in self.layers:
+            x = group(x)
+            taps.append(x.mean(dim=(2, 3)))
+        pooled = torch.amax(x, dim=(2, 3))
+        return self.head(pooled) * self.head_scale, torch.cat([*taps, pooled], dim=1)
+
     def freeze_stem(self) -> bool:
         """Freeze the whitening bias: with no trainable stem, backward skips the first conv's input gradient."""
         changed = self.whiten.bias.requires_grad
@@ -164,21 +179,41 @@ def fastnet(num_classes: int = 10, width: float = 1.0) -> nn.Module:
 # --- ResNet-18 from torchvision, adapted to 32x32 ------------------------------------------
 @register_model("resnet18", "torchvision ResNet-18 with a 3x3 stem and no max-pool (baseline)")
 def resnet18(num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    from torchvision.models import resnet18 as tv_resnet18
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class ResNet18(ResNet):  # torchvision's own module (same state dict), plus the feature taps
+        def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = self.relu(self.bn1(self.conv1(x)))
+            taps = []
+            for stage in (self.layer1, self.layer2, self.layer3):
+                x = stage(x)
+                taps.append(x.mean(dim=(2, 3)))
+            pooled = torch.flatten(self.avgpool(self.layer4(x)), 1)
+            return self.fc(pooled), torch.cat([*taps, pooled], dim=1)
 
     if width != 1.0:
         raise CifarError("resnet18 has a fixed width; remove model.width or set it to 1.0.")
-    net = tv_resnet18(num_classes=num_classes)
+    net = ResNet18(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
 
 
 # --- a small plain CNN for laptops and tests -----------------------------------------------
+class SmallCNN(nn.Sequential):
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        taps = []
+        for layer in self[:-1]:
+            x = layer(x)
+            if isinstance(layer, nn.MaxPool2d):
+                taps.append(x.mean(dim=(2, 3)))
+        return self[-1](x), torch.cat([*taps[:-1], x], dim=1)  # the last stage's mean is x itself
+
+
 @register_model("small_cnn", "small plain CNN: quick on any CPU, for smoke tests and laptops")
 def small_cnn(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     c1, c2, c3 = (_scaled(c, width) for c in (32, 64, 128))
-    return nn.Sequential(
+    return SmallCNN(
         *_conv_bn(3, c1),
         nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
@@ -192,14 +227,3 @@ def small_cnn(num_classes: int = 10, width: float = 1.0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(c3, num_classes),
     )
-
-
-class FlipTTA(nn.Module):
-    """Averages the logits of an image and its mirror: the served model scores as evaluated."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.model(x) + self.model(x.flip(3)))

@@ -41,6 +41,7 @@ class Candidate:
     git_commit: str
     data_digest: str
     trust: dict[str, float] = field(default_factory=dict)  # the run's calibration and OOD metrics
+    ood_not_measured: tuple[str, ...] = ()  # OOD sets the run could not measure (tag ood_not_measured)
 
     @property
     def ece(self) -> float | None:
@@ -48,9 +49,18 @@ class Candidate:
 
     @property
     def ood_auroc(self) -> float | None:
+        """The lowest OOD AUROC over the sets the run measured (``ood_basis`` names them)."""
         from cifar.trust import headline_ood_auroc
 
         return headline_ood_auroc(self.trust)
+
+    @property
+    def ood_basis(self) -> str:
+        """Which OOD sets ``ood_auroc`` stands on, and which were not measured."""
+        from cifar.trust import ood_auroc_sets
+
+        text = ", ".join(f"{name} {value:.4f}" for name, value in ood_auroc_sets(self.trust).items()) or "no set"
+        return text + (f"; not measured: {', '.join(self.ood_not_measured)}" if self.ood_not_measured else "")
 
 
 def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -99,6 +109,7 @@ def find_best_run(
         tags.get("git_commit", "unknown"),
         tags.get("data_digest", "unknown"),
         _trust_metrics(best.data.metrics),
+        tuple(filter(None, tags.get("ood_not_measured", "").split(","))),
     )
 
 
@@ -125,12 +136,11 @@ def assess_model(model_uri: str, data_dir: Path | None = None, robustness_images
 
     data = ensure_cache(data_dir)
     predictor = Predictor.from_uri(model_uri)
-    logits = predictor.logits(np.asarray(data.images["test"]))
-    accuracy = float((logits.argmax(1) == data.labels["test"]).mean())
+    accuracy = float((predictor.predicted_classes(np.asarray(data.images["test"])) == data.labels["test"]).mean())
     corruption = None
     if robustness_images > 0:
         images, labels = sample_test_split(data, robustness_images)
-        corruption = mean_corruption_accuracy(corruption_table(predictor.logits, images, labels))
+        corruption = mean_corruption_accuracy(corruption_table(predictor.predicted_classes, images, labels))
     return Assessment(accuracy, data.digest, corruption)
 
 
@@ -202,7 +212,10 @@ def trust_shortfall(candidate: Candidate, max_ece: float | None, min_ood_auroc: 
         if candidate.ood_auroc is None:
             return f"the run has no OOD AUROC for --min-ood-auroc; {fix}"
         if candidate.ood_auroc < min_ood_auroc:
-            return f"OOD AUROC {candidate.ood_auroc:.4f} is below --min-ood-auroc {min_ood_auroc:g}"
+            return (
+                f"OOD AUROC {candidate.ood_auroc:.4f} is below --min-ood-auroc {min_ood_auroc:g} "
+                f"(the lowest of {candidate.ood_basis})"
+            )
     return None
 
 
@@ -251,8 +264,8 @@ def is_production(champion, run_id: str, precision: str = "float32") -> bool:
 
 
 def trust_tags(metrics: dict[str, float], corruption: float | None = None) -> dict[str, str]:
-    """Version tags for what the registry shows about trust."""
-    from cifar.trust import headline_ood_auroc
+    """Version tags for what the registry shows about trust (``ood_auroc``: the lowest over ``ood_auroc_sets``)."""
+    from cifar.trust import headline_ood_auroc, ood_auroc_sets
 
     values = {
         "test_ece": metrics.get("test_ece_calibrated"),
@@ -260,7 +273,10 @@ def trust_tags(metrics: dict[str, float], corruption: float | None = None) -> di
         "mean_corruption_accuracy": corruption,
         "temperature": metrics.get("temperature"),
     }
-    return {k: f"{v:.6f}" for k, v in values.items() if v is not None}
+    tags = {k: f"{v:.6f}" for k, v in values.items() if v is not None}
+    if ood_auroc_sets(metrics):
+        tags["ood_auroc_sets"] = ",".join(ood_auroc_sets(metrics))
+    return tags
 
 
 def register_and_promote(

@@ -30,14 +30,17 @@ def sample_test_split(data, count: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def corruption_table(
-    logits_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, seed: int = 0
+    classes_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, seed: int = 0
 ) -> pd.DataFrame:
-    """Accuracy per corruption and severity; the clean accuracy is the row with severity 0."""
-    rows = [{"corruption": "clean", "severity": 0, "accuracy": float((logits_of(images).argmax(1) == labels).mean())}]
+    """Accuracy per corruption and severity; the clean accuracy is the row with severity 0.
+
+    ``classes_of`` maps uint8 images to predicted class indices (``Predictor.predicted_classes``).
+    """
+    rows = [{"corruption": "clean", "severity": 0, "accuracy": float((classes_of(images) == labels).mean())}]
     for name in CORRUPTIONS:
         for severity in SEVERITIES:
             corrupted = corrupt(images, name, severity, seed=seed + severity)
-            accuracy = float((logits_of(corrupted).argmax(1) == labels).mean())
+            accuracy = float((classes_of(corrupted) == labels).mean())
             rows.append({"corruption": name, "severity": severity, "accuracy": accuracy})
     return pd.DataFrame(rows)
 
@@ -62,7 +65,7 @@ def robustness_report(
     predictor = Predictor.from_uri(model_uri)
     data = ensure_cache(data_dir)
     images, labels = sample_test_split(data, count)
-    table = corruption_table(predictor.logits, images, labels)
+    table = corruption_table(predictor.predicted_classes, images, labels)
     mean = mean_corruption_accuracy(table)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"robustness {model_uri}") as run, tempfile.TemporaryDirectory() as tmp:

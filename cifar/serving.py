@@ -15,7 +15,7 @@ from cifar.errors import CifarError
 from cifar.inference import Predictor
 
 MODEL_NAME = "cifar10-classifier"
-TRUST_TAGS = ("test_ece", "ood_auroc", "mean_corruption_accuracy", "temperature")
+TRUST_TAGS = ("test_ece", "ood_auroc", "ood_auroc_sets", "mean_corruption_accuracy", "temperature")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cifar.calibrate import describe as describe_calibration
 from cifar.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
@@ -216,14 +217,6 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
                 f"test accuracy {test.accuracy:.4f}; training {result.train_seconds:.1f} s",
                 flush=True,
             )
-        trust, trust_scores = _calibrate(model, data, test, device, t)
-        if options.progress:
-            m = trust.metrics
-            print(
-                f"temperature {trust.temperature:.3f}: test ECE {m['test_ece_uncalibrated']:.4f} -> "
-                f"{m['test_ece_calibrated']:.4f}; OOD threshold accepts {m['ood_accept_rate_in']:.1%} of test images",
-                flush=True,
-            )
         from cifar.export import model_metadata, save_weights
 
         metadata = model_metadata(
@@ -235,7 +228,6 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             experiment=cfg.name,
             data_digest=data.digest,
             tta=cfg.train.tta,
-            trust=trust.to_dict(),
         )
         if options.save_dir:
             save_weights(
@@ -256,14 +248,17 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             )
         if not options.track:
             return TrainOutcome(result, test, None, None)
-        run.log_results(fit=result, test=test, model=model, data=data, metadata=metadata, trust_scores=trust_scores)
+        served = _served_model(model, data, test, device, t, metadata, run.run_id, result.best_val_accuracy)
+        if options.progress:
+            print(describe_calibration(served.calibration), flush=True)
+        run.log_results(fit=result, test=test, data=data, model=model, served=served)
         if checkpoint_path is not None:  # finished: the checkpoint has done its job
             shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
     return TrainOutcome(result, test, run.run_id, run.model_uri)
 
 
 def _served_evaluate(model, images, labels, device, t) -> EvalResult:
-    """fp32, the precision the exported model serves in: reported figures are the served ones."""
+    """fp32, the precision the exported model serves in, with the features its OOD score reads."""
     return evaluate(
         model,
         images,
@@ -273,22 +268,24 @@ def _served_evaluate(model, images, labels, device, t) -> EvalResult:
         tta=t.tta,
         amp=False,
         channels_last=t.channels_last,
+        with_features=True,
     )
 
 
-def _calibrate(model, data, test: EvalResult, device, t):
-    """Temperature and OOD threshold fitted on validation, measured on test and OOD images."""
-    import numpy as np
+def _served_model(model, data, test: EvalResult, device, t, metadata, run_id: str, val_accuracy: float):
+    """The served graph, its constants fitted on training and validation images, checked against PyTorch."""
+    from cifar.calibrate import serve_model
 
-    from cifar.calibrate import calibrate_logits, ood_sets
-
-    def logits_of(images) -> np.ndarray:
-        return _served_evaluate(model, images, np.zeros(len(images), np.int64), device, t).logits
-
-    return calibrate_logits(
-        logits_of(data.images["val"]),
-        data.labels["val"],
-        test.logits,
-        test.labels,
-        {s.name: logits_of(s.images) for s in ood_sets()},
+    metadata = {**metadata, "run_id": run_id, "val_accuracy": val_accuracy, "test_accuracy": test.accuracy}
+    served = serve_model(
+        model,
+        data,
+        metadata,
+        device,
+        batch_size=t.eval_batch_size,
+        channels_last=t.channels_last,
+        test=(test.logits, test.features),
     )
+    if served.parity > 1e-3:
+        raise CifarError(f"the exported ONNX model disagrees with PyTorch (max |diff| {served.parity:.2e}).")
+    return served

@@ -91,8 +91,9 @@ def show_prediction(name: str, data: bytes, predictor: serving.Predictor) -> Non
     else:
         chart.markdown(f"### none of these?\nbest guess {prediction.label}, {prediction.confidence:.1%} confident")
         chart.warning(
-            "This does not look like any of the 10 classes: its out-of-distribution score is below the "
-            "threshold that accepts 95% of validation images."
+            f"This does not look like any of the 10 classes: its out-of-distribution score "
+            f"({prediction.ood_score:.2f}) is above the threshold that accepts "
+            f"{predictor.trust.accept_rate:.0%} of validation images."
         )
     top = pd.DataFrame(prediction.top_k, columns=["class", "probability"])
     chart.bar_chart(top, x="class", y="probability", horizontal=True, sort="-probability", height=220)
@@ -112,6 +113,11 @@ def sidebar(info: serving.ModelInfo) -> None:
     if link:
         st.sidebar.markdown(f"[Open the run in MLflow]({link})")
     st.sidebar.caption(f"Tracking store: {info.tracking_uri}")
+
+
+def _ood_sets(trust: dict[str, str]) -> str:
+    sets = trust.get("ood_auroc_sets", "")
+    return ", ".join(s.replace("_", " ") for s in sets.split(",")) if sets else "the sets measured"
 
 
 def _pct(value: str) -> str:
@@ -163,7 +169,7 @@ def model_page(info: serving.ModelInfo, predictor: serving.Predictor) -> None:
     cells = st.columns(4)
     for cell, key, label, help_text in (
         (cells[0], "test_ece", "Calibration error (ECE)", "after temperature scaling, test split; lower is better"),
-        (cells[1], "ood_auroc", "Out-of-distribution AUROC", "telling Fashion-MNIST apart from CIFAR-10 test images"),
+        (cells[1], "ood_auroc", "Out-of-distribution AUROC", "the lowest over " + _ood_sets(trust)),
         (cells[2], "mean_corruption_accuracy", "Accuracy under corruptions", "mean over 7 corruptions x 5 severities"),
         (cells[3], "temperature", "Temperature", "divides the logits before softmax; fitted on validation"),
     ):

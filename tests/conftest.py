@@ -115,6 +115,25 @@ def train_small_model(prepared_dir: Path, overrides=(), callback=None):
     return data, cfg, model, result
 
 
+def served_small_model(prepared_dir: Path, overrides=()):
+    """``train_small_model``'s net as the served graph (constants fitted on the fixture): (data, ServedModel)."""
+    import torch
+
+    from cifar.calibrate import serve_model
+    from cifar.export import model_metadata
+
+    data, _, model, _ = train_small_model(prepared_dir, overrides)
+    meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std, data_digest=data.digest)
+    return data, serve_model(model, data, meta, torch.device("cpu"))
+
+
+def log_served(served, data) -> str:
+    """Log a served model to the active run as a training run does; returns its models:/ URI."""
+    from cifar.tracking import log_onnx_model
+
+    return log_onnx_model(served.proto, served.metadata, np.asarray(data.images["val"][:2]))
+
+
 @pytest.fixture(scope="session")
 def canonical_folder(tmp_path_factory, mini_raw) -> Path:
     return write_canonical_batches(tmp_path_factory.mktemp("canon") / "cifar-10-batches-py", mini_raw)

@@ -20,6 +20,7 @@ from cifar.data.sources import CIFAR10_CLASSES
 from cifar.tracking import log_onnx_model
 
 APP = str(ROOT / "streamlit_app" / "app.py")
+SAMPLES = ROOT / "streamlit_app" / "samples"
 pytestmark = pytest.mark.integration
 
 
@@ -38,6 +39,10 @@ def served(tracking_env):
     version, promoted = import_bundled()
     assert promoted
     return tracking_env
+
+
+def mini_example() -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(SAMPLES.glob("*.png"))[:2]])
 
 
 def run_app() -> AppTest:
@@ -80,7 +85,7 @@ def test_sidebar_shows_the_served_model(served):
         "Training curves",
     }
     assert at.metric[-1].value.endswith(" ms")
-    # How far to trust it: the bundled model's calibration and OOD figures (models/bundled/trust.json)
+    # How far to trust it: the bundled model's calibration and OOD figures (its graph's trust record)
     trust = {m.label: m.value for m in at.metric}
     assert float(trust["Calibration error (ECE)"]) < 0.05
     assert float(trust["Out-of-distribution AUROC"]) > 0.85
@@ -101,6 +106,21 @@ def test_noise_is_not_one_of_the_classes(served, mini_raw):
     headings = [m.value for m in at.markdown if m.value.startswith("### ")]
     assert headings[0].startswith("### none of these?") and headings[1].startswith("### cat")
     assert any("does not look like any of the 10 classes" in w.value for w in at.warning)
+
+
+def test_the_confidence_shown_is_the_calibrated_one(served, mini_raw):
+    from cifar.inference import Predictor
+    from cifar.metrics import softmax
+    from cifar.preprocess import decode_image
+
+    upload = jpeg_of(mini_raw.test_images[60])
+    at = run_app()
+    at.file_uploader[0].set_value([("cat.jpg", upload, "image/jpeg")])
+    at.run()
+    (heading,) = [m.value for m in at.markdown if m.value.startswith("### ")]
+    out = Predictor.from_uri(str(BUNDLE_DIR)).run(decode_image(upload)[None])
+    calibrated, raw = out["probabilities"][0].max(), softmax(out["logits"].astype(np.float64))[0].max()
+    assert heading == f"### cat\n{calibrated:.1%} confident" and f"{raw:.1%}" != f"{calibrated:.1%}"
 
 
 def test_upload_real_images(served, mini_raw):
@@ -164,7 +184,7 @@ def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch)
     meta = yaml.safe_load((BUNDLE_DIR / "MLmodel").read_text())["metadata"]
     with mlflow.start_run():
         mlflow.log_metrics({"best_val_accuracy": 0.99, "test_accuracy": 0.9})
-        uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
+        uri = log_onnx_model(proto, meta, mini_example())
         mlflow.set_tag("model_uri", uri)
     decision = registry.decide(registry.find_best_run(["newer"]), registry.MODEL_NAME, 0.0, False)
     assessment = registry.assess_model(uri, robustness_images=0)  # the bundled net is slow on 2 cores
@@ -200,7 +220,7 @@ def test_a_production_model_with_wrong_metadata_is_named_not_served(tracking_env
     entry.value = json.dumps(edited)
     mlflow.set_experiment("edited")
     with mlflow.start_run():
-        uri = log_onnx_model(proto, edited, np.zeros((1, 3, 32, 32), np.float32))
+        uri = log_onnx_model(proto, edited, mini_example())
     version = mlflow.register_model(uri, registry.MODEL_NAME).version
     mlflow.MlflowClient().set_registered_model_alias(registry.MODEL_NAME, "production", version)
     at = run_app()

@@ -17,8 +17,7 @@ CLASSES = ("a", "b", "c")
 def test_confusion_and_pairs_match_a_hand_count():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     predictions = np.array([0, 1, 1, 1, 0, 2, 2, 1, 2])
-    logits = np.eye(3)[predictions] * 5.0
-    report = build_report(logits, labels, CLASSES)
+    report = build_report(softmax(np.eye(3)[predictions] * 5.0), labels, CLASSES)
     assert report.confusion.tolist() == [[1, 2, 0], [1, 1, 0], [0, 1, 3]]
     assert report.accuracy == pytest.approx(5 / 9)
     pairs = most_confused_pairs(report.confusion, CLASSES)
@@ -30,9 +29,8 @@ def test_confusion_and_pairs_match_a_hand_count():
 
 def test_misclassified_are_sorted_by_loss():
     labels = np.array([0, 1, 2, 0])
-    logits = np.array([[0, 3, 0], [0, 5, 0], [4, 0, 0], [0, 0, 1.0]])  # 0, 2, 3 wrong
-    table = build_report(logits, labels, CLASSES).misclassified
-    probabilities = softmax(logits)
+    probabilities = softmax(np.array([[0, 3, 0], [0, 5, 0], [4, 0, 0], [0, 0, 1.0]]))  # 0, 2, 3 wrong
+    table = build_report(probabilities, labels, CLASSES).misclassified
     losses = -np.log(probabilities[[0, 2, 3], [0, 2, 0]])
     assert table["index"].tolist() == [int(i) for i in np.array([0, 2, 3])[np.argsort(-losses)]]
     assert table["loss"].is_monotonic_decreasing
@@ -50,7 +48,7 @@ def test_ece_matches_a_hand_computation():
 def test_figures_render(mini_raw):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(200, 10)) + np.eye(10)[mini_raw.test_labels] * 2
-    report = build_report(logits, mini_raw.test_labels, mini_raw.classes)
+    report = build_report(softmax(logits), mini_raw.test_labels, mini_raw.classes)
     figures = report_figures(report, mini_raw.test_images)
     assert set(figures) == {
         "confusion_matrix.png",
@@ -74,6 +72,15 @@ def test_evaluate_cli_on_the_production_model(tracking_env, prepared_dir):
     assert run.data.tags["registered_model_version"] == version
     assert client.get_model_version("cifar10-classifier", version).tags["evaluation_run_id"] == run.info.run_id
     assert run.data.metrics["test_accuracy"] > 0.85 and 0 < run.data.metrics["test_ece"] < 0.5
+    # the report reads the graph's calibrated probabilities: its ECE is the calibrated one, not softmax(logits)'s
+    from cifar.data import load_cache
+    from cifar.inference import Predictor
+
+    served, data = Predictor.from_uri("models:/cifar10-classifier@production"), load_cache(prepared_dir)
+    out = served.run(np.asarray(data.images["test"]))
+    calibrated = expected_calibration_error(out["probabilities"].astype(np.float64), data.labels["test"])
+    raw = expected_calibration_error(softmax(out["logits"].astype(np.float64)), data.labels["test"])
+    assert run.data.metrics["test_ece"] == pytest.approx(calibrated, abs=1e-6) and abs(calibrated - raw) > 0.05
     files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {
         "evaluation/confusion_matrix.png",

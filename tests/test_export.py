@@ -1,28 +1,26 @@
-"""cifar.export: the ONNX file every run logs matches PyTorch, whichever exporter made it."""
+"""cifar.export + cifar.contract: the served graph matches PyTorch and its head computes what it claims."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
-from cifar import export
+from cifar import contract, export
 from cifar.data import load_cache
+from cifar.metrics import softmax
 from cifar.models import create_model
+from cifar.trust import fit_density, fit_temperature
 
 
 @pytest.fixture(scope="module")
-def images01(prepared_dir) -> np.ndarray:
-    """Real fixture test images as the graph takes them: N x 3 x 32 x 32 float32 in [0, 1]."""
-    images = np.asarray(load_cache(prepared_dir).images["test"][:9])
-    return images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+def data(prepared_dir):
+    return load_cache(prepared_dir)
 
 
-def _model(name: str, prepared_dir) -> torch.nn.Module:
-    data = load_cache(prepared_dir)
+def _model(name: str, data) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, width=1.0 if name == "resnet18" else 0.5, mean=data.mean, std=data.std)
     with torch.no_grad():  # batch-norm statistics away from their defaults, as after training
@@ -30,35 +28,87 @@ def _model(name: str, prepared_dir) -> torch.nn.Module:
     return model.eval()
 
 
+def _constants(model, data, tta: bool) -> contract.Constants:
+    net = export.torch_network(model, torch.device("cpu"), tta=tta)
+    logits, features = net(np.asarray(data.images["train"]))
+    whitening, means = fit_density(features, data.labels["train"], 10)
+    return contract.Constants(fit_temperature(logits, data.labels["train"]), 1.5, whitening, means)
+
+
+def _session(proto) -> ort.InferenceSession:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("name", ["fastnet", "small_cnn", "resnet18"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_exported_graph_matches_pytorch_at_any_batch_size(name, exporter, prepared_dir, images01, monkeypatch):
-    if exporter == "dynamo":  # what export_onnx falls back to when PyTorch drops the TorchScript exporter
+def test_served_graph_matches_pytorch_at_any_batch_size(name, exporter, data, monkeypatch):
+    if exporter == "dynamo":  # what export_served falls back to when PyTorch drops the TorchScript exporter
         monkeypatch.setattr(export, "_export_torchscript", _removed)
-    model = _model(name, prepared_dir)
+    model = _model(name, data)
+    images = np.asarray(data.images["test"][:9])
     for tta in (False, True):
-        meta = export.model_metadata(name, 0.5, tuple("abcdefghij"), (0.5,) * 3, (0.25,) * 3, tta=tta)
-        proto = export.export_onnx(model, prepared_dir.parent / f"{name}-{exporter}-{tta}.onnx", meta)
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        assert json.loads(session.get_modelmeta().custom_metadata_map["cifar"])["tta"] is tta
-        reference = export.servable(model, meta)
-        for batch in (images01[:1], images01):  # the batch axis is dynamic
-            with torch.no_grad():
-                expected = reference(torch.from_numpy(batch)).numpy()
-            actual = session.run(None, {export.INPUT_NAME: batch})[0]
-            assert actual.shape == (len(batch), 10)
-            np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
-        assert export.onnx_parity(model, proto, images01, tta=tta) < 1e-4
+        meta = export.model_metadata(name, 0.5, data.classes, data.mean, data.std, tta=tta)
+        proto = export.export_served(model, meta, _constants(model, data, tta))
+        assert contract.is_served(proto) and contract.metadata_of(proto)["tta"] is tta
+        session = _session(proto)
+        reference = export.torch_network(model, torch.device("cpu"), tta=tta)
+        for batch in (images[:1], images):  # the batch axis is dynamic
+            expected_logits, _ = reference(batch)
+            logits, labels = session.run([contract.LOGITS, contract.LABEL], {contract.INPUT: batch})
+            assert logits.shape == (len(batch), 10)
+            np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=1e-4)
+            assert list(labels) == [data.classes[i] for i in expected_logits.argmax(1)]
+        assert export.served_parity(model, proto, images, tta) < 1e-4
 
 
-def test_flip_tta_graph_scores_an_image_and_its_mirror_alike(prepared_dir, images01):
-    model = _model("fastnet", prepared_dir)
-    meta = export.model_metadata("fastnet", 0.5, tuple("abcdefghij"), (0.5,) * 3, (0.25,) * 3, tta=True)
-    proto = export.export_onnx(model, prepared_dir.parent / "tta.onnx", meta)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    straight = session.run(None, {export.INPUT_NAME: images01})[0]
-    mirrored = session.run(None, {export.INPUT_NAME: np.ascontiguousarray(images01[..., ::-1])})[0]
-    np.testing.assert_allclose(straight, mirrored, atol=1e-4)
+def test_the_head_computes_calibration_and_the_mahalanobis_score(data):
+    """An independent NumPy reading of the head's definition, against what ONNX Runtime computes."""
+    model = _model("fastnet", data)
+    constants = _constants(model, data, tta=True)
+    meta = export.model_metadata("fastnet", 0.5, data.classes, data.mean, data.std, tta=True)
+    proto = export.export_served(model, meta, constants)
+    images = np.asarray(data.images["test"])
+    out = dict(zip(contract.OUTPUTS, _session(proto).run(list(contract.OUTPUTS), {contract.INPUT: images})))
+    logits, features = export.torch_network(model, torch.device("cpu"), tta=True)(images)
+    np.testing.assert_allclose(out["probabilities"], softmax(logits / constants.temperature), atol=1e-5)
+    assert not np.allclose(out["probabilities"], softmax(logits), atol=1e-3)  # the temperature acts
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    z = unit @ constants.whitening.astype(np.float64)
+    distances = ((z[:, None, :] - constants.class_means[None]) ** 2).sum(-1).min(1) / z.shape[1]
+    np.testing.assert_allclose(out["ood_score"], distances, rtol=2e-3, atol=1e-4)
+    np.testing.assert_array_equal(out["in_distribution"], out["ood_score"] <= np.float32(constants.threshold))
+    assert out["label"].dtype == object and out["in_distribution"].dtype == bool
+
+
+def test_refitting_rewrites_the_constants_in_place(data):
+    model = _model("small_cnn", data)
+    constants = _constants(model, data, tta=False)
+    meta = export.model_metadata("small_cnn", 0.5, data.classes, data.mean, data.std)
+    proto = export.export_served(model, meta, constants)
+    images = np.asarray(data.images["val"])
+    before = _session(proto).run([contract.PROBABILITIES, contract.IN_DISTRIBUTION], {contract.INPUT: images})
+    hotter = contract.Constants(constants.temperature * 3, -1.0, constants.whitening, constants.class_means)
+    contract.set_constants(proto, hotter, {**meta, "trust": {"temperature": hotter.temperature}})
+    onnx.checker.check_model(proto)
+    after = _session(proto).run([contract.PROBABILITIES, contract.IN_DISTRIBUTION], {contract.INPUT: images})
+    assert after[0].max(1).mean() < before[0].max(1).mean()  # a higher temperature: less confident
+    assert before[1].any() and not after[1].any()  # a negative threshold: nothing is in distribution
+    assert contract.metadata_of(proto)["trust"]["temperature"] == pytest.approx(hotter.temperature)
+    with pytest.raises(ValueError, match="cannot become"):
+        wider = np.eye(len(constants.whitening) + 1)
+        contract.set_constants(proto, contract.Constants(1.0, 1.0, wider, np.zeros((10, len(wider)))), meta)
+
+
+def test_flip_tta_graph_scores_an_image_and_its_mirror_alike(data):
+    model = _model("fastnet", data)
+    meta = export.model_metadata("fastnet", 0.5, data.classes, data.mean, data.std, tta=True)
+    session = _session(export.export_served(model, meta, _constants(model, data, tta=True)))
+    images = np.asarray(data.images["test"][:9])
+    names = [contract.LOGITS, contract.OOD_SCORE]
+    straight = session.run(names, {contract.INPUT: images})
+    mirrored = session.run(names, {contract.INPUT: np.ascontiguousarray(images[:, :, ::-1])})
+    np.testing.assert_allclose(straight[0], mirrored[0], atol=1e-4)
+    np.testing.assert_allclose(straight[1], mirrored[1], rtol=1e-3)
 
 
 def _removed(*args, **kwargs):

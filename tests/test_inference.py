@@ -142,7 +142,7 @@ def test_predict_cli_json_and_per_file_errors(tmp_path, mini_dir):
     assert result.returncode == 1  # one file failed; the others were classified
     records = json.loads(result.stdout)
     assert [r["path"] for r in records] == [*map(str, images), str(bad)]
-    assert set(records[0]) == {"path", "label", "confidence", "in_distribution", "top_k", "model"}
+    assert set(records[0]) == {"path", "label", "confidence", "in_distribution", "ood_score", "top_k", "model"}
     assert records[0]["label"] == "cat" and len(records[0]["top_k"]) == 2
     assert set(records[0]["top_k"][0]) == {"label", "probability"}
     assert "not a readable image" in records[2]["error"]
@@ -269,7 +269,7 @@ def _edited_model(tmp_path, edit) -> str:
 
 def _input_64(proto, metadata):
     del proto.graph.value_info[:]  # shapes inferred for 32 x 32 inputs when the model was quantized
-    for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+    for dim in proto.graph.input[0].type.tensor_type.shape.dim[1:3]:
         dim.dim_value = 64
 
 
@@ -279,7 +279,7 @@ def _five_classes(proto, metadata):
 
 @pytest.mark.parametrize(
     "edit, message",
-    [(_input_64, "not N x 3 x 32 x 32 images"), (_five_classes, "outputs 10 classes but its metadata names 5")],
+    [(_input_64, "not N x 32 x 32 x 3 uint8 images"), (_five_classes, "outputs 10 classes but its metadata names 5")],
     ids=["input-size", "class-count"],
 )
 def test_a_model_for_another_shape_is_refused_by_the_cli(tmp_path, edit, message):
@@ -287,3 +287,30 @@ def test_a_model_for_another_shape_is_refused_by_the_cli(tmp_path, edit, message
     image = ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"
     result = run_cli(["-m", "cifar.predict", str(image), "--model-uri", model])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_transparent_pixels_are_white_not_what_lies_beneath(bundled, mini_raw):
+    """A photo on a fully transparent canvas whose hidden colour is vivid green: the model sees white there."""
+    photo = mini_raw.test_images[60]  # a cat
+    rgba = np.zeros((96, 96, 4), np.uint8)
+    rgba[..., 1] = 255  # green under alpha 0: invisible to anyone looking at the image
+    rgba[32:64, 32:64, :3], rgba[32:64, 32:64, 3] = photo, 255
+    seen = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert (seen[:4, :4] == 255).all() and (seen[-4:, -4:] == 255).all()  # white corners, no green
+    white = np.full((96, 96, 3), 255, np.uint8)
+    white[32:64, 32:64] = photo
+    expected = bundled.predict_arrays([to_rgb32(Image.fromarray(white))])[0]
+    got = bundled.predict_arrays([seen])[0]
+    assert got.label == expected.label and np.allclose(got.probabilities, expected.probabilities)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_an_animated_image_is_predicted_by_its_first_frame(bundled, mini_raw, fmt):
+    cat, ship = mini_raw.test_images[60], mini_raw.test_images[160]
+    assert [p.label for p in bundled.predict_arrays([cat, ship])] == ["cat", "ship"]
+    for first, second, expected in ((cat, ship, "cat"), (ship, cat, "ship")):
+        frames = [Image.fromarray(im).resize((64, 64), Image.Resampling.NEAREST) for im in (first, second)]
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        with Image.open(io.BytesIO(data)) as check:
+            assert check.n_frames == 2
+        assert bundled.predict_arrays([decode_image(data, f"animated.{fmt.lower()}")])[0].label == expected

@@ -8,15 +8,14 @@ import mlflow
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, run_cli, train_small_model
+from conftest import ROOT, log_served, run_cli, served_small_model
 from onnx import numpy_helper
 
-from cifar import quantize, registry
+from cifar import contract, quantize, registry
 from cifar.bundle import BUNDLE_DIR
 from cifar.data import load_cache
-from cifar.export import export_onnx, model_metadata
 from cifar.inference import Predictor
-from cifar.tracking import log_onnx_model
+from cifar.metrics import softmax
 
 
 def _op_types(path) -> set[str]:
@@ -32,12 +31,15 @@ def _largest_weight(path) -> int:
 
 
 @pytest.fixture(scope="module")
-def float_onnx(prepared_dir, tmp_path_factory):
-    """small_cnn really trained on the fixture, exported as the float ONNX model a run logs."""
-    data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=6"])
-    meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std, data_digest=data.digest)
+def float_served(prepared_dir):
+    """small_cnn really trained on the fixture, as the served graph a run logs."""
+    return served_small_model(prepared_dir, ["train.epochs=6"])
+
+
+@pytest.fixture(scope="module")
+def float_onnx(float_served, tmp_path_factory):
     path = tmp_path_factory.mktemp("float") / "model.onnx"
-    export_onnx(model, path, meta)
+    onnx.save(float_served[1].proto, str(path))
     return path
 
 
@@ -47,35 +49,43 @@ def test_int8_model_is_smaller_agrees_with_float_and_has_its_own_trust_profile(f
 
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(result.path)
     assert _largest_weight(result.path) <= 64
+    quantized = onnx.load(str(result.path))  # the contract's head stays in float: nothing of it is quantized
+    head_outputs = {o for n in quantized.graph.node if n.name in contract.head_nodes(quantized) for o in n.output}
+    assert contract.OOD_SCORE in head_outputs and contract.PROBABILITIES in head_outputs
+    quantized_inputs = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    assert not head_outputs & quantized_inputs
     assert result.path.stat().st_size < 0.5 * float_onnx.stat().st_size
     int8, original = Predictor(result.path), Predictor(float_onnx)
     assert int8.metadata["precision"] == "int8" and int8.metadata["quantization"]["calibration_images"] == 64
     assert int8.classes == original.classes
 
     val = np.asarray(data.images["val"])
-    same = (int8.logits(val).argmax(1) == original.logits(val).argmax(1)).mean()
+    same = (int8.predicted_classes(val) == original.predicted_classes(val)).mean()
     assert result.val_agreement == pytest.approx(same) and same >= 0.9
     assert abs(result.val_accuracy_drop) <= 0.05
-    test_accuracy = (int8.logits(np.asarray(data.images["test"])).argmax(1) == data.labels["test"]).mean()
+    test_accuracy = (int8.predicted_classes(np.asarray(data.images["test"])) == data.labels["test"]).mean()
     assert result.test_accuracy == pytest.approx(test_accuracy) and test_accuracy > 0.3  # 10 classes: chance 0.1
-    # refitted on the int8 logits, and what a Predictor of the file applies
+    # refitted on the int8 network's logits and features, and what the graph applies
     assert int8.trust.temperature == pytest.approx(result.trust.temperature) and result.trust.temperature > 0
     assert int8.trust.ood_threshold == pytest.approx(result.trust.ood_threshold)
+    assert int8.trust.temperature != pytest.approx(original.trust.temperature, abs=1e-9)
+    out = int8.run(val)
+    assert np.allclose(out["probabilities"], softmax(out["logits"] / result.trust.temperature), atol=1e-5)
+    assert np.array_equal(out["in_distribution"], out["ood_score"] <= np.float32(result.trust.ood_threshold))
     assert quantize.int8_shortfall(result, result.val_accuracy_drop) is None
     assert "more than --max-int8-drop" in quantize.int8_shortfall(result, result.val_accuracy_drop - 0.01)
 
 
 @pytest.fixture
-def finished_run(tracking_env, prepared_dir, float_onnx, monkeypatch):
+def finished_run(tracking_env, prepared_dir, float_served, monkeypatch):
     """A finished training run as the registry sees it: validation metric and a logged float model."""
     monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))
-    proto = onnx.load(str(float_onnx))
-    meta = json.loads({p.key: p.value for p in proto.metadata_props}["cifar"])
+    data, served = float_served
     mlflow.set_experiment("trained")
     with mlflow.start_run() as run:
-        mlflow.log_metrics({"best_val_accuracy": 0.5, "test_accuracy": 0.5})
-        uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
-        mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": meta["data_digest"]})
+        mlflow.log_metrics({"best_val_accuracy": 0.5, "test_accuracy": 0.5, **served.calibration.profile.metrics})
+        uri = log_served(served, data)
+        mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": data.digest})
     return run.info.run_id, {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
 
 
@@ -130,11 +140,10 @@ def test_bundled_model_is_int8_and_close_to_its_float_accuracy(prepared_dir):
     assert _largest_weight(served.onnx_path) <= 64
     # measured on this CPU, on the fixture's 200 test images: 92% expected, 58% where int8 saturates
     data = load_cache(prepared_dir)
-    accuracy = (served.logits(np.asarray(data.images["test"])).argmax(1) == data.labels["test"]).mean()
+    accuracy = (served.predicted_classes(np.asarray(data.images["test"])) == data.labels["test"]).mean()
     assert accuracy >= 0.85
     metrics = json.loads((BUNDLE_DIR / "metrics.json").read_text())
     q = metrics["quantization"]
     assert q["float_test_accuracy"] - metrics["test_accuracy"] <= 0.005 and q["val_agreement"] >= 0.98
-    assert json.loads((BUNDLE_DIR / "trust.json").read_text())["temperature"] == pytest.approx(
-        served.metadata["trust"]["temperature"]
-    )
+    assert metrics["trust"] == served.metadata["trust"]  # the card's figures are the graph's own record
+    assert "head left in float" in (BUNDLE_DIR / "README.md").read_text()

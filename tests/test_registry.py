@@ -7,24 +7,20 @@ import subprocess
 import mlflow
 import numpy as np
 import pytest
-from conftest import PYTHON, ROOT, clean_env, run_cli, train_small_model
+from conftest import PYTHON, ROOT, clean_env, log_served, run_cli, served_small_model
 
 from cifar import registry
 from cifar.data import load_cache
 from cifar.errors import CifarError
-from cifar.export import export_onnx, model_metadata
-from cifar.tracking import log_onnx_model
 
 pytestmark = pytest.mark.integration
 NAME = registry.MODEL_NAME
 
 
 @pytest.fixture(scope="module")
-def trained_proto(prepared_dir, tmp_path_factory):
-    """A small model really trained on the fixture (better than chance), exported to ONNX."""
-    data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=5"])
-    meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std)
-    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "m.onnx", meta), meta
+def trained_proto(prepared_dir):
+    """A small model really trained on the fixture (better than chance), as the served graph."""
+    return served_small_model(prepared_dir, ["train.epochs=5"])
 
 
 @pytest.fixture
@@ -35,11 +31,11 @@ def store(tracking_env, prepared_dir, monkeypatch):
 
 def make_run(experiment: str, val: float, test: float, proto_meta) -> str:
     """A finished run as training leaves it: metrics and an ONNX MLflow model."""
-    proto, meta = proto_meta
+    data, served = proto_meta
     mlflow.set_experiment(experiment)
     with mlflow.start_run() as run:
         mlflow.log_metrics({"best_val_accuracy": val, "test_accuracy": test})
-        uri = log_onnx_model(proto, meta, np.zeros((1, 3, 32, 32), np.float32))
+        uri = log_served(served, data)
         mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": "d"})
     return run.info.run_id
 
@@ -78,8 +74,9 @@ def test_production_model_loads_and_predicts_real_images(store, trained_proto, p
     decision = promote()
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@production")
     data = load_cache(prepared_dir)
-    images = np.asarray(data.images["test"]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-    accuracy = float((model.predict({"image": images})["logits"].argmax(1) == data.labels["test"]).mean())
+    out = model.predict({"image": np.asarray(data.images["test"])})  # uint8 images, as PIL gives them
+    accuracy = float((out["logits"].argmax(1) == data.labels["test"]).mean())
+    assert list(out["label"]) == [data.classes[i] for i in out["logits"].argmax(1)]
     assert accuracy > 0.2 and accuracy == pytest.approx(decision.test_accuracy)
     assert mlflow.pyfunc.load_model(f"models:/{NAME}/Production") is not None  # the legacy stage
 

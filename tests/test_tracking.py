@@ -116,7 +116,7 @@ def test_images(mini_dir):
     from cifar.data.sources import read_imagefolder
 
     raw = read_imagefolder(mini_dir, workers=1)
-    return raw.test_images.transpose(0, 3, 1, 2).astype(np.float32) / 255, raw.test_labels
+    return raw.test_images, raw.test_labels  # uint8 N x 32 x 32 x 3: the served model's input
 
 
 def test_logged_model_loads_with_pyfunc_and_predicts(store, test_images):
@@ -129,9 +129,11 @@ def test_logged_model_loads_with_pyfunc_and_predicts(store, test_images):
     assert run.data.tags["model_uri"] == f"models:/{logged.model_id}"
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     images, labels = test_images
-    logits = model.predict({"image": images})["logits"]
-    accuracy = float((logits.argmax(1) == labels).mean())
+    out = model.predict({"image": images})
+    assert set(out) == {"label", "probabilities", "in_distribution", "ood_score", "logits"}
+    accuracy = float((out["logits"].argmax(1) == labels).mean())
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)  # served == evaluated
+    assert np.mean(out["in_distribution"]) == pytest.approx(run.data.metrics["ood_accept_rate_in"], abs=1e-6)
     assert accuracy > 0.2  # chance is 0.1
     assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
 
@@ -141,20 +143,18 @@ def test_onnx_matches_pytorch_from_safetensors(store, test_images):
     import mlflow
     import onnxruntime as ort
 
-    from cifar.export import load_weights, servable
+    from cifar.export import load_weights, torch_network
 
     uri = store["env"]["MLFLOW_TRACKING_URI"]
     run_id = store["run"].info.run_id
     weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights", tracking_uri=uri)
     model, config = load_weights(weights)
-    model = servable(model, config)
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts(store["run"].data.tags["model_uri"])
     session = ort.InferenceSession(f"{local}/model.onnx", providers=["CPUExecutionProvider"])
     images, _ = test_images
-    with torch.no_grad():
-        expected = model(torch.from_numpy(images)).numpy()
-    actual = session.run(None, {"image": images})[0]
+    expected, _ = torch_network(model, torch.device("cpu"), tta=bool(config.get("tta")))(images)
+    (actual,) = session.run(["logits"], {"image": images})
     assert np.abs(actual - expected).max() < 1e-4
     meta = json.loads(session.get_modelmeta().custom_metadata_map["cifar"])
     assert meta["classes"][3] == "cat" and meta["run_id"] == run_id

@@ -10,6 +10,7 @@ from cifar.tracking.store import (
     log_onnx_model,
     onnx_signature,
     redact_url,
+    replace_logged_model,
     save_onnx_model_folder,
 )
 from cifar.tracking.studies import close_run, study_parent_run, summarize_study
@@ -27,6 +28,7 @@ __all__ = [
     "log_onnx_model",
     "onnx_signature",
     "redact_url",
+    "replace_logged_model",
     "save_onnx_model_folder",
     "study_parent_run",
     "summarize_study",

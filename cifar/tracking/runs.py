@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -61,6 +59,7 @@ class TrainingRun:
         self._pusher = None
         self._pending = None
         self._warned = False
+        self.end_tags: dict[str, str] = {}  # set with the run's end (through the outbox)
 
     def __enter__(self) -> TrainingRun:
         mlflow = _mlflow()
@@ -114,7 +113,7 @@ class TrainingRun:
         shutil.copy2(path, self.outbox.artifact_dir("checkpoint") / path.name)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        tags: dict[str, str] = {}
+        tags: dict[str, str] = dict(self.end_tags)
         pruned = exc_type is not None and exc_type.__name__ == "TrialPruned"  # optuna.TrialPruned
         if "optuna_trial" in self.tags:
             tags["trial_state"] = "COMPLETE" if exc_type is None else "PRUNED" if pruned else "FAIL"
@@ -213,20 +212,21 @@ class TrainingRun:
         self.tensorboard.epoch(metrics)
         self._push_in_background()
 
-    def log_results(
-        self, *, fit, test, model, data, metadata: dict[str, Any], trust_scores: dict[str, np.ndarray] | None = None
-    ) -> None:
-        """Final metrics, evaluation figures, safetensors weights and the ONNX MLflow model.
+    def log_results(self, *, fit, test, data, model, served) -> None:
+        """Final metrics, evaluation and trust figures, safetensors weights and the served model (MLflow ONNX).
 
+        ``served`` (``cifar.calibrate.ServedModel``) is the exported graph with its fitted constants.
         Everything is written to the outbox first, then uploaded; ``model_uri`` is set once the
         model is on the server (it stays None while the server is away).
         """
+        from cifar.calibrate import write_trust_report
+        from cifar.contract import PROBABILITIES
         from cifar.evaluate import build_report, write_report
-        from cifar.export import export_onnx, onnx_parity, save_weights
+        from cifar.export import save_weights
         from cifar.plots import training_curves
 
-        box = self.outbox
-        report = build_report(test.logits, test.labels, data.classes)
+        box, calibration = self.outbox, served.calibration
+        report = build_report(calibration.outputs["test"][PROBABILITIES], test.labels, data.classes)
         training_curves(fit.history, fit.best_epoch).savefig(box.artifact_dir("plots") / "training_curves.png")
         evaluation = write_report(report, np.asarray(data.images["test"]), box.artifact_dir("evaluation"))
         self.tensorboard.results(
@@ -235,36 +235,22 @@ class TrainingRun:
             evaluation / "confusion_matrix.png",
             {**report.metrics(), "best_val_accuracy": fit.best_val_accuracy},
         )
-        metadata = {
-            **metadata,
-            "run_id": self.run_id,
-            "val_accuracy": fit.best_val_accuracy,
-            "test_accuracy": test.accuracy,
-        }
-        save_weights(model, box.artifact_dir("weights"), metadata)
-        with tempfile.TemporaryDirectory() as tmp:
-            proto = export_onnx(model, Path(tmp) / "model.onnx", metadata)
-        sample = np.asarray(data.images["val"][:64]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-        parity = onnx_parity(model, proto, sample, tta=bool(metadata.get("tta")))
-        final = {
-            "best_val_accuracy": fit.best_val_accuracy,
-            "best_epoch": fit.best_epoch,
-            "test_loss": test.loss,
-            "train_seconds": fit.train_seconds,
-            "onnx_max_abs_diff": parity,
-            **report.metrics(),
-        }
-        if metadata.get("trust"):
-            from cifar.calibrate import write_trust_report
-            from cifar.trust import TrustProfile
-
-            profile = TrustProfile.from_dict(metadata["trust"])
-            write_trust_report(profile, trust_scores or {}, test.logits, test.labels, box.artifact_dir("trust"))
-            final.update(profile.metrics)
-        box.add_metrics(final)
-        if parity > 1e-3:
-            raise CifarError(f"the exported ONNX model disagrees with PyTorch (max |diff| {parity:.2e}).")
-        box.stage_model(proto, metadata, sample[:2])
+        save_weights(model, box.artifact_dir("weights"), served.metadata)
+        write_trust_report(calibration, test.labels, box.artifact_dir("trust"))
+        box.add_metrics(
+            {
+                "best_val_accuracy": fit.best_val_accuracy,
+                "best_epoch": fit.best_epoch,
+                "test_loss": test.loss,
+                "train_seconds": fit.train_seconds,
+                "onnx_max_abs_diff": served.parity,
+                **report.metrics(),
+                **calibration.profile.metrics,
+            }
+        )
+        if calibration.profile.not_measured:  # visible on the run: a set that could not be measured
+            self.end_tags["ood_not_measured"] = ",".join(sorted(calibration.profile.not_measured))
+        box.stage_model(served.proto, served.metadata, np.asarray(data.images["val"][:2]))
         self.push(include_end=False)
 
 

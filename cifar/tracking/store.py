@@ -66,24 +66,37 @@ def git_state() -> dict[str, str]:
 
 
 def onnx_signature(num_classes: int):
-    """``image``: float32 N x 3 x 32 x 32 in [0, 1] -> ``logits``: float32 N x classes."""
+    """The served contract (``cifar.contract``): uint8 images in; label, probabilities, OOD flag, score, logits out."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    from cifar import contract
+
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "logits")]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *contract.IMAGE_SHAPE), contract.INPUT)]),
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(str), (-1,), contract.LABEL),
+                TensorSpec(np.dtype(np.float32), (-1, num_classes), contract.PROBABILITIES),
+                TensorSpec(np.dtype(bool), (-1,), contract.IN_DISTRIBUTION),
+                TensorSpec(np.dtype(np.float32), (-1,), contract.OOD_SCORE),
+                TensorSpec(np.dtype(np.float32), (-1, num_classes), contract.LOGITS),
+            ]
+        ),
     )
 
 
 def _model_kwargs(metadata: dict[str, Any], example: np.ndarray) -> dict[str, Any]:
-    """What every saved or logged model of the project has: environment, signature, metadata."""
+    """What every saved or logged model of the project has: environment, signature, metadata.
+
+    ``example``: real uint8 images (N x 32 x 32 x 3), the input example MLflow stores and serves.
+    """
     mlflow = _mlflow()
     return {
         # what inference would find (it loads the model in a subprocess: 2.4 s on every run)
         "pip_requirements": [*mlflow.onnx.get_default_pip_requirements(), f"numpy=={np.__version__}"],
         "signature": onnx_signature(len(metadata["classes"])),
-        "input_example": {"image": example},
+        "input_example": {"image": np.asarray(example, np.uint8)},
         "metadata": metadata,
         "save_as_external_data": False,
         "onnx_execution_providers": ["CPUExecutionProvider"],
@@ -110,6 +123,35 @@ def save_onnx_model_folder(proto, metadata: dict[str, Any], example: np.ndarray,
         folder.rmdir()  # MLflow creates the folder itself
     _mlflow().onnx.save_model(proto, str(folder), **_model_kwargs(metadata, example))
     return folder
+
+
+def replace_logged_model(model_id: str, proto, metadata: dict[str, Any], example: np.ndarray) -> None:
+    """Rewrite a logged model's files in place (refitted constants, or a format conversion).
+
+    Every registered version of that model serves the new files. The model keeps its identity
+    (id, run, creation time, from its MLmodel file); a tag records the rewrite, which is also a
+    write to the store, so copies in ``cifar.modelcache`` are fetched again.
+    """
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=f"{tmp}/old"))
+        folder = save_onnx_model_folder(proto, metadata, example, Path(tmp) / "model")
+        identity = {k: v for k, v in (yaml.safe_load(old.read_text()) or {}).items() if k in _IDENTITY}
+        new = {**(yaml.safe_load((folder / "MLmodel").read_text()) or {}), **identity}
+        (folder / "MLmodel").write_text(yaml.safe_dump(new, sort_keys=False))
+        client.log_model_artifacts(model_id, str(folder))
+    client.set_logged_model_tags(model_id, {"rewritten_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+_IDENTITY = ("artifact_path", "model_id", "run_id", "utc_time_created", "model_uuid")
 
 
 def log_derived_model(
