@@ -5,9 +5,10 @@
 Runs alternate after a one-epoch warm-up, in ABBA order (untracked, tracked, tracked,
 untracked, ...), so a steady drift in the machine's speed falls on both sides equally. Two clocks:
 the training clock (all epochs, with the per-epoch metric logging and checkpoints inside it) and
-the whole ``train_experiment`` call (data, test pass, and for the tracked run: run creation,
-dataset lineage, evaluation report, figures, weights, ONNX export with its parity check and the
-logged model). Tracked runs go to a temporary SQLite store unless MLFLOW_TRACKING_URI is set.
+the whole ``train_experiment`` call (data, test pass, and for the tracked run: fitting and
+exporting the served model, which an untracked run skips as it has nowhere to put it, then run
+creation, dataset lineage, evaluation report, figures, weights and the logged model). Tracked
+runs go to a temporary SQLite store unless MLFLOW_TRACKING_URI is set.
 
 The difference of two clocks is only as exact as the machine is steady (a shared 2-core machine
 drifts by several percent over minutes), so the tracked runs also time the tracking code itself:

@@ -193,7 +193,7 @@ calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`ci
 - **Accuracy** (measured by `cifar.bundle {"quantize" if int8 else "build"}` on this cache, test split, once,
   through the saved graph): **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}.
 - ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 validation images{parity_of}.
-{_int8_lines(metrics)}
+{_int8_lines(metrics)}{_corruption_line(metrics)}
 | class | recall (accuracy) | precision | F1 |
 |---|---|---|---|
 {rows}
@@ -206,6 +206,15 @@ calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`ci
   fine detail in a photo is lost. Cats and dogs are the most confused pair.
 - Accuracy on the canonical (PNG-quality) CIFAR-10 test set was not measured here.
 """
+
+
+def _corruption_line(metrics: dict) -> str:
+    if "mean_corruption_accuracy" not in metrics:
+        return ""
+    return (
+        f"- **Under corruptions**: {metrics['mean_corruption_accuracy']:.2%} on average "
+        f"({metrics['mean_corruption_accuracy_note']}).\n"
+    )
 
 
 def _int8_lines(metrics: dict) -> str:

@@ -45,7 +45,9 @@ from cifar.trust import (
     generated_ood_images,
 )
 
-FIT_IMAGES = 10_000  # training images the score is fitted on (features of all 45,000 add little)
+# Training images the score is fitted on: all 45,000 gain little for a feature pass 4.5 times as long
+# in every run and trial (benchmarks/ood_scores.py, RESULTS.md 2026-12-02).
+FIT_IMAGES = 10_000
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,12 +130,13 @@ def serve_model(
     test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ServedModel:
     """A trained PyTorch model -> its served graph, constants fitted on this data (training, bundle build)."""
-    from cifar.export import export_served, served_parity, torch_network
+    from cifar.export import export_served, feature_layout, served_parity, torch_network
 
     tta = bool(metadata.get("tta"))
     net = torch_network(model, device, tta=tta, batch_size=batch_size, channels_last=channels_last)
     calibration = calibrate_network(net, data, test)
-    metadata = {**metadata, "trust": calibration.profile.to_dict()}
+    layout = feature_layout(model, len(calibration.constants.whitening))
+    metadata = {**metadata, "features": layout, "trust": calibration.profile.to_dict()}
     proto = export_served(model, metadata, calibration.constants)
     parity = served_parity(model, proto, np.asarray(data.images["val"][:64]), tta)
     return ServedModel(proto, metadata, calibration, parity)
@@ -172,9 +175,9 @@ def write_trust_report(calibration: Calibration, test_labels: np.ndarray, folder
     return folder
 
 
-def describe(calibration: Calibration) -> str:
-    """One line per fact: temperature and calibration, then each OOD set, then what was not measured."""
-    p, m = calibration.profile, calibration.profile.metrics
+def describe(profile: TrustProfile) -> str:
+    """Temperature and calibration, each OOD set, then what was not measured: what a run prints."""
+    p, m = profile, profile.metrics
     lines = [
         f"temperature {p.temperature:.3f}: test ECE {m['test_ece_uncalibrated']:.4f} -> "
         f"{m['test_ece_calibrated']:.4f}, NLL {m['test_nll_uncalibrated']:.4f} -> {m['test_nll_calibrated']:.4f}",
@@ -283,7 +286,7 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
                 for key, value in calibration.profile.metrics.items():
                     client.log_metric(run_id, key, value)
             print(f"rewrote model {model_id}'s constants" + (f"; report in run {run_id}" if run_id else ""))
-    print(describe(calibration))
+    print(describe(calibration.profile))
     return calibration
 
 

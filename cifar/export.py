@@ -144,6 +144,12 @@ def export_served(model: nn.Module, metadata: dict[str, Any], constants: contrac
     )
 
 
+def feature_layout(model: nn.Module, dim: int) -> dict[str, Any]:
+    """What the graph's ``features`` hold: each stage's mean activation, then the penultimate vector (last)."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return {"dim": int(dim), "penultimate": head.in_features, "layout": "stage means, then the penultimate vector"}
+
+
 def torch_network(
     model: nn.Module, device: torch.device, *, tta: bool, batch_size: int = 1000, channels_last: bool = False
 ) -> contract.NetOutputs:

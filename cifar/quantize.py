@@ -254,12 +254,12 @@ def save_model_folder(result: QuantizedModel, out: Path, example: np.ndarray) ->
 
 
 def describe(result: QuantizedModel) -> str:
-    m = result.trust.metrics
+    from cifar.calibrate import describe as describe_trust
+
     return (
         f"int8 model: validation accuracy {result.val_accuracy:.4f} (float {result.float_val_accuracy:.4f}, "
         f"same label on {result.val_agreement:.2%} of images), test accuracy {result.test_accuracy:.4f}; "
-        f"temperature {result.trust.temperature:.3f}, test ECE {m['test_ece_calibrated']:.4f}; "
-        f"{result.seconds:.0f} s"
+        f"{result.seconds:.0f} s\n" + describe_trust(result.trust)
     )
 
 

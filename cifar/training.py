@@ -250,7 +250,7 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             return TrainOutcome(result, test, None, None)
         served = _served_model(model, data, test, device, t, metadata, run.run_id, result.best_val_accuracy)
         if options.progress:
-            print(describe_calibration(served.calibration), flush=True)
+            print(describe_calibration(served.calibration.profile), flush=True)
         run.log_results(fit=result, test=test, data=data, model=model, served=served)
         if checkpoint_path is not None:  # finished: the checkpoint has done its job
             shutil.rmtree(checkpoint_path.parent, ignore_errors=True)

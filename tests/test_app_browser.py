@@ -110,6 +110,36 @@ def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
         shutil.copy(shot, target / shot.name)
 
 
+def test_uniform_noise_is_flagged_none_of_these_in_chromium(app_url, tmp_path):
+    """The issue's case: a 128x128 uniform-noise PNG was answered "airplane, 61.6% confident"."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    noise = tmp_path / "static_noise.png"
+    Image.fromarray(np.random.default_rng(11).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(noise)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(app_url)
+            expect(page.get_by_text("cifar10-classifier version 1")).to_be_visible(timeout=60_000)
+            page.locator('input[type="file"]').first.set_input_files(str(noise))
+            expect(page.locator("h3").filter(has_text="none of these?").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("This does not look like any of the 10 classes").first).to_be_visible()
+            expect(page.locator('[data-testid*="VegaLiteChart"]').first).to_be_visible(timeout=30_000)
+            time.sleep(1.5)
+            shot = tmp_path / "app_none_of_these.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("CIFAR_ARTIFACTS_DIR"):
+        target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)
+
+
 def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw, monkeypatch):
     """20 browser sessions upload photos at once; meanwhile production moves to a new version."""
     import asyncio

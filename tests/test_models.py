@@ -8,7 +8,8 @@ import torch
 
 from cifar.data import load_cache
 from cifar.errors import CifarError
-from cifar.models import FlipTTA, available_models, create_model
+from cifar.export import ServedNet
+from cifar.models import available_models, create_model
 
 
 @pytest.mark.parametrize("name", sorted(available_models()))
@@ -18,6 +19,16 @@ def test_forward_shape_and_backward(name):
     logits = model(x)
     assert logits.shape == (4, 10)
     logits.sum().backward()
+    # forward_features: the same logits, and a feature vector ending in the penultimate (the head's input)
+    model.eval()
+    with torch.no_grad():
+        same, features = model.forward_features(x)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        penultimate = features[:, -head.in_features :]
+        scale = getattr(model.body, "head_scale", 1.0)
+        assert torch.allclose(same, model(x), atol=1e-5)
+        assert torch.allclose(head(penultimate) * scale, same, atol=1e-5)
+        assert features.shape[0] == 4 and features.shape[1] > head.in_features
 
 
 def test_required_models():
@@ -70,6 +81,7 @@ def test_normalization_is_inside_the_model():
 
 
 def test_flip_tta_is_flip_invariant():
-    model = FlipTTA(create_model("small_cnn").eval())
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(model(x), model(x.flip(3)), atol=1e-6)
+    model = ServedNet(create_model("small_cnn").eval(), tta=True)
+    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    for a, b in zip(model(x), model(x.flip(2))):  # NHWC: the width axis is 2
+        assert torch.allclose(a, b, atol=1e-5)
