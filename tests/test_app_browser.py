@@ -78,6 +78,15 @@ def app_url(tmp_path):
             server.wait()
 
 
+def keep_screenshot(shot: Path) -> None:
+    """A real page was drawn; ``$CIFAR_ARTIFACTS_DIR`` keeps the picture for a person to look at."""
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("CIFAR_ARTIFACTS_DIR"):
+        target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)
+
+
 def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
     from PIL import Image
     from playwright.sync_api import expect, sync_playwright
@@ -103,11 +112,7 @@ def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    assert shot.stat().st_size > 20_000
-    if os.environ.get("CIFAR_ARTIFACTS_DIR"):
-        target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target / shot.name)
+    keep_screenshot(shot)
 
 
 def test_uniform_noise_is_flagged_none_of_these_in_chromium(app_url, tmp_path):
@@ -133,11 +138,7 @@ def test_uniform_noise_is_flagged_none_of_these_in_chromium(app_url, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    assert shot.stat().st_size > 20_000
-    if os.environ.get("CIFAR_ARTIFACTS_DIR"):
-        target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target / shot.name)
+    keep_screenshot(shot)
 
 
 def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw, monkeypatch):
