@@ -57,7 +57,7 @@ def default_storage() -> str:
 def open_storage(url: str, heartbeat_interval: int, grace_period: int):
     """RDB storage with heartbeats: a worker killed mid-trial leaves a FAIL trial that is retried."""
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from cifar.locks import sqlite_lock
 
@@ -69,7 +69,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int):
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
-                failed_trial_callback=_fail_stale_trial(RetryFailedTrialCallback(max_retry=2)),
+                heartbeat_stale_trial_callback=_fail_stale_trial(RetryHeartbeatStaleTrialCallback(max_retry=2)),
             )
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable database
         raise CifarError(
@@ -92,14 +92,29 @@ def _fail_stale_trial(retry):
 
 
 def make_sampler(spec: dict[str, Any], seed: int):
+    """The space file's sampler, every setting stated there (``cifar.search.space.sampler_settings``)."""
     import optuna
 
-    name = spec.get("name", "tpe")
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(spec.get("startup_trials", 5)))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise CifarError(f"unknown sampler '{name}': use tpe or random.")
+    if spec["name"] == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=spec["startup_trials"],
+            multivariate=spec["multivariate"],
+            group=spec["group"],
+            constant_liar=spec["constant_liar"],
+        )
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def importance_evaluator(name: str):
+    """Optuna's importance evaluator named in the space file (5.0's default is PED-ANOVA; fANOVA before)."""
+    import optuna
+
+    return {
+        "ped_anova": optuna.importance.PedAnovaImportanceEvaluator,
+        "fanova": optuna.importance.FanovaImportanceEvaluator,
+        "mean_decrease_impurity": optuna.importance.MeanDecreaseImpurityImportanceEvaluator,
+    }[name]()
 
 
 def make_pruner(spec: dict[str, Any]):
@@ -303,7 +318,9 @@ def _run_search(options: TuneOptions, distributed: bool = False) -> Any:
         **space.as_params(),
         "study_name": study.study_name,
         "sampler": type(study.sampler).__name__,
+        **{f"sampler.{k}": v for k, v in space.sampler.items() if k != "name"},
         "pruner": type(study.pruner).__name__,
+        "importance_evaluator": space.importance,
         "experiment": options.experiment,
         "space_file": space.source,
         "epochs_per_trial": options.epochs_per_trial or base.train.epochs,
@@ -330,5 +347,5 @@ def _run_search(options: TuneOptions, distributed: bool = False) -> Any:
             callbacks=[Progress(options.n_trials, options.timeout)],
         )
     finally:
-        tracking.summarize_study(study, parent_run_id)
+        tracking.summarize_study(study, parent_run_id, importance_evaluator(space.importance), space.importance)
     return study

@@ -34,12 +34,40 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     params: tuple[Param, ...]
-    sampler: dict[str, Any]
+    sampler: dict[str, Any]  # every setting resolved (sampler_settings)
     pruner: dict[str, Any]
     source: str
+    importance: str = "ped_anova"  # the evaluator of the parameter-importance plot
 
     def as_params(self) -> dict[str, str]:
         return {f"space.{p.name}": p.describe() for p in self.params}
+
+
+# Optuna 5 changed TPESampler's defaults (multivariate and constant liar on), so a space states its
+# sampler's settings; these are what a file that leaves one out gets, and they are logged either way.
+SAMPLER_SETTINGS = {
+    "tpe": {"startup_trials": 5, "multivariate": True, "group": True, "constant_liar": True},
+    "random": {},
+}
+IMPORTANCE_EVALUATORS = ("ped_anova", "fanova", "mean_decrease_impurity")
+
+
+def sampler_settings(raw: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """A space file's ``sampler`` with every setting resolved, or one clear error."""
+    raw = dict(raw or {})
+    name = raw.pop("name", "tpe")
+    if name not in SAMPLER_SETTINGS:
+        raise CifarError(f"{where}: unknown sampler '{name}': use {' or '.join(SAMPLER_SETTINGS)}.")
+    defaults = SAMPLER_SETTINGS[name]
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        known = ", ".join(defaults) or "none"
+        raise CifarError(f"{where}: sampler {name} has no setting {', '.join(unknown)} (known: {known}).")
+    settings = {**defaults, **raw}
+    for key, default in defaults.items():
+        if not isinstance(settings[key], type(default)):
+            raise CifarError(f"{where}: sampler setting {key} must be {type(default).__name__}, not {settings[key]!r}.")
+    return {"name": name, **settings}
 
 
 def space_path(name_or_path: str) -> Path:
@@ -92,7 +120,11 @@ def load_space(name_or_path: str, base: ExperimentConfig) -> SearchSpace:
         if not ready:
             raise CifarError(f"{path}: the conditions form a cycle.")
         ordered.extend(ready)
-    return SearchSpace(tuple(ordered), raw.get("sampler") or {}, raw.get("pruner") or {}, str(path))
+    importance = raw.get("importance", "ped_anova")
+    if importance not in IMPORTANCE_EVALUATORS:
+        raise CifarError(f"{path}: importance must be one of {', '.join(IMPORTANCE_EVALUATORS)}, not '{importance}'.")
+    sampler = sampler_settings(raw.get("sampler"), str(path))
+    return SearchSpace(tuple(ordered), sampler, raw.get("pruner") or {}, str(path), importance)
 
 
 def suggest(trial, space: SearchSpace) -> dict[str, Any]:

@@ -52,8 +52,11 @@ def study_parent_run(study, attr: str, experiment: str, params: dict[str, Any], 
     return winner
 
 
-def summarize_study(study, parent_run_id: str) -> None:
-    """Best trial (value, params) and Optuna's plots (matplotlib, offline) on the parent run."""
+def summarize_study(study, parent_run_id: str, evaluator=None, evaluator_name: str = "") -> None:
+    """Best trial (value, params) and Optuna's plots (matplotlib, offline) on the parent run.
+
+    ``evaluator`` is the importance evaluator the importance plot uses; its title names it.
+    """
     import time
     import warnings
 
@@ -87,7 +90,7 @@ def summarize_study(study, parent_run_id: str) -> None:
         )
     plots = {
         "optimization_history": ovm.plot_optimization_history,
-        "param_importances": ovm.plot_param_importances,
+        "param_importances": lambda s: ovm.plot_param_importances(s, evaluator=evaluator),
         "parallel_coordinate": ovm.plot_parallel_coordinate,
         "slice": ovm.plot_slice,
         "intermediate_values": ovm.plot_intermediate_values,
@@ -102,6 +105,9 @@ def summarize_study(study, parent_run_id: str) -> None:
         except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need varied params
             continue
         first = axes.flat[0] if hasattr(axes, "flat") else axes
+        if name == "param_importances" and evaluator_name:
+            # Optuna titles it on the left; the evaluator changed default in 5.0, so the title names it
+            first.set_title(f"Hyperparameter importances ({evaluator_name.replace('_', '-')} evaluator)", loc="left")
         figure = first.figure
         figure.set_size_inches(max(figure.get_size_inches()[0], 9), max(figure.get_size_inches()[1], 5))
         client.log_figure(parent_run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight"})
