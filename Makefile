@@ -1,6 +1,7 @@
 # make run   : fresh machine -> .venv -> data -> a tracked training run (mlflow run .)
 # make test  : the test suite (what CI runs)
 # make ui    : the MLflow UI on the local store (mlflow.db + mlruns/)
+# make dashboard: optuna-dashboard on the study storage (optuna.db here, or $OPTUNA_STORAGE)
 # make server: a shared MLflow tracking server (README, "Team set-up"); make postgres: a local PostgreSQL for it
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -8,6 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXPERIMENT ?= cpu
 UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
 # make server: backend store and artifact destination (credentials belong in the environment, not here)
 BACKEND_STORE_URI ?= $${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow.db}
 ARTIFACTS ?= $${MLFLOW_ARTIFACTS_DESTINATION:-mlartifacts}
@@ -16,7 +18,7 @@ PORT ?= 5000
 PG_DIR ?= .pg
 PG_PORT ?= 5433
 
-.PHONY: install system-deps data run train test test-fast lint ui app server postgres bench clean
+.PHONY: install system-deps data run train test test-fast lint ui dashboard app server postgres bench clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +63,14 @@ lint: install
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# Optuna's own dashboard on the storage tune.py uses: $OPTUNA_STORAGE, else optuna.db beside mlflow.db here.
+dashboard: install
+	@storage="$${OPTUNA_STORAGE:-sqlite:///optuna.db}"; \
+	if [ -z "$$OPTUNA_STORAGE" ] && [ ! -f optuna.db ]; then \
+	  echo "error: no optuna.db here; run python tune.py first, or set OPTUNA_STORAGE to the study's storage"; exit 2; fi; \
+	echo "Optuna dashboard on $$storage: http://$(HOST):$(DASHBOARD_PORT)/dashboard"; \
+	$(BIN)/optuna-dashboard "$$storage" --host $(HOST) --port $(DASHBOARD_PORT)
 
 # The app on the registry's production model; an empty store first gets the bundled model.
 app: install

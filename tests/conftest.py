@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,17 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "cifar10-mini"
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PYTHON = sys.executable
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's (.ci/run installs it)
+# Headless as root on a closed network: no sandbox, and no background connections to refuse.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -186,6 +198,15 @@ def run_cli(args: list[str], *, env: dict | None = None, cwd: Path | None = None
     return subprocess.run(
         [PYTHON, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def keep_screenshot(shot: Path) -> None:
+    """A real page was drawn; ``$CIFAR_ARTIFACTS_DIR`` keeps the picture for a person to look at."""
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("CIFAR_ARTIFACTS_DIR"):
+        target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, ROOT, clean_env, free_port, run_cli
+from conftest import CHROMIUM, CHROMIUM_FLAGS, PYTHON, ROOT, clean_env, free_port, keep_screenshot, run_cli
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
 ]
 
 
@@ -76,15 +64,6 @@ def app_url(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-
-
-def keep_screenshot(shot: Path) -> None:
-    """A real page was drawn; ``$CIFAR_ARTIFACTS_DIR`` keeps the picture for a person to look at."""
-    assert shot.stat().st_size > 20_000
-    if os.environ.get("CIFAR_ARTIFACTS_DIR"):
-        target = Path(os.environ["CIFAR_ARTIFACTS_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target / shot.name)
 
 
 def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
