@@ -47,7 +47,11 @@ data: install
 
 run: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P experiment=$(EXPERIMENT)
-	@echo "Browse the run: make ui, then open http://127.0.0.1:$(UI_PORT)"
+	@echo ""
+	@echo "Next steps:"
+	@echo "  1. browse the run:    make ui, then open http://127.0.0.1:$(UI_PORT)"
+	@echo "  2. promote it:        $(BIN)/python register.py   (production if it beats the current one on validation)"
+	@echo "  3. open the app on it: make app   (serves models:/cifar10-classifier@production)"
 
 train: data
 	$(BIN)/python train.py --experiment $(EXPERIMENT)

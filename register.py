@@ -80,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.import_bundled:
         version, promoted = import_bundled(name=name)
-        state = (
-            "now production" if promoted else f"production stays version {registry.production_version(name).version}"
-        )
+        production = registry.production_version(name)
+        state = "now production" if promoted else f"production stays version {production.version}"
         print(f"Bundled model is {name} version {version}; {state}.")
+        if production.tags.get("source") == "bundled" and registry.has_trained_runs():
+            print(
+                "The app serves the bundled model, not a run you trained: promote yours with python register.py "
+                "(it must beat the bundled one on validation, or add --force)."
+            )
         return 0
     if args.rollback:
         old, new = registry.rollback(name)

@@ -113,6 +113,14 @@ def find_best_run(
     )
 
 
+def has_trained_runs() -> bool:
+    """Whether the store holds a finished training run with a logged model (the bundled model's run aside)."""
+    client = _client()
+    ids = [e.experiment_id for e in client.search_experiments() if e.name != "bundled-model"]
+    query = "attributes.status = 'FINISHED' and tags.model_uri != ''"
+    return bool(ids) and bool(client.search_runs(ids, query, max_results=1))
+
+
 def _tracking_uri() -> str:
     import mlflow
 

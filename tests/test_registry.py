@@ -163,3 +163,15 @@ def test_cli_dry_run_and_list(store, trained_proto, prepared_dir, tmp_path):
     assert run_cli([str(ROOT / "register.py")], env=env, cwd=tmp_path).returncode == 0
     listed = run_cli([str(ROOT / "register.py"), "--list"], env=env, cwd=tmp_path)
     assert "production" in listed.stdout and "Production" in listed.stdout and "0.900000" in listed.stdout
+
+
+def test_import_bundled_says_when_the_app_would_not_serve_your_run(store, trained_proto, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": store}
+    alone = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)
+    assert "now production" in alone.stdout and "not a run you trained" not in alone.stdout
+    make_run("a", val=0.5, test=0.5, proto_meta=trained_proto)  # then the user trains (make run)...
+    again = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)  # ...and make app
+    assert "production stays version 1" in again.stdout
+    assert "The app serves the bundled model, not a run you trained: promote yours with python register.py" in (
+        again.stdout
+    )
