@@ -2,13 +2,16 @@
 
     streamlit run streamlit_app/app.py        (or: make app)
 
-Reads ``$MLFLOW_TRACKING_URI`` (else the local mlflow.db) and ``$MLFLOW_UI_URL`` (for run links).
+Reads ``$MLFLOW_TRACKING_URI`` (else the local mlflow.db), ``$MLFLOW_UI_URL`` (for run links) and
+``$CIFAR_MODEL_CHECK_SECONDS`` (how often an open page asks which version is production; 60).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,15 +27,30 @@ from cifar.preprocess import decode_image  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
+CHECK_SECONDS = float(os.environ.get("CIFAR_MODEL_CHECK_SECONDS", "60"))
 
 
-@st.cache_data(ttl=60, show_spinner=False)
-def current_model() -> tuple[serving.ModelInfo | None, str | None]:
-    """Which version is production, re-read at most once a minute (or on the button)."""
+def check_production() -> None:
+    """Ask the registry which version is production; the answer (or what to run) stays in the session."""
     try:
-        return serving.production_model(), None
+        st.session_state["production"] = (serving.production_model(), None)
     except CifarError as exc:
-        return None, str(exc)
+        st.session_state["production"] = (None, str(exc))
+    st.session_state["checked_at"] = time.time()
+
+
+@st.fragment(run_every=CHECK_SECONDS)
+def watch_production() -> None:
+    """Every CHECK_SECONDS this fragment alone re-runs; when production moved, the whole page follows."""
+    served = st.session_state.get("production", (None, None))[0]
+    # A page run in between (any click) does not ask again: at most once a period, as the timer does
+    if time.time() - st.session_state.get("checked_at", 0) >= 0.9 * CHECK_SECONDS:
+        check_production()
+        now = st.session_state["production"][0]
+        if (now and now.version) != (served and served.version):
+            st.rerun()  # the new model, its sidebar and its report
+    checked = time.strftime("%H:%M:%S", time.localtime(st.session_state["checked_at"]))
+    st.caption(f"Checked for a new production model at {checked} (every {CHECK_SECONDS:g} s).")
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=3)
@@ -186,9 +204,13 @@ def main() -> None:
     st.set_page_config(page_title="CIFAR-10 classifier", layout="wide")
     st.title("CIFAR-10 classifier")
     st.caption("airplane · automobile · bird · cat · deer · dog · frog · horse · ship · truck")
-    if st.sidebar.button("Check for a new model"):
-        current_model.clear()
-    info, error = current_model()
+    if st.sidebar.button("Check for a new model") or "production" not in st.session_state:
+        check_production()
+    info, error = st.session_state["production"]
+    if info is not None:
+        sidebar(info)
+    with st.sidebar:  # also while there is no model: the page recovers when one is promoted
+        watch_production()
     if error:
         st.error(error)
         st.code("python register.py --import-bundled", language="bash")
@@ -198,7 +220,6 @@ def main() -> None:
     except CifarError as exc:
         st.error(f"The production model could not be loaded: {exc}")
         return
-    sidebar(info)
     predict_tab, model_tab = st.tabs(["Predict", "About the model"])
     with predict_tab:
         predict_page(predictor)
