@@ -1,9 +1,13 @@
-"""What MLflow tracking costs: the same experiment untracked and tracked, side by side in one run.
+"""What MLflow tracking costs: the same experiment untracked, tracked, and tracked with MLflow's
+system metrics, side by side in one run.
 
     python benchmarks/tracking_overhead.py [--experiment cpu] [--repeats 2] [--quick]
 
-Runs alternate after a one-epoch warm-up, in ABBA order (untracked, tracked, tracked,
-untracked, ...), so a steady drift in the machine's speed falls on both sides equally. Two clocks:
+Runs rotate after a one-epoch warm-up, the order reversed every other round (untracked,
+tracked, tracked + system metrics, then backwards), so a steady drift in the machine's speed
+falls on every arm equally. System metrics are MLflow's sampler thread (psutil every
+``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` s, 10 by default): its own CPU time is measured
+too, since it is far below the clocks' noise. Two clocks:
 the training clock (all epochs, with the per-epoch metric logging and checkpoints inside it) and
 the whole ``train_experiment`` call (data, test pass, and for the tracked run: fitting and
 exporting the served model, which an untracked run skips as it has nowhere to put it, then run
@@ -34,6 +38,8 @@ from _common import machine_name, record
 @contextlib.contextmanager
 def timing_tracking_code() -> Iterator[dict[str, float]]:
     """Seconds spent in the tracking hooks, by where they run, while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
     import cifar.training
     from cifar.tracking.runs import TrainingRun
 
@@ -46,6 +52,7 @@ def timing_tracking_code() -> Iterator[dict[str, float]]:
         (TrainingRun, "log_data", "after_clock", time.perf_counter),
         (TrainingRun, "log_results", "after_clock", time.perf_counter),
         (TrainingRun, "__exit__", "after_clock", time.perf_counter),
+        (SystemMetricsMonitor, "monitor", "sampler_cpu", time.thread_time),  # the whole sampler thread
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _, _ in hooks]
 
@@ -68,6 +75,9 @@ def timing_tracking_code() -> Iterator[dict[str, float]]:
             setattr(owner, name, function)
 
 
+ARMS = ("untracked", "tracked", "tracked + system metrics")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="cpu")
@@ -78,7 +88,7 @@ def main() -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="quarter-width model, 5,000 images x 2 epochs, one pair (under 2 minutes on 2 fp32 cores)",
+        help="quarter-width model, 5,000 images x 2 epochs, one round (under 3 minutes on 2 fp32 cores)",
     )
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
@@ -99,11 +109,12 @@ def main() -> None:
 
     check_tracking_store()  # a store's tables are made once per machine, not per run
 
-    clocks: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    accuracies: dict[bool, list[float]] = {False: [], True: []}
-    own: list[dict[str, float]] = []
+    clocks: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
+    accuracies: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    own: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     for repeat in range(repeats):
-        for track in (False, True) if repeat % 2 == 0 else (True, False):
+        for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
+            os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = str(arm == ARMS[2]).lower()
             with timing_tracking_code() as seconds:
                 start = time.perf_counter()
                 out = train_experiment(
@@ -111,48 +122,66 @@ def main() -> None:
                     TrainOptions(
                         data_dir=args.data_dir,
                         device=args.device,
-                        track=track,
+                        track=arm != ARMS[0],
                         progress=False,
                         mlflow_experiment="bench-tracking-overhead",
                     ),
                 )
                 total = time.perf_counter() - start
-            if track:
-                own.append(dict(seconds))
-            clocks[track].append((out.fit.train_seconds, total))
-            label = "tracked" if track else "untracked"
+            own[arm].append(dict(seconds))
+            clocks[arm].append((out.fit.train_seconds, total))
+            accuracies[arm].append(out.test.accuracy)
             print(
-                f"{label}: training {out.fit.train_seconds:.2f} s, whole call {total:.2f} s, "
+                f"{arm}: training {out.fit.train_seconds:.2f} s, whole call {total:.2f} s, "
                 f"test accuracy {out.test.accuracy:.4f}",
                 flush=True,
             )
-            accuracies[track].append(out.test.accuracy)
+    os.environ.pop("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    samples = _system_metric_samples("bench-tracking-overhead") if ARMS[2] in clocks else 0
     tmp.cleanup()
 
-    def mean(track: bool, i: int) -> float:
-        return statistics.mean(c[i] for c in clocks[track])
+    def mean(arm: str, i: int) -> float:
+        return statistics.mean(c[i] for c in clocks[arm])
 
-    fit_off, fit_on, all_off, all_on = mean(False, 0), mean(True, 0), mean(False, 1), mean(True, 1)
-    own_in, own_bg, own_after = (
-        statistics.mean(o.get(k, 0.0) for o in own) for k in ("in_clock", "background_cpu", "after_clock")
-    )
+    def own_mean(arm: str, key: str) -> float:
+        return statistics.mean(o.get(key, 0.0) for o in own[arm])
+
+    fit = {arm: mean(arm, 0) for arm in ARMS}
+    whole = {arm: mean(arm, 1) for arm in ARMS}
+    tracked, system = ARMS[1], ARMS[2]
+    own_in, own_bg, own_after = (own_mean(tracked, k) for k in ("in_clock", "background_cpu", "after_clock"))
+    sampler = own_mean(system, "sampler_cpu")
+
+    def versus(arm: str, base: str, clock: dict[str, float]) -> str:
+        return f"{clock[arm]:.2f} s ({100 * (clock[arm] / clock[base] - 1):+.1f}% against {base})"
+
     lines = [
         f"setting: `{cfg.name}` (width {cfg.model.width}, {cfg.train.epochs} epochs, "
-        f"subset {cfg.data.subset or 'all'}), {repeats} pair(s){' in ABBA order' if repeats > 1 else ''}, "
+        f"subset {cfg.data.subset or 'all'}), {repeats} round(s){' in alternating order' if repeats > 1 else ''}, "
         f"{machine_name(args.device)}",
-        f"training clock: untracked {fit_off:.2f} s, tracked {fit_on:.2f} s "
-        f"(overhead {100 * (fit_on / fit_off - 1):+.1f}%)",
-        f"whole run incl. logging the model: untracked {all_off:.2f} s, tracked {all_on:.2f} s "
-        f"(overhead {100 * (all_on / all_off - 1):+.1f}%, {all_on - all_off:.1f} s)",
+        f"training clock: untracked {fit[ARMS[0]]:.2f} s, tracked {versus(tracked, ARMS[0], fit)}, "
+        f"tracked + system metrics {versus(system, tracked, fit)}",
+        f"whole run incl. logging the model: untracked {whole[ARMS[0]]:.2f} s, tracked "
+        f"{versus(tracked, ARMS[0], whole)}, tracked + system metrics {versus(system, tracked, whole)}",
         "tracking code's own time per tracked run: "
-        f"{own_in:.2f} s on the training thread inside the clock ({100 * own_in / fit_off:.2f}% of it: epoch "
+        f"{own_in:.2f} s on the training thread inside the clock ({100 * own_in / fit[ARMS[0]]:.2f}% of it: epoch "
         f"metrics, checkpoints), {own_bg:.2f} s CPU of the background upload, {own_after:.1f} s outside the "
         f"clock (run start, lineage, report, figures, model): {own_in + own_after:.1f} s in all, "
-        f"{100 * (own_in + own_after) / all_off:.1f}% of the untracked call",
-        f"test accuracy: untracked {statistics.mean(accuracies[False]):.4f}, "
-        f"tracked {statistics.mean(accuracies[True]):.4f}",
+        f"{100 * (own_in + own_after) / whole[ARMS[0]]:.1f}% of the untracked call",
+        f"system metrics: the sampler thread used {sampler:.3f} s CPU per run ({samples} samples logged in all), "
+        f"{100 * sampler / whole[system]:.3f}% of the run's wall time on one core",
+        "test accuracy: " + ", ".join(f"{arm} {statistics.mean(accuracies[arm]):.4f}" for arm in ARMS),
     ]
     record("tracking_overhead" + (" (quick)" if args.quick else ""), lines, write=not args.no_results)
+
+
+def _system_metric_samples(experiment: str) -> int:
+    """How many system-metric samples the store received (so a sampler that never ran cannot pass unseen)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return sum(len(client.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage")) for r in runs)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from cifar import contract
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
 from cifar.errors import CifarError
-from cifar.registry import MODEL_NAME
+from cifar.registry import MODEL_NAME, describe_registered_model
+from cifar.tracking.names import mlflow_metrics
 
 BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
 
@@ -356,9 +357,6 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
             example = Model.load(str(folder)).load_input_example(str(folder))["image"]
             mlflow.set_experiment("bundled-model")
             with mlflow.start_run(run_name="bundled-model") as run:
-                mlflow.log_metrics(
-                    {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
-                )
                 mlflow.log_artifact(str(folder / "README.md"), "bundle")
                 for file, artifact_dir in (
                     ("per_class.csv", "evaluation"),
@@ -370,7 +368,8 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                 mlflow.log_dict(metrics, "bundle/metrics.json")
                 uri = log_onnx_model(proto, metadata, example)
                 trust = (metadata.get("trust") or {}).get("metrics", {})  # what the graph's constants do
-                mlflow.log_metrics(trust)
+                scores = {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
+                mlflow.log_metrics(mlflow_metrics({**scores, **trust}), model_id=uri.removeprefix("models:/"))
                 mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})
             tags = {
                 "source": "bundled",
@@ -384,6 +383,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                 **trust_tags(trust, metrics.get("mean_corruption_accuracy")),
             }
             version = mlflow.register_model(uri, name, tags=tags).version
+            describe_registered_model(name)
             client.update_model_version(
                 name,
                 version,

@@ -283,8 +283,10 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
             replace_logged_model(model_id, proto, metadata, example)
             if run_id:
                 client.log_artifacts(run_id, str(report), "trust")
-                for key, value in calibration.profile.metrics.items():
-                    client.log_metric(run_id, key, value)
+                from cifar.tracking.names import mlflow_metrics
+
+                for key, value in mlflow_metrics(calibration.profile.metrics).items():
+                    client.log_metric(run_id, key, value, model_id=model_id)
             print(f"rewrote model {model_id}'s constants" + (f"; report in run {run_id}" if run_id else ""))
     print(describe(calibration.profile))
     return calibration

@@ -16,11 +16,11 @@ import pandas as pd
 from cifar.cli import run_cli
 from cifar.errors import CifarError
 
-RESULT_COLUMNS = {
-    "metrics.best_val_accuracy": "val_accuracy",
-    "metrics.test_accuracy": "test_accuracy",
-    "metrics.train_seconds": "train_seconds",
-    "metrics.best_epoch": "best_epoch",
+RESULT_COLUMNS = {  # code name of the metric -> column (either run layout, see cifar.tracking.names)
+    "best_val_accuracy": "val_accuracy",
+    "test_accuracy": "test_accuracy",
+    "train_seconds": "train_seconds",
+    "best_epoch": "best_epoch",
 }
 
 
@@ -38,10 +38,11 @@ def find_runs(run_ids: list[str] | None = None, experiment: str | None = None, t
             raise CifarError(f"no MLflow experiment named '{experiment}' in {mlflow.get_tracking_uri()}.")
         runs = mlflow.search_runs(
             experiment_names=[experiment],
-            max_results=top,
             filter_string="attributes.status = 'FINISHED' and tags.model_uri != ''",
-            order_by=["metrics.best_val_accuracy DESC"],
         )
+        if not runs.empty:
+            best = _metric_column(runs, "best_val_accuracy")
+            runs = runs.loc[best.sort_values(ascending=False).index[:top]] if best is not None else runs.head(top)
     else:
         raise CifarError("give run ids or --experiment NAME.")
     if runs.empty:
@@ -57,10 +58,22 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame({"run_id": runs["run_id"].str[:8], "run_name": runs.get("tags.mlflow.runName", "")})
     for column in differing:
         table[column.removeprefix("params.")] = runs[column]
-    for column, name in RESULT_COLUMNS.items():
-        if column in runs:
-            table[name] = runs[column].round(4)
+    for metric, name in RESULT_COLUMNS.items():
+        values = _metric_column(runs, metric)
+        if values is not None:
+            table[name] = values.round(4)
     return table.sort_values("val_accuracy", ascending=False) if "val_accuracy" in table else table
+
+
+def _metric_column(runs: pd.DataFrame, name: str) -> pd.Series | None:
+    """A metric's column under its MLflow name, filled from the old name for runs of the older layout."""
+    from cifar.tracking.names import metric_key
+
+    new, old = f"metrics.{metric_key(name)}", f"metrics.{name}"
+    columns = [runs[c] for c in (new, old) if c in runs]
+    if not columns:
+        return None
+    return columns[0].combine_first(columns[1]) if len(columns) == 2 else columns[0]
 
 
 def learning_curves(runs: pd.DataFrame):
@@ -72,7 +85,9 @@ def learning_curves(runs: pd.DataFrame):
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for _, run in runs.iterrows():
-        history = client.get_metric_history(run["run_id"], "val_accuracy")
+        history = client.get_metric_history(run["run_id"], "val/accuracy") or client.get_metric_history(
+            run["run_id"], "val_accuracy"
+        )
         if history:
             label = f"{run.get('tags.mlflow.runName', '')} ({run['run_id'][:8]})"
             ax.plot([m.step for m in history], [m.value for m in history], "o-", ms=3, label=label)

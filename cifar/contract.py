@@ -69,6 +69,24 @@ def describe(classes: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def model_description(classes: Sequence[str]) -> str:
+    """The registered model's description (Markdown, shown on its MLflow page): what it is, what goes in and out."""
+    spec = describe(classes)
+    outputs = "\n".join(f"- `{name}`: {text}" for name, text in spec["outputs"].items())
+    inside = "; ".join(spec["in_graph"])
+    return (
+        f"CIFAR-10 image classifier: one ONNX graph from a photo's pixels to the answer ({len(classes)} classes: "
+        f"{', '.join(classes)}). The same graph answers `mlflow.pyfunc`, `mlflow models serve`, plain "
+        "ONNX Runtime and the Streamlit app.\n\n"
+        f"**Input** `{INPUT}`: uint8, N x 32 x 32 x 3, RGB 0-255 (NHWC, as PIL and NumPy hold an image).\n\n"
+        f"**Outputs**\n{outputs}\n\n"
+        f"**Inside the graph**: {inside}.\n\n"
+        "**Aliases**: `production` is what the app serves; `previous` is what `python register.py --rollback` "
+        "restores. A version is promoted on validation accuracy; its test accuracy is re-measured at "
+        "registration, for the record only."
+    )
+
+
 @dataclass(frozen=True)
 class Constants:
     """The fitted numbers the head is made of (``cifar.calibrate`` fits them; this module writes them)."""

@@ -26,6 +26,7 @@ from cifar.metrics import (
     negative_log_likelihood,
     per_class_report,
 )
+from cifar.tracking.names import mlflow_metrics
 
 
 @dataclass
@@ -135,7 +136,7 @@ def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment:
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"evaluate {model_uri}") as run:
         mlflow.set_tags({"evaluated_model_uri": model_uri, "data_digest": data.digest})
-        mlflow.log_metrics(report.metrics())
+        mlflow.log_metrics(mlflow_metrics(report.metrics()))
         log_report(report, images)
         version = _model_version(model_uri)
         if version is not None:

@@ -64,16 +64,28 @@ class Candidate:
 
 
 def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k in ("test_ece_calibrated", "temperature") or k.startswith("ood_")}
+    """The calibration and OOD metrics of a run, under their code names (old or new run layout)."""
+    from cifar.tracking.names import code_names
+
+    named = code_names(metrics)
+    return {k: v for k, v in named.items() if k in ("test_ece_calibrated", "temperature") or k.startswith("ood_")}
 
 
 def find_best_run(
     experiments: list[str] | None = None, study: str | None = None, metric: str = "val_accuracy"
 ) -> Candidate:
-    """The FINISHED run with a logged model and the highest validation ``metric``."""
+    """The FINISHED run with a logged model and the highest validation ``metric``.
+
+    Models whose metrics are linked to them (runs since 2026-12-02) are ranked by
+    ``mlflow.search_logged_models``; runs of the older layout, whose metrics sit on the run only,
+    by ``search_runs`` on the old name. The higher of the two leaders wins.
+    """
+    from cifar.tracking.names import metric_key
+
     client = _client()
-    key = METRIC_ALIASES.get(metric, metric)
-    if key.startswith("test"):
+    name = METRIC_ALIASES.get(metric, metric)
+    key = metric_key(name)
+    if key.startswith("test") or name.startswith("test"):
         raise CifarError(f"--metric {metric}: runs are chosen on validation, never on the test split.")
     names = experiments or []
     if names:
@@ -84,33 +96,72 @@ def find_best_run(
         ids = [e.experiment_id for e in found]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-    query = "attributes.status = 'FINISHED' and tags.model_uri != ''"
-    if study:
-        query += f" and tags.optuna_study = '{study}' and tags.trial_state = 'COMPLETE'"
-    runs = client.search_runs(ids, query, order_by=[f"metrics.{key} DESC"], max_results=50) if ids else []
-    runs = [r for r in runs if key in r.data.metrics and r.data.tags.get("model_uri")]
-    if not runs:
+    leaders = [r for r in (_leader_by_model(ids, key, study), _leader_by_run(ids, name, study)) if r is not None]
+    if not leaders:
         scope = f"study '{study}'" if study else f"experiment(s) {', '.join(names)}" if names else "any experiment"
         raise CifarError(
             f"no finished run with a logged model and metric '{key}' in {scope} ({_tracking_uri()}). "
             "Train one first: python train.py (or python tune.py)."
         )
-    best = runs[0]
-    tags = best.data.tags
+    best, metric_name, value = max(leaders, key=lambda leader: leader[2])
+    tags, metrics = best.data.tags, best.data.metrics
     experiment = client.get_experiment(best.info.experiment_id).name
     return Candidate(
         best.info.run_id,
         tags["model_uri"],
-        key,
-        best.data.metrics[key],
-        best.data.metrics.get("test_accuracy"),
+        metric_name,
+        value,
+        metrics.get(metric_key("test_accuracy"), metrics.get("test_accuracy")),
         experiment,
         tags.get("optuna_study", ""),
         tags.get("git_commit", "unknown"),
         tags.get("data_digest", "unknown"),
-        _trust_metrics(best.data.metrics),
+        _trust_metrics(metrics),
         tuple(filter(None, tags.get("ood_not_measured", "").split(","))),
     )
+
+
+def _eligible(run, study: str | None) -> bool:
+    tags = run.data.tags
+    if run.info.status != "FINISHED" or not tags.get("model_uri"):
+        return False
+    return not study or (tags.get("optuna_study") == study and tags.get("trial_state") == "COMPLETE")
+
+
+def _leader_by_model(ids: list[str], key: str, study: str | None):
+    """(run, metric, value) of the best logged model by its linked ``key`` metric, or None."""
+    import mlflow
+
+    if not ids:
+        return None
+    models = mlflow.search_logged_models(
+        experiment_ids=ids,
+        filter_string=f"metrics.`{key}` > -1",
+        order_by=[{"field_name": f"metrics.{key}", "ascending": False}],
+        max_results=100,
+        output_format="list",
+    )
+    client = _client()
+    for model in models:
+        if not model.source_run_id:
+            continue
+        run = client.get_run(model.source_run_id)
+        if _eligible(run, study) and run.data.tags["model_uri"] == f"models:/{model.model_id}":
+            value = max(m.value for m in model.metrics if m.key == key)
+            return run, key, float(value)
+    return None
+
+
+def _leader_by_run(ids: list[str], name: str, study: str | None):
+    """(run, metric, value) of the best run that logged ``name`` in the layout before metric sections, or None."""
+    if not ids:
+        return None
+    query = "attributes.status = 'FINISHED' and tags.model_uri != ''"
+    if study:
+        query += f" and tags.optuna_study = '{study}' and tags.trial_state = 'COMPLETE'"
+    runs = _client().search_runs(ids, query, order_by=[f"metrics.`{name}` DESC"], max_results=50)
+    runs = [r for r in runs if name in r.data.metrics and _eligible(r, study)]
+    return (runs[0], name, float(runs[0].data.metrics[name])) if runs else None
 
 
 def has_trained_runs() -> bool:
@@ -325,6 +376,7 @@ def register_and_promote(
                 **extra_tags,
             }
             version = mlflow.register_model(c.model_uri, name, tags=tags)
+            describe_registered_model(name)
             client.update_model_version(
                 name,
                 version.version,
@@ -345,6 +397,16 @@ def register_and_promote(
             client.set_registered_model_alias(name, PRODUCTION, decision.version)
         _sync_stage(name)
     return decision
+
+
+def describe_registered_model(name: str = MODEL_NAME) -> None:
+    """Give the registered model its description (what it is, its input and outputs) if it has none yet."""
+    from cifar import contract
+    from cifar.data.sources import CIFAR10_CLASSES
+
+    client = _client()
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=contract.model_description(CIFAR10_CLASSES))
 
 
 def rollback(name: str = MODEL_NAME) -> tuple[str, str]:

@@ -73,7 +73,7 @@ def robustness_report(
         metrics = {"clean_accuracy": float(table["accuracy"].iloc[0]), "mean_corruption_accuracy": mean}
         for name, rows in table[table["severity"] > 0].groupby("corruption"):
             metrics[f"corruption_accuracy_{name}"] = float(rows["accuracy"].mean())
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({f"robustness/{k}": v for k, v in metrics.items()})
         folder = Path(tmp) / "robustness"
         folder.mkdir()
         table.to_csv(folder / "corruption_accuracy.csv", index=False, float_format="%.4f")

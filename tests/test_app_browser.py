@@ -177,6 +177,8 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
             text = await page.locator("body").inner_text()
             assert "Traceback" not in text and "Error" not in text, text[:2000]
             assert "Checked for a new production model at" in text
+            if number == 0:  # what a visitor sees after the promotion, without having clicked anything
+                await page.screenshot(path=str(tmp_path / "app_after_promotion.png"), full_page=True)
             return text, seen - promoted_at[0]
         finally:
             await context.close()
@@ -205,6 +207,7 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
     elapsed = time.monotonic() - started
     assert len(pages) == 20 and all("confident" in text and "version 2" in text for text, _ in pages)
     assert str(new_version) == "2"
+    keep_screenshot(tmp_path / "app_after_promotion.png")
     delays = sorted(delay for _, delay in pages)
     print(
         f"20 concurrent sessions in {elapsed:.1f} s; after the promotion every page showed version 2 and "

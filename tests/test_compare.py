@@ -26,7 +26,7 @@ def test_compare_two_training_runs(tmp_path, prepared_dir):
     assert "optim.momentum" not in header  # equal in both runs: not a difference
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    best = max(runs, key=lambda r: r.data.metrics["best_val_accuracy"])
+    best = max(runs, key=lambda r: r.data.metrics["val/best_accuracy"])
     first_row = result.stdout.splitlines()[1]
     assert first_row.startswith(best.info.run_id[:8])  # sorted by validation accuracy
     (logged,) = client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])

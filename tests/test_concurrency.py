@@ -47,5 +47,5 @@ def test_four_processes_log_runs_into_one_sqlite_store_at_once(tmp_path, prepare
     assert sorted(r.data.tags["mlflow.runName"] for r in runs) == [f"parallel-{i}" for i in range(4)]
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["model_uri"].startswith("models:/")
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2]
     assert not list((tmp_path / "mlflow-outbox").glob("*")), "every run fully uploaded"

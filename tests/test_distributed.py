@@ -35,13 +35,13 @@ def test_torchrun_two_processes_match_one(tmp_path, prepared_dir):
     assert [r.data.tags["mlflow.runName"] for r in (one, two)] == ["single", "ddp"], "one run per training"
     assert one.data.tags["world_size"] == "1" and two.data.tags["world_size"] == "2"
     assert two.info.status == "FINISHED" and two.data.tags["model_uri"].startswith("models:/")
-    steps = [m.step for m in client.get_metric_history(two.info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(two.info.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4], "each epoch logged once, by rank 0"
     # Same global batch, seed, order and augmentation: the ranks' half-batches add up to the
     # single process's batch; only BatchNorm statistics (per half-batch) and summation order differ.
     # (Measured: train loss 1.858 vs 1.872, test accuracy 0.210 vs 0.235 on 200 images.)
-    assert two.data.metrics["train_loss"] == pytest.approx(one.data.metrics["train_loss"], abs=0.03)
-    for key in ("best_val_accuracy", "test_accuracy"):
+    assert two.data.metrics["train/loss"] == pytest.approx(one.data.metrics["train/loss"], abs=0.03)
+    for key in ("val/best_accuracy", "test/accuracy"):
         assert two.data.metrics[key] == pytest.approx(one.data.metrics[key], abs=0.05), key
 
 

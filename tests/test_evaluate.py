@@ -71,7 +71,7 @@ def test_evaluate_cli_on_the_production_model(tracking_env, prepared_dir):
     (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
     assert run.data.tags["registered_model_version"] == version
     assert client.get_model_version("cifar10-classifier", version).tags["evaluation_run_id"] == run.info.run_id
-    assert run.data.metrics["test_accuracy"] > 0.85 and 0 < run.data.metrics["test_ece"] < 0.5
+    assert run.data.metrics["test/accuracy"] > 0.85 and 0 < run.data.metrics["test/ece"] < 0.5
     # the report reads the graph's calibrated probabilities: its ECE is the calibrated one, not softmax(logits)'s
     from cifar.data import load_cache
     from cifar.inference import Predictor
@@ -80,7 +80,7 @@ def test_evaluate_cli_on_the_production_model(tracking_env, prepared_dir):
     out = served.run(np.asarray(data.images["test"]))
     calibrated = expected_calibration_error(out["probabilities"].astype(np.float64), data.labels["test"])
     raw = expected_calibration_error(softmax(out["logits"].astype(np.float64)), data.labels["test"])
-    assert run.data.metrics["test_ece"] == pytest.approx(calibrated, abs=1e-6) and abs(calibrated - raw) > 0.05
+    assert run.data.metrics["test/ece"] == pytest.approx(calibrated, abs=1e-6) and abs(calibrated - raw) > 0.05
     files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {
         "evaluation/confusion_matrix.png",

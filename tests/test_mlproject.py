@@ -67,7 +67,7 @@ def test_mlflow_run_trains_into_the_run_it_created(tmp_path, mini_dir):
     assert run.data.params["optim.lr"] == "0.04" and run.data.params["data.subset"] == "300"  # by train.py
     assert run.data.params["data.train_size"] == "300"
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2, 3]
 
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
@@ -115,7 +115,7 @@ def test_mlflow_run_tune_then_register(tmp_path, prepared_dir):
     versions = client.search_model_versions("name='cifar10-classifier'")
     int8 = [v for v in versions if v.tags.get("precision") == "int8"]
     assert len(versions) == 2 and len(int8) == 1 and int8[0].run_id == production.run_id
-    drop = client.get_run(production.run_id).data.metrics["int8_val_accuracy_drop"]
+    drop = client.get_run(production.run_id).data.metrics["int8/val_accuracy_drop"]
     now = client.get_model_version_by_alias("cifar10-classifier", "production").version
     assert now == (int8[0].version if drop < 0 else production.version)
 
@@ -132,5 +132,5 @@ def test_mlflow_run_torchrun_entry_point(tmp_path, prepared_dir):
     (run,) = client.search_runs([client.get_experiment_by_name("mlproject-ddp").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.entryPoint"] == "torchrun"
     assert run.data.tags["world_size"] == "2", "rank 0 logged into the run mlflow run created"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2]
     assert run.data.tags["model_uri"].startswith("models:/")

@@ -98,7 +98,9 @@ def test_quantize_a_run_then_register_its_int8_model(finished_run, tmp_path):
     run = mlflow.get_run(run_id)
     int8_uri = run.data.tags[quantize.INT8_URI_TAG]
     assert int8_uri in logged.stdout and "int8 model: validation accuracy" in logged.stdout
-    assert {"int8_val_accuracy", "int8_test_accuracy", "int8_val_agreement"} <= set(run.data.metrics)
+    assert {"int8/val_accuracy", "int8/test_accuracy", "int8/val_agreement"} <= set(run.data.metrics)
+    int8_model = mlflow.MlflowClient().get_logged_model(int8_uri.removeprefix("models:/"))
+    assert {m.key for m in int8_model.metrics} >= {"int8/val_accuracy", "int8/test_accuracy"}  # on its own model
     assert Predictor.from_uri(int8_uri).metadata["precision"] == "int8"
     assert run.data.tags["model_uri"] != int8_uri  # the float model stays the run's model
 

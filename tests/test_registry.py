@@ -29,13 +29,20 @@ def store(tracking_env, prepared_dir, monkeypatch):
     return tracking_env
 
 
-def make_run(experiment: str, val: float, test: float, proto_meta) -> str:
-    """A finished run as training leaves it: metrics and an ONNX MLflow model."""
+def make_run(experiment: str, val: float, test: float, proto_meta, layout: str = "linked") -> str:
+    """A finished run as training leaves it: an ONNX MLflow model and its metrics.
+
+    ``linked``: the current layout, metrics linked to the model; ``old``: before 2026-12-02, the
+    run's metrics only, under the old names.
+    """
     data, served = proto_meta
     mlflow.set_experiment(experiment)
     with mlflow.start_run() as run:
-        mlflow.log_metrics({"best_val_accuracy": val, "test_accuracy": test})
         uri = log_served(served, data)
+        if layout == "linked":
+            mlflow.log_metrics({"val/best_accuracy": val, "test/accuracy": test}, model_id=uri.removeprefix("models:/"))
+        else:
+            mlflow.log_metrics({"best_val_accuracy": val, "test_accuracy": test})
         mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": "d"})
     return run.info.run_id
 
@@ -67,6 +74,23 @@ def test_chooses_on_validation_not_test(store, trained_proto):
     assert production_stages() == [version.version]
     with pytest.raises(CifarError, match="never on the test split"):
         registry.find_best_run(metric="test_accuracy")
+
+
+def test_chooses_across_both_metric_layouts(store, trained_proto):
+    """Linked models are ranked by search_logged_models, old-layout runs by their run metrics; the best wins."""
+    linked = make_run("a", val=0.8, test=0.5, proto_meta=trained_proto)
+    old = make_run("a", val=0.7, test=0.9, proto_meta=trained_proto, layout="old")
+    chosen = registry.find_best_run()
+    assert (chosen.run_id, chosen.metric, chosen.value) == (linked, "val/best_accuracy", 0.8)
+    assert chosen.run_test_accuracy == 0.5
+    newer_old = make_run("a", val=0.85, test=0.1, proto_meta=trained_proto, layout="old")
+    chosen = registry.find_best_run()
+    assert (chosen.run_id, chosen.metric, chosen.value) == (newer_old, "best_val_accuracy", 0.85)
+    assert old != newer_old
+    decision = promote()
+    description = mlflow.MlflowClient().get_registered_model(NAME).description
+    assert decision.promote and production_run() == newer_old
+    assert "uint8, N x 32 x 32 x 3" in description and "`in_distribution`" in description and "airplane" in description
 
 
 def test_production_model_loads_and_predicts_real_images(store, trained_proto, prepared_dir):

@@ -185,11 +185,11 @@ def test_search_study_and_mlflow_agree(tmp_path, prepared_dir):
         assert run.data.tags["trial_state"] == trial.state.name
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         if trial.state.name == "COMPLETE":
-            assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+            assert run.data.metrics["val/best_accuracy"] == pytest.approx(trial.value)
             assert run.data.tags.get("model_uri", "").startswith("models:/")
             assert float(run.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["val/best_accuracy"] == pytest.approx(study.best_value)
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert parent.data.params["study_name"] == "s" and parent.data.params["space.optim.lr"].startswith("float[")
     # the sampler's settings, stated or defaulted by the space file, and the importance evaluator

@@ -107,7 +107,7 @@ def test_train_tune_register_serve_through_the_server(stack, prepared_dir, tmp_p
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 2, 3]
     assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
     for trial in study.trials:
-        assert client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics["best_val_accuracy"] == pytest.approx(
+        assert client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics["val/best_accuracy"] == pytest.approx(
             trial.value
         )
 
@@ -192,9 +192,9 @@ def test_training_survives_the_server_going_away(stack, prepared_dir, tmp_path, 
     (run,) = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'outage'", max_results=5) or [None]
     client.delete_run(run.info.run_id)  # the other case searches by the same name
     assert run.info.status == "FINISHED"
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, epochs + 1)), "every epoch once, none lost"
-    assert "test_accuracy" in run.data.metrics and run.data.tags["model_uri"].startswith("models:/")
+    assert "test/accuracy" in run.data.metrics and run.data.tags["model_uri"].startswith("models:/")
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"evaluation", "weights", "plots", "tensorboard"} <= names
     mlflow.set_tracking_uri(server.url)

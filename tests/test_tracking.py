@@ -20,6 +20,7 @@ def store(tmp_path_factory, mini_dir):
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "CIFAR_DATA": str(root / "data"),
         "CIFAR_SOURCE": str(mini_dir),
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # a sample a second: this run lasts seconds, not minutes
     }
     result = run_cli(
         [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "4", "--run-name", "smoke-test", "--no-progress"],
@@ -50,28 +51,67 @@ def test_run_finished_with_tags_and_params(store):
 
 def test_per_epoch_and_final_metrics(store):
     client, run_id = store["client"], store["run"].info.run_id
-    for key in (
-        "train_loss",
-        "train_accuracy",
-        "val_loss",
-        "val_accuracy",
-        "learning_rate",
-        "images_per_second",
-        "epoch_seconds",
+    for key in (  # sections before "/" are how the MLflow UI groups a run's charts
+        "train/loss",
+        "train/accuracy",
+        "val/loss",
+        "val/accuracy",
+        "train/learning_rate",
+        "train/images_per_second",
+        "train/epoch_seconds",
     ):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
     metrics = store["run"].data.metrics
-    val = [m.value for m in client.get_metric_history(run_id, "val_accuracy")]
-    assert metrics["best_val_accuracy"] == max(val)
-    assert val[int(metrics["best_epoch"]) - 1] == max(val)
-    for key in ("test_accuracy", "test_loss", "train_seconds"):
+    val = [m.value for m in client.get_metric_history(run_id, "val/accuracy")]
+    assert metrics["val/best_accuracy"] == max(val)
+    assert val[int(metrics["val/best_epoch"]) - 1] == max(val)
+    for key in ("test/accuracy", "test/loss", "train/seconds", "test/ece_calibrated", "ood/auroc_noise"):
         assert key in metrics
-    assert metrics["onnx_max_abs_diff"] < 1e-4
+    assert metrics["export/onnx_max_abs_diff"] < 1e-4
+    assert not [k for k in metrics if "/" not in k], "every metric has its section"
+    note = store["run"].data.tags["mlflow.note.content"]  # the run page's Description
+    assert f"validation accuracy {metrics['val/best_accuracy']:.4f}" in note
+    assert f"test accuracy {metrics['test/accuracy']:.4f}" in note and "AUROC" in note
+
+
+def test_system_metrics_are_sampled_while_the_run_trains(store):
+    """MLflow's system metrics (its sampler thread, psutil): the run's System metrics tab is not empty."""
+    client, run = store["client"], store["run"]
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and [m.step for m in cpu] == list(range(len(cpu)))
+    assert all(0 <= m.value <= 100 for m in cpu)
+    start, end = run.info.start_time, run.info.end_time
+    assert all(start <= m.timestamp <= end + 1000 for m in cpu)
+    memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert memory and all(m.value > 100 for m in memory)
+
+
+def test_final_metrics_are_linked_to_the_logged_model(store):
+    """MLflow 3's model view: the model carries its metrics, each with the split it was measured on."""
+    import mlflow
+
+    mlflow.set_tracking_uri(store["env"]["MLFLOW_TRACKING_URI"])
+    run = store["run"]
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string="metrics.`val/best_accuracy` > 0",
+        order_by=[{"field_name": "metrics.val/best_accuracy", "ascending": False}],
+        output_format="list",
+    )
+    assert run.data.tags["model_uri"] == f"models:/{model.model_id}"
+    linked = {m.key: m for m in model.metrics}
+    for key in ("val/best_accuracy", "test/accuracy", "test/ece_calibrated", "ood/auroc_noise"):
+        assert linked[key].value == pytest.approx(run.data.metrics[key]), key
+    assert linked["val/best_accuracy"].dataset_name == "cifar10-val"
+    assert linked["test/accuracy"].dataset_name == "cifar10-test"
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert linked["test/accuracy"].dataset_digest == inputs["cifar10-test"]
+    assert "val/accuracy" not in linked  # per-epoch curves belong to the run, not to the model
 
 
 def test_no_progress_still_reports_epochs_and_results(store):
     """--no-progress drops the per-step bar (for logs), never the epoch lines or the result."""
-    out, test_accuracy = store["stdout"], store["run"].data.metrics["test_accuracy"]
+    out, test_accuracy = store["stdout"], store["run"].data.metrics["test/accuracy"]
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert f"test accuracy {test_accuracy:.4f}" in out
@@ -108,7 +148,7 @@ def test_artifacts(store):
     )
     cm = np.array(json.load(open(f"{local}/confusion_matrix.json"))["matrix"])
     assert cm.sum() == 200 and cm.shape == (10, 10)
-    assert np.trace(cm) / 200 == pytest.approx(store["run"].data.metrics["test_accuracy"], abs=1e-6)
+    assert np.trace(cm) / 200 == pytest.approx(store["run"].data.metrics["test/accuracy"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +172,8 @@ def test_logged_model_loads_with_pyfunc_and_predicts(store, test_images):
     out = model.predict({"image": images})
     assert set(out) == {"label", "probabilities", "in_distribution", "ood_score", "logits"}
     accuracy = float((out["logits"].argmax(1) == labels).mean())
-    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)  # served == evaluated
-    assert np.mean(out["in_distribution"]) == pytest.approx(run.data.metrics["ood_accept_rate_in"], abs=1e-6)
+    assert accuracy == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-6)  # served == evaluated
+    assert np.mean(out["in_distribution"]) == pytest.approx(run.data.metrics["ood/accept_rate_in"], abs=1e-6)
     assert accuracy > 0.2  # chance is 0.1
     assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
 
@@ -179,7 +219,7 @@ def test_config_artifact_reproduces_the_run(store):
     first = store["run"]
     recipe = {k: v for k, v in first.data.params.items() if not k.startswith("data.")}
     assert {k: again.data.params[k] for k in recipe} == recipe
-    assert again.data.metrics["val_accuracy"] == first.data.metrics["val_accuracy"]
+    assert again.data.metrics["val/accuracy"] == first.data.metrics["val/accuracy"]
 
 
 def test_failure_inside_training_marks_the_run_failed(tmp_path, prepared_dir):
@@ -229,7 +269,7 @@ def test_tensorboard_event_files(store):
     tags = accumulator.Tags()
     assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "learning_rate"} <= set(tags["scalars"])
     assert [e.step for e in accumulator.Scalars("accuracy/val")] == [1, 2, 3, 4]
-    val = [m.value for m in store["client"].get_metric_history(run.info.run_id, "val_accuracy")]
+    val = [m.value for m in store["client"].get_metric_history(run.info.run_id, "val/accuracy")]
     assert [e.value for e in accumulator.Scalars("accuracy/val")] == pytest.approx(val)
     assert {"augmented_batch", "confusion_matrix"} <= set(tags["images"])
     assert accumulator.PluginTagToContent("hparams")  # the recipe with its final metrics

@@ -183,16 +183,16 @@ def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepare
     outcome = train_experiment(cfg, TrainOptions(data_dir=prepared_dir, device="cpu", progress=False))
     run = mlflow.get_run(outcome.run_id)
     m = run.data.metrics
-    assert m["test_nll_calibrated"] <= m["test_nll_uncalibrated"] + 0.05  # fitted on val, measured on test
+    assert m["test/nll_calibrated"] <= m["test/nll_uncalibrated"] + 0.05  # fitted on val, measured on test
     for name in ("noise", "flat", "fashion_mnist"):
-        assert {f"ood_auroc_{name}", f"ood_false_accept_{name}"} <= set(m), name
-    assert "ood_not_measured" not in run.data.tags and m["ood_accept_rate_in"] > 0.8
+        assert {f"ood/auroc_{name}", f"ood/false_accept_{name}"} <= set(m), name
+    assert "ood_not_measured" not in run.data.tags and m["ood/accept_rate_in"] > 0.8
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "trust")}
     figures = {"reliability_uncalibrated.png", "reliability_calibrated.png", "ood_scores.png"}
     assert {f"trust/{name}" for name in figures} <= artifacts
     served = Predictor.from_uri(outcome.model_uri)  # the constants travel inside the logged graph
-    assert served.trust.temperature == pytest.approx(m["temperature"])
-    assert served.trust.ood_threshold == pytest.approx(m["ood_threshold"])
+    assert served.trust.temperature == pytest.approx(m["calibration/temperature"])
+    assert served.trust.ood_threshold == pytest.approx(m["ood/threshold"])
 
 
 @pytest.mark.integration
@@ -211,7 +211,7 @@ def test_a_missing_ood_set_is_recorded_as_not_measured(tracking_env, prepared_di
         calibrate.ood_sets.cache_clear()
     run = mlflow.get_run(outcome.run_id)
     assert run.data.tags["ood_not_measured"] == "fashion_mnist"
-    assert "ood_auroc_fashion_mnist" not in run.data.metrics and "ood_auroc_noise" in run.data.metrics
+    assert "ood/auroc_fashion_mnist" not in run.data.metrics and "ood/auroc_noise" in run.data.metrics
     printed = [line for line in capsys.readouterr().out.splitlines() if "fashion_mnist" in line]
     assert printed == [f"OOD set fashion_mnist {calibrate.FASHION_MNIST_MISSING}"]
     assert "dataset-fashion-mnist" in printed[0]
@@ -299,9 +299,10 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     converted = run_cli(["-m", "cifar.calibrate", "--run-id", run_id], env=env, cwd=cwd)
     assert converted.returncode == 0, converted.stderr
     assert "re-exported" in converted.stdout and "fashion_mnist AUROC" in converted.stdout
-    metrics = mlflow.get_run(run_id).data.metrics
+    metrics = mlflow.get_run(run_id).data.metrics  # the refit's figures, under the current names
     served = Predictor.from_uri(model_uri)  # the same logged model, rewritten in place
-    assert served.trust.temperature == pytest.approx(metrics["temperature"]) and metrics["temperature"] != 1.0
+    temperature = metrics["calibration/temperature"]
+    assert served.trust.temperature == pytest.approx(temperature) and temperature != 1.0
     assert served.predict_arrays(generated_ood_images(5)[0].images)[0].in_distribution is False
     spec = mlflow.models.get_model_info(model_uri).signature.to_dict()
     assert "uint8" in spec["inputs"] and "probabilities" in spec["outputs"]
@@ -314,10 +315,10 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     assert promoted.returncode == 0 and "PROMOTE" in promoted.stdout, promoted.stdout + promoted.stderr
     assert "OOD AUROC of the candidate: the lowest of noise" in promoted.stdout
     version = registry.production_version()
-    assert float(version.tags["test_ece"]) == pytest.approx(metrics["test_ece_calibrated"], abs=1e-6)
+    assert float(version.tags["test_ece"]) == pytest.approx(metrics["test/ece_calibrated"], abs=1e-6)
     assert version.tags["ood_auroc_sets"] == "noise,flat,fashion_mnist"
     assert float(version.tags["ood_auroc"]) == pytest.approx(
-        min(metrics[f"ood_auroc_{s}"] for s in ("noise", "flat", "fashion_mnist")), abs=1e-6
+        min(metrics[f"ood/auroc_{s}"] for s in ("noise", "flat", "fashion_mnist")), abs=1e-6
     )
     assert 0 <= float(version.tags["mean_corruption_accuracy"]) <= 1
     listing = run_cli([str(ROOT / "register.py"), "--list"], env=env, cwd=cwd)
@@ -330,7 +331,7 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     assert robust.returncode == 0, robust.stderr
     version = registry.production_version()
     robustness_run = mlflow.get_run(version.tags["robustness_run_id"])
-    assert robustness_run.data.metrics["mean_corruption_accuracy"] == pytest.approx(
+    assert robustness_run.data.metrics["robustness/mean_corruption_accuracy"] == pytest.approx(
         float(version.tags["mean_corruption_accuracy"]), abs=1e-6
     )
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(robustness_run.info.run_id, "robustness")}

@@ -64,8 +64,17 @@ class Outbox:
         return (self.folder / "finish.json").exists()
 
     # --- staging (local files only: cheap, never fails on a network) ---------------------------
-    def add_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def add_metrics(
+        self, metrics: dict[str, float], step: int = 0, *, of_model: bool = False, datasets: dict | None = None
+    ) -> None:
+        """Stage metrics; ``of_model``: linked to the run's model once it is logged (MLflow's model view).
+
+        ``datasets`` maps a name's section (``"val"``) to the ``(name, digest)`` of the dataset it was
+        measured on, as logged with the run's inputs.
+        """
         line = {"step": step, "timestamp": int(time.time() * 1000), "metrics": metrics}
+        if of_model:
+            line |= {"of_model": True, "datasets": datasets or {}}
         with open(self.folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -103,7 +112,6 @@ class Outbox:
 
     def _push(self, include_end: bool, metrics_only: bool) -> bool:
         import mlflow
-        from mlflow.entities import Metric
 
         run_id = self.run["run_id"]
         client = mlflow.MlflowClient()
@@ -113,7 +121,17 @@ class Outbox:
         )
         for number in range(progress["metric_lines"], len(lines)):
             entry = json.loads(lines[number])
-            batch = [Metric(k, float(v), entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
+            model_id = None
+            if entry.get("of_model"):  # the model's own figures: sent linked to it, so after it
+                if metrics_only:
+                    return False
+                if self.model_dir.exists() and not progress.get("model_uri"):
+                    progress["model_uri"] = self._log_model(run_id)
+                    _write_json(self.folder / "progress.json", progress)
+                if not progress.get("model_uri") and not self.finished:
+                    break  # its model is still to come
+                model_id = (progress.get("model_uri") or "").removeprefix("models:/") or None
+            batch = [_metric(k, v, entry, model_id) for k, v in entry["metrics"].items()]
             client.log_batch(run_id, metrics=batch, synchronous=True)
             progress["metric_lines"] = number + 1
             _write_json(self.folder / "progress.json", progress)
@@ -159,6 +177,13 @@ class Outbox:
         metadata = json.loads((self.model_dir / "metadata.json").read_text())
         example = np.load(self.model_dir / "example.npy")
         return log_onnx_model(proto, metadata, example, run_id=run_id)
+
+
+def _metric(key: str, value: float, entry: dict[str, Any], model_id: str | None):
+    from mlflow.entities import Metric
+
+    name, digest = (entry.get("datasets") or {}).get(key.partition("/")[0], (None, None)) if model_id else (None, None)
+    return Metric(key, float(value), entry["timestamp"], entry["step"], model_id, name, digest)
 
 
 def pending_runs(root: Path | None = None) -> list[Outbox]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from cifar.config import ExperimentConfig
 from cifar.errors import CifarError
+from cifar.tracking.names import mlflow_metrics
 from cifar.tracking.outbox import Outbox
 from cifar.tracking.store import _mlflow, check_tracking_store, git_state
 
@@ -60,6 +61,7 @@ class TrainingRun:
         self._pending = None
         self._warned = False
         self.end_tags: dict[str, str] = {}  # set with the run's end (through the outbox)
+        self.datasets: dict[str, tuple[str, str]] = {}  # split -> (name, digest) of the logged inputs
 
     def __enter__(self) -> TrainingRun:
         mlflow = _mlflow()
@@ -73,7 +75,12 @@ class TrainingRun:
             mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(self.parent_run_id).info.experiment_id)
         elif not os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_experiment(self.experiment_name)
-        run = mlflow.start_run(run_name=self.run_name, nested=self.nested, parent_run_id=self.parent_run_id)
+        run = mlflow.start_run(
+            run_name=self.run_name,
+            nested=self.nested,
+            parent_run_id=self.parent_run_id,
+            log_system_metrics=system_metrics_enabled(),
+        )
         self.run_id = run.info.run_id
         if self.run_name:
             mlflow.set_tag("mlflow.runName", self.run_name)
@@ -100,7 +107,7 @@ class TrainingRun:
             raise CifarError(f"run {self.resume_run_id} is not in the tracking store {uri}.") from None
         if previous.info.status == "FINISHED":
             raise CifarError(f"run {self.resume_run_id} finished; there is nothing to resume.")
-        run = mlflow.start_run(run_id=self.resume_run_id)
+        run = mlflow.start_run(run_id=self.resume_run_id, log_system_metrics=system_metrics_enabled())
         self.run_id = run.info.run_id
         self.run_name = previous.info.run_name
         mlflow.set_tag("resumed", "true")
@@ -198,17 +205,18 @@ class TrainingRun:
         mlflow.set_tags({"data_source": source, "data_digest": data.digest})
         contexts = {"train": "training", "val": "validation", "test": "testing"}
         for split, context in contexts.items():
+            self.datasets[split] = (f"cifar10-{split}", f"{data.digest[:10]}-{split}{sizes[split]}")
             dataset = mlflow.data.from_numpy(
                 np.asarray(data.images[split]),
                 targets=np.asarray(data.labels[split]),
-                name=f"cifar10-{split}",
-                digest=f"{data.digest[:10]}-{split}{sizes[split]}",
+                name=self.datasets[split][0],
+                digest=self.datasets[split][1],
             )
             _log_input_racing(dataset, context, {"images": str(sizes[split]), "source": source})
 
     def log_epoch(self, metrics) -> None:
         # On the training clock: a line appended to a local file; the network is a background thread's.
-        self.outbox.add_metrics(metrics.as_dict(), step=metrics.epoch)
+        self.outbox.add_metrics(mlflow_metrics(metrics.as_dict()), step=metrics.epoch)
         self.tensorboard.epoch(metrics)
         self._push_in_background()
 
@@ -237,21 +245,59 @@ class TrainingRun:
         )
         save_weights(model, box.artifact_dir("weights"), served.metadata)
         write_trust_report(calibration, test.labels, box.artifact_dir("trust"))
-        box.add_metrics(
-            {
-                "best_val_accuracy": fit.best_val_accuracy,
-                "best_epoch": fit.best_epoch,
-                "test_loss": test.loss,
-                "train_seconds": fit.train_seconds,
-                "onnx_max_abs_diff": served.parity,
-                **report.metrics(),
-                **calibration.profile.metrics,
-            }
-        )
+        final = {
+            "best_val_accuracy": fit.best_val_accuracy,
+            "best_epoch": fit.best_epoch,
+            "test_loss": test.loss,
+            "train_seconds": fit.train_seconds,
+            "onnx_max_abs_diff": served.parity,
+            **report.metrics(),
+            **calibration.profile.metrics,
+        }
+        # linked to the logged model (MLflow's Models tab, search_logged_models); val/ and test/ with their split
+        datasets = {split: self.datasets[split] for split in ("val", "test") if split in self.datasets}
+        box.add_metrics(mlflow_metrics(final), of_model=True, datasets=datasets)
+        self.end_tags["mlflow.note.content"] = run_description(self.cfg, final, calibration.profile.not_measured)
         if calibration.profile.not_measured:  # visible on the run: a set that could not be measured
             self.end_tags["ood_not_measured"] = ",".join(sorted(calibration.profile.not_measured))
         box.stage_model(served.proto, served.metadata, np.asarray(data.images["val"][:2]))
         self.push(include_end=False)
+
+
+def run_description(cfg: ExperimentConfig, final: dict[str, float], not_measured=()) -> str:
+    """The run page's Description (MLflow's ``mlflow.note.content``): the recipe and what it reached."""
+    from cifar.trust import headline_ood_auroc
+
+    ood = headline_ood_auroc(final)
+    lines = [
+        f"**{cfg.name}**: {cfg.description or cfg.model.name}",
+        "",
+        f"- validation accuracy {final['best_val_accuracy']:.4f} (best epoch {final['best_epoch']:.0f} of "
+        f"{cfg.train.epochs}), in {final['train_seconds']:.1f} s of training",
+        f"- test accuracy {final['test_accuracy']:.4f}",
+    ]
+    if "test_ece_uncalibrated" in final and "test_ece_calibrated" in final:
+        lines[-1] += (
+            f"; calibration error (ECE) {final['test_ece_uncalibrated']:.3f} before temperature scaling, "
+            f"{final['test_ece_calibrated']:.3f} after"
+        )
+    if ood is not None:
+        lines.append(
+            f"- out-of-distribution AUROC {ood:.3f} (the lowest over the sets measured"
+            + (f"; not measured: {', '.join(sorted(not_measured))}" if not_measured else "")
+            + ")"
+        )
+    lines.append("- the served model is under Logged models; its figures are in plots/, evaluation/ and trust/")
+    return "\n".join(lines)
+
+
+def system_metrics_enabled() -> bool:
+    """MLflow's system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py), sampled on its own thread.
+
+    On unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise (MLflow's own switch; the
+    sampling period is ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, 10 s by default).
+    """
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() in ("true", "1")
 
 
 def download_checkpoint(run_id: str, folder: Path) -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 
 from cifar.config import PROJECT_ROOT
 from cifar.errors import CifarError
+from cifar.tracking.names import mlflow_metrics
 
 MODEL_ARTIFACT = "model"
 TRIAL_RUN_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
@@ -170,8 +171,8 @@ def log_derived_model(
     mlflow = _mlflow()
     uri = log_onnx_model(onnx.load(str(onnx_path)), metadata, example, run_id=run_id, name=artifact)
     client = mlflow.MlflowClient()
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+    for key, value in mlflow_metrics(metrics).items():  # linked to this model, beside the run's own
+        client.log_metric(run_id, key, value, model_id=uri.removeprefix("models:/"))
     client.set_tag(run_id, uri_tag, uri)
     return uri
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cifar.tracking.names import metric_key
 from cifar.tracking.store import TRIAL_RUN_ATTR, _mlflow
 
 
@@ -74,15 +75,24 @@ def summarize_study(study, parent_run_id: str, evaluator=None, evaluator_name: s
     client.log_batch(
         parent_run_id,
         metrics=[
-            mlflow.entities.Metric(f"trials_{state.lower()}", states.count(state), int(time.time() * 1000), 0)
+            mlflow.entities.Metric(f"trials/{state.lower()}", states.count(state), int(time.time() * 1000), 0)
             for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
         ],
     )
     completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if completed:
         best = study.best_trial
-        client.log_metric(parent_run_id, "best_val_accuracy", best.value)
+        client.log_metric(parent_run_id, metric_key("best_val_accuracy"), best.value)
         client.set_tag(parent_run_id, "best_trial", str(best.number))
+        client.set_tag(  # the run page's Description
+            parent_run_id,
+            "mlflow.note.content",
+            f"Optuna study **{study.study_name}**: {states.count('COMPLETE')} trials complete, "
+            f"{states.count('PRUNED')} pruned, {states.count('FAIL')} failed; each trial is a child run. "
+            f"Best: trial {best.number}, validation accuracy {best.value:.4f}, with "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+            + ". Plots in optuna/; `make dashboard` shows the study in optuna-dashboard.",
+        )
         if best.user_attrs.get(TRIAL_RUN_ATTR):
             client.set_tag(parent_run_id, "best_run_id", best.user_attrs[TRIAL_RUN_ATTR])
         client.log_dict(
