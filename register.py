@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cifar.bundle import import_bundled
 from cifar.cli import run_cli
-from cifar.registry import MODEL_NAME
+from cifar.registered import MODEL_NAME, VersionTags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         production = registry.production_version(name)
         state = "now production" if promoted else f"production stays version {production.version}"
         print(f"Bundled model is {name} version {version}; {state}.")
-        if production.tags.get("source") == "bundled" and registry.has_trained_runs():
+        if VersionTags.from_tags(production.tags).source == "bundled" and registry.has_trained_runs():
             print(
                 "The app serves the bundled model, not a run you trained: promote yours with python register.py "
                 "(it must beat the bundled one on validation, or add --force)."
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     champion = decision.champion
     already = registry.is_production(champion, candidate.run_id, precision)
-    extra_tags = {}
+    variant = VersionTags()
     if args.int8 and not (already or decision.refused or args.dry_run):
         from cifar.quantize import describe, int8_candidate, int8_shortfall, int8_tags
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         decision = registry.decide(
             candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc, precision
         )
-        extra_tags = int8_tags(quantized)
+        variant = int8_tags(quantized)
         shortfall = int8_shortfall(quantized, args.max_int8_drop)
         if shortfall:
             decision.promote, decision.reason, decision.refused = False, shortfall, True
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if already or decision.refused
         else registry.assess_model(candidate.model_uri, args.data_dir, args.robustness_images)
     )
-    tags = champion.tags if champion else {}
+    tags = VersionTags.from_tags(champion.tags) if champion else VersionTags()
 
     def fmt(value) -> str:
         return f"{float(value):.4f}" if value not in (None, "", "-") else "-"
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 "test_ece": fmt(candidate.ece),
                 "ood_auroc": fmt(candidate.ood_auroc),
                 "corruption_acc": fmt(assessment.mean_corruption_accuracy) if assessment else "-",
-                "precision": extra_tags.get("precision", "float32"),
+                "precision": variant.precision_name,
                 "experiment": candidate.study or candidate.experiment,
             },
             {
@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                 "run_id": champion.run_id if champion else "-",
                 "version": champion.version if champion else "-",
                 candidate.metric: fmt(decision.champion_value),
-                "test_ece": fmt(tags.get("test_ece")),
-                "ood_auroc": fmt(tags.get("ood_auroc")),
-                "corruption_acc": fmt(tags.get("mean_corruption_accuracy")),
-                "precision": tags.get("precision", "float32") if champion else "-",
-                "experiment": tags.get("study") or tags.get("experiment", "-") if champion else "-",
+                "test_ece": fmt(tags.test_ece),
+                "ood_auroc": fmt(tags.ood_auroc),
+                "corruption_acc": fmt(tags.mean_corruption_accuracy),
+                "precision": tags.precision_name if champion else "-",
+                "experiment": tags.study or tags.experiment or "-" if champion else "-",
             },
         ]
     )
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or already:
         print("Dry run: nothing changed." if args.dry_run else "Nothing to do.")
         return 0
-    decision = registry.register_and_promote(decision, name, args.data_dir, assessment, extra_tags)
+    decision = registry.register_and_promote(decision, name, args.data_dir, assessment, variant)
     state = "production" if decision.promote else "registered as a challenger"
     print(
         f"{name} version {decision.version}: {state}; test accuracy {decision.test_accuracy:.4f} "

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_name, record  # noqa: E402
 
 from cifar import contract  # noqa: E402
-from cifar.calibrate import fit_sample, ood_sets  # noqa: E402
+from cifar.calibration import fit_sample, ood_sets  # noqa: E402
 from cifar.data import ensure_cache  # noqa: E402
 from cifar.inference import Predictor  # noqa: E402
 from cifar.trust import ACCEPT_RATE, auroc, fit_density, fit_temperature  # noqa: E402

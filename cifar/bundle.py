@@ -22,7 +22,8 @@ from cifar import contract
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
 from cifar.errors import CifarError
-from cifar.registry import MODEL_NAME, describe_registered_model
+from cifar.registered import MODEL_NAME, VersionTags
+from cifar.registry import describe_registered_model
 from cifar.tracking.names import mlflow_metrics
 
 BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
@@ -34,7 +35,7 @@ def build_bundle(
     """Weights -> a bundle folder: the served graph fitted on this cache, measured, with its card."""
     import torch
 
-    from cifar.calibrate import serve_model
+    from cifar.calibration import serve_model
     from cifar.data import ensure_cache
     from cifar.export import load_weights
 
@@ -254,72 +255,6 @@ constants of the graph:
 {missing}"""
 
 
-def dequantize_weights(onnx_path: Path, out: Path, recipe: Path | None = None) -> Path:
-    """Float weights (safetensors + config) from an int8 QDQ graph exported by this project.
-
-    Each parameter is read back by its state-dict name: a float initializer as it is, an int8 one
-    as ``(q - zero_point) * scale`` (per output channel). BatchNorm scales that the exporter folded
-    into one shared tensor are the frozen 1.0 the model starts with.
-    """
-    import onnx
-    import torch
-    from onnx import numpy_helper
-
-    from cifar.export import save_weights
-    from cifar.models import create_model
-
-    proto = onnx.load(str(onnx_path))
-    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    meta = json.loads({p.key: p.value for p in proto.metadata_props}.get("cifar", "{}"))
-    if meta.get("precision") != "int8":
-        raise CifarError(f"{onnx_path} is not an int8 model of this project; nothing to dequantize.")
-    norm = meta["normalization"]
-    model = create_model(
-        meta["model"], num_classes=len(meta["classes"]), width=meta["width"], mean=norm["mean"], std=norm["std"]
-    )
-    state = {}
-    for key, default in model.state_dict().items():
-        name = f"model.{key}"
-        if name in tensors:
-            value = tensors[name]
-        elif f"{name}_quantized" in tensors:
-            q = tensors[f"{name}_quantized"].astype(np.float64)
-            scale = tensors.get(f"{name}_scale", tensors.get(f"{name}_quantized_scale"))
-            zero = tensors.get(f"{name}_zero_point", tensors.get(f"{name}_quantized_zero_point"))
-            shape = (-1,) + (1,) * (q.ndim - 1) if np.size(scale) > 1 else ()
-            value = (q - np.reshape(zero, shape)) * np.reshape(scale, shape)
-        elif key.endswith("num_batches_tracked") or (
-            ".norm" in key and key.endswith(".weight") and bool((default == 1).all())
-        ):
-            value = default.numpy()
-        else:
-            raise CifarError(f"{onnx_path} has no tensor for {key}; it was not exported by this project.")
-        state[key] = torch.as_tensor(np.array(value).reshape(default.shape), dtype=default.dtype)
-    model.load_state_dict(state)
-    dropped = ("trust", "quantization", "precision", "bundled", "run_id", "input", "test_accuracy", "val_accuracy")
-    keep = {k: v for k, v in meta.items() if k not in dropped}
-    card = onnx_path.parent / "metrics.json"  # the int8 bundle's record of the original training
-    old = json.loads(card.read_text()) if card.is_file() else {}
-    results = {
-        "best_val_accuracy": meta.get("quantization", {}).get("float_val_accuracy"),
-        "train_seconds": old.get("train_seconds"),
-        "epochs": old.get("epochs"),
-    }
-    keep["trained_with"] = old.get("trained_with", "")
-    recovered = "its int8 weights, 7-bit per output channel, read back as floats"
-    save_weights(
-        model,
-        out,
-        {
-            **keep,
-            "recipe": json.loads(recipe.read_text()) if recipe else {},
-            "results": results,
-            "recovered_from": recovered,
-        },
-    )
-    return out
-
-
 def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tuple[str, bool]:
     """Register the repository's bundled model (once) and make it production if there is none.
 
@@ -338,7 +273,6 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
         _sync_stage,
         production_version,
         registry_lock,
-        trust_tags,
     )
     from cifar.tracking import log_onnx_model
 
@@ -371,18 +305,16 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                 scores = {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}
                 mlflow.log_metrics(mlflow_metrics({**scores, **trust}), model_id=uri.removeprefix("models:/"))
                 mlflow.set_tags({"model_uri": uri, "source": "bundled", "data_digest": metrics["data_digest"]})
-            tags = {
-                "source": "bundled",
-                "run_id": run.info.run_id,
-                "val_accuracy": f"{metrics['val_accuracy']:.6f}",
-                "test_accuracy": f"{metrics['test_accuracy']:.6f}",
-                "data_digest": metrics["data_digest"],
-                "experiment": "bundled-model",
-                "study": "",
-                "precision": metadata.get("precision", "float32"),
-                **trust_tags(trust, metrics.get("mean_corruption_accuracy")),
-            }
-            version = mlflow.register_model(uri, name, tags=tags).version
+            tags = VersionTags(
+                source="bundled",
+                run_id=run.info.run_id,
+                val_accuracy=metrics["val_accuracy"],
+                test_accuracy=metrics["test_accuracy"],
+                data_digest=metrics["data_digest"],
+                experiment="bundled-model",
+                precision=metadata.get("precision", "float32"),
+            ).with_trust(trust, metrics.get("mean_corruption_accuracy"))
+            version = mlflow.register_model(uri, name, tags=tags.to_tags()).version
             describe_registered_model(name)
             client.update_model_version(
                 name,
@@ -420,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dequantize":
         recipe = args.onnx.parent / "recipe.json"
+        from cifar.quantize import dequantize_weights
+
         out = dequantize_weights(args.onnx, args.out, recipe if recipe.is_file() else None)
         print(f"float weights in {out}; next: python -m cifar.bundle build --weights {out}")
         return 0

@@ -20,10 +20,19 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 
 
+def _require(ok: bool, message: str) -> None:
+    """A recipe value out of its range: one message naming the field and what it may be."""
+    if not ok:
+        raise CifarError(message)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "fastnet"
     width: float = 1.0  # channel multiplier (not every model supports it)
+
+    def __post_init__(self) -> None:
+        _require(self.width > 0, f"model.width must be positive, got {self.width}.")
 
 
 @dataclass(frozen=True)
@@ -37,12 +46,21 @@ class OptimConfig:
     muon_lr: float = 0.12  # optim.name=muon: rate of the orthogonalized conv-filter updates
     muon_momentum: float = 0.6
 
+    def __post_init__(self) -> None:
+        _require(self.name in ("sgd", "adamw", "muon"), f"unknown optim.name '{self.name}': use sgd, adamw or muon.")
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: str = "onecycle"  # onecycle (linear warm-up then linear decay) | cosine | constant
     warmup_fraction: float = 0.2
     final_lr_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in ("onecycle", "cosine", "constant"),
+            f"unknown schedule.name '{self.name}': use onecycle, cosine or constant.",
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,17 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     checkpoint_every: int = 1  # epochs between checkpoints of a tracked run (0 = only when interrupted)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.whiten_bias_epochs >= 0,
+            f"train.whiten_bias_epochs must be 0 (always learns) or more, got {self.whiten_bias_epochs}.",
+        )
+        _require(
+            self.low_res_epochs >= 0 and 16 <= self.low_res <= 32,
+            f"train.low_res_epochs must be 0 or more (got {self.low_res_epochs}) and train.low_res between 16 "
+            f"and 32 pixels (got {self.low_res}).",
+        )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,14 @@ class CifarError(Exception):
     """A problem with the user's input or environment, reported as one clear message."""
 
 
+class Pruned(Exception):
+    """A training stopped early on purpose (a search's pruner): not a failure, never resumed.
+
+    ``cifar.search`` raises it from its epoch callback and turns it into Optuna's ``TrialPruned``,
+    so training and tracking need not know Optuna.
+    """
+
+
 def writable_dir(path, what: str, setting: str):
     """``path`` created if needed and checked writable now, before hours of work depend on it.
 

@@ -21,9 +21,10 @@ import numpy as np
 from cifar import contract
 from cifar.errors import CifarError
 from cifar.preprocess import decode_image
+from cifar.registered import PRODUCTION_URI
 from cifar.trust import TrustProfile, occlusion_map
 
-DEFAULT_MODEL_URI = "models:/cifar10-classifier@production"
+DEFAULT_MODEL_URI = PRODUCTION_URI
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar.locks import sqlite_file
+from cifar.registered import pinned_uri
 
 CACHE_ENV = "CIFAR_MODEL_CACHE"  # a folder, or off
 _STALE_S = 60  # older copies of the same URI are removed once no loader can still be reading them
@@ -84,17 +85,6 @@ def cached_copy(uri: str) -> tuple[Path, str] | None:
     return (local, entry["resolved"]) if fresh and local.exists() else None
 
 
-def _resolve_alias(uri: str) -> str:
-    """``models:/name@alias`` -> ``models:/name/<version>``, so the copy and the output name the version."""
-    body = uri[len("models:/") :]
-    name, at, alias = body.rpartition("@")
-    if not at or "/" in alias:
-        return uri
-    import mlflow
-
-    return f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, alias).version}"
-
-
 def _temporary_folder() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="cifar-model-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -126,7 +116,7 @@ def download_model(uri: str) -> tuple[Path, str]:
     root = cache_root() if uri.startswith("models:/") else None
     # The fingerprint is taken before resolving: a write meanwhile makes the next call ask again.
     state = store_state(tracking_uri, registry_uri) if root else None
-    resolved = _resolve_alias(uri) if uri.startswith("models:/") else uri
+    resolved = pinned_uri(uri) if uri.startswith("models:/") else uri
     if state is None:
         return _fetch(resolved, _temporary_folder()), resolved
     key = _key(uri)

@@ -81,8 +81,8 @@ def create_model(
 ) -> Classifier:
     if name not in _REGISTRY:
         raise CifarError(f"unknown model '{name}'. Available models: {', '.join(sorted(_REGISTRY))}.")
-    if width <= 0:
-        raise CifarError(f"model.width must be positive, got {width}.")
+    if width <= 0:  # recipes are checked in cifar.config; this guards direct calls
+        raise ValueError(f"width must be positive, got {width}")
     builder, _ = _REGISTRY[name]
     return Classifier(builder(num_classes=num_classes, width=width), mean, std)
 

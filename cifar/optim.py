@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from cifar.config import ExperimentConfig
-from cifar.errors import CifarError
 
 
 def lr_factor(schedule: str, warmup: float, final: float) -> Callable[[float], float]:
@@ -30,8 +29,8 @@ def lr_factor(schedule: str, warmup: float, final: float) -> Callable[[float], f
             return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * rest))
         return final + (1 - final) * (1 - rest)  # onecycle: linear decay
 
-    if schedule not in ("onecycle", "cosine", "constant"):
-        raise CifarError(f"unknown schedule.name '{schedule}': use onecycle, cosine or constant.")
+    if schedule not in ("onecycle", "cosine", "constant"):  # recipes are checked in cifar.config
+        raise ValueError(f"unknown schedule {schedule!r}")
     return factor
 
 
@@ -59,7 +58,7 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.devic
         )
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, fused=fused)
-    raise CifarError(f"unknown optim.name '{o.name}': use sgd, adamw or muon.")
+    raise ValueError(f"unknown optimizer {o.name!r}")  # recipes are checked in cifar.config
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:

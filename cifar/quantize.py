@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import sys
 import tempfile
@@ -130,7 +131,7 @@ def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int 
     """Quantize a float served model on ``data``'s validation images; refit its constants; measure it."""
     import onnx
 
-    from cifar.calibrate import refit
+    from cifar.calibration import refit
     from cifar.inference import Predictor
 
     start = time.perf_counter()
@@ -239,9 +240,11 @@ def int8_shortfall(result: QuantizedModel, max_drop: float) -> str | None:
     return None
 
 
-def int8_tags(result: QuantizedModel) -> dict[str, str]:
-    """Registry version tags of an int8 model."""
-    return {"precision": "int8", **{k: f"{v:.6f}" for k, v in result.metrics().items()}}
+def int8_tags(result: QuantizedModel):
+    """What an int8 version's tags add (``cifar.registered.VersionTags``): its precision and int8 figures."""
+    from cifar.registered import VersionTags
+
+    return VersionTags(precision="int8", extra={k: f"{v:.6f}" for k, v in result.metrics().items()})
 
 
 def save_model_folder(result: QuantizedModel, out: Path, example: np.ndarray) -> Path:
@@ -254,7 +257,7 @@ def save_model_folder(result: QuantizedModel, out: Path, example: np.ndarray) ->
 
 
 def describe(result: QuantizedModel) -> str:
-    from cifar.calibrate import describe as describe_trust
+    from cifar.calibration import describe as describe_trust
 
     return (
         f"int8 model: validation accuracy {result.val_accuracy:.4f} (float {result.float_val_accuracy:.4f}, "
@@ -302,3 +305,69 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
+
+
+def dequantize_weights(onnx_path: Path, out: Path, recipe: Path | None = None) -> Path:
+    """Float weights (safetensors + config) from an int8 QDQ graph exported by this project.
+
+    Each parameter is read back by its state-dict name: a float initializer as it is, an int8 one
+    as ``(q - zero_point) * scale`` (per output channel). BatchNorm scales that the exporter folded
+    into one shared tensor are the frozen 1.0 the model starts with.
+    """
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from cifar.export import save_weights
+    from cifar.models import create_model
+
+    proto = onnx.load(str(onnx_path))
+    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}.get("cifar", "{}"))
+    if meta.get("precision") != "int8":
+        raise CifarError(f"{onnx_path} is not an int8 model of this project; nothing to dequantize.")
+    norm = meta["normalization"]
+    model = create_model(
+        meta["model"], num_classes=len(meta["classes"]), width=meta["width"], mean=norm["mean"], std=norm["std"]
+    )
+    state = {}
+    for key, default in model.state_dict().items():
+        name = f"model.{key}"
+        if name in tensors:
+            value = tensors[name]
+        elif f"{name}_quantized" in tensors:
+            q = tensors[f"{name}_quantized"].astype(np.float64)
+            scale = tensors.get(f"{name}_scale", tensors.get(f"{name}_quantized_scale"))
+            zero = tensors.get(f"{name}_zero_point", tensors.get(f"{name}_quantized_zero_point"))
+            shape = (-1,) + (1,) * (q.ndim - 1) if np.size(scale) > 1 else ()
+            value = (q - np.reshape(zero, shape)) * np.reshape(scale, shape)
+        elif key.endswith("num_batches_tracked") or (
+            ".norm" in key and key.endswith(".weight") and bool((default == 1).all())
+        ):
+            value = default.numpy()
+        else:
+            raise CifarError(f"{onnx_path} has no tensor for {key}; it was not exported by this project.")
+        state[key] = torch.as_tensor(np.array(value).reshape(default.shape), dtype=default.dtype)
+    model.load_state_dict(state)
+    dropped = ("trust", "quantization", "precision", "bundled", "run_id", "input", "test_accuracy", "val_accuracy")
+    keep = {k: v for k, v in meta.items() if k not in dropped}
+    card = onnx_path.parent / "metrics.json"  # the int8 bundle's record of the original training
+    old = json.loads(card.read_text()) if card.is_file() else {}
+    results = {
+        "best_val_accuracy": meta.get("quantization", {}).get("float_val_accuracy"),
+        "train_seconds": old.get("train_seconds"),
+        "epochs": old.get("epochs"),
+    }
+    keep["trained_with"] = old.get("trained_with", "")
+    recovered = "its int8 weights, 7-bit per output channel, read back as floats"
+    save_weights(
+        model,
+        out,
+        {
+            **keep,
+            "recipe": json.loads(recipe.read_text()) if recipe else {},
+            "results": results,
+            "recovered_from": recovered,
+        },
+    )
+    return out

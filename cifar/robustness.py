@@ -18,6 +18,7 @@ import pandas as pd
 
 from cifar.cli import run_cli
 from cifar.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from cifar.registered import PRODUCTION_URI, VersionTags, registered_version
 
 
 def sample_test_split(data, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +57,6 @@ def robustness_report(
     import mlflow
 
     from cifar.data import ensure_cache
-    from cifar.evaluate import _model_version
     from cifar.inference import Predictor
     from cifar.plots import corruption_figure
     from cifar.tracking import check_tracking_store
@@ -79,12 +79,13 @@ def robustness_report(
         table.to_csv(folder / "corruption_accuracy.csv", index=False, float_format="%.4f")
         corruption_figure(table).savefig(folder / "corruption_accuracy.png")
         mlflow.log_artifacts(str(folder), "robustness")
-        version = _model_version(model_uri)
+        version = registered_version(model_uri)
         if version is not None:
             client = mlflow.MlflowClient()
             mlflow.set_tags({"registered_model_name": version.name, "registered_model_version": version.version})
-            client.set_model_version_tag(version.name, version.version, "robustness_run_id", run.info.run_id)
-            client.set_model_version_tag(version.name, version.version, "mean_corruption_accuracy", f"{mean:.6f}")
+            tags = VersionTags(robustness_run_id=run.info.run_id, mean_corruption_accuracy=mean)
+            for key, value in tags.to_tags().items():
+                client.set_model_version_tag(version.name, version.version, key, value)
     wide = table[table["severity"] > 0].pivot(index="corruption", columns="severity", values="accuracy")
     print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
     print(
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cifar.robustness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-uri", default="models:/cifar10-classifier@production")
+    parser.add_argument("--model-uri", default=PRODUCTION_URI)
     parser.add_argument("--images", type=int, default=2000, help="test images per condition (0: all 10,000)")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--experiment", default="robustness", help="MLflow experiment for the report run")

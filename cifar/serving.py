@@ -13,9 +13,7 @@ from pathlib import Path
 
 from cifar.errors import CifarError
 from cifar.inference import Predictor
-
-MODEL_NAME = "cifar10-classifier"
-TRUST_TAGS = ("test_ece", "ood_auroc", "ood_auroc_sets", "mean_corruption_accuracy", "temperature")
+from cifar.registered import MODEL_NAME, PRODUCTION, VersionTags
 
 
 @dataclass(frozen=True)
@@ -51,44 +49,39 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("http"):
-        import requests
+    from cifar.tracking.store import ping_tracking_server
 
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException:
-            raise CifarError(
-                f"cannot reach the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI). Start it, or unset "
-                "MLFLOW_TRACKING_URI to use the local store."
-            ) from None
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        ping_tracking_server(uri)
     client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(name, "production")
+        version = client.get_model_version_by_alias(name, PRODUCTION)
     except MlflowException:
         raise CifarError(
             f"no production version of '{name}' in {uri}. Run: python register.py --import-bundled "
             "(the model shipped with the repository), or train one and run python register.py."
         ) from None
-    aliases = tuple(sorted(version.aliases or ("production",)))
+    aliases = tuple(sorted(version.aliases or (PRODUCTION,)))
     experiment_id = ""
     if version.run_id:
         try:
             experiment_id = client.get_run(version.run_id).info.experiment_id
         except MlflowException:
             pass
+    tags = VersionTags.from_tags(version.tags)
     return ModelInfo(
         name,
         str(version.version),
         aliases,
         version.run_id or "",
         experiment_id,
-        version.tags.get("val_accuracy", "?"),
-        version.tags.get("test_accuracy", "?"),
-        version.tags.get("source", "training run"),
+        tags.shown("val_accuracy", "?"),
+        tags.shown("test_accuracy", "?"),
+        tags.source or "training run",
         uri,
-        {k: version.tags[k] for k in TRUST_TAGS if k in version.tags},
-        version.tags.get("precision", "float32"),
+        tags.trust(),
+        tags.precision_name,
     )
 
 

@@ -9,18 +9,20 @@ import contextlib
 import platform
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cifar.calibrate import describe as describe_calibration
+from cifar.calibration import describe as describe_calibration
 from cifar.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
 from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
-from cifar.errors import CifarError, writable_dir
+from cifar.errors import CifarError, Pruned, writable_dir
 from cifar.models import create_model
+from cifar.results import write_results
 from cifar.trainstate import TrainingInterrupted, TrainingState
 
 
@@ -86,7 +88,7 @@ def resume_training(run_id: str, options: TrainOptions | None = None) -> TrainOu
     options = options or TrainOptions()
     path = checkpoint_root() / run_id / CHECKPOINT_FILE
     if not path.exists():
-        path = download_checkpoint(run_id, path.parent)
+        path = download_checkpoint(run_id, path.parent, CHECKPOINT_FILE)
     tensors, info = load_checkpoint(path)
     if info.get("run_id") != run_id:
         raise CifarError(f"{path} belongs to run {info.get('run_id')}, not {run_id}; it was not used.")
@@ -119,40 +121,17 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
 
 
 def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int) -> TrainOutcome:
-    import torch
+    """Prepare -> fit -> finalize (test once, calibrate, export) -> publish."""
+    from cifar.tracking import TrainingRun
 
-    from cifar.tracking import TrainingRun, check_tracking_store
-    from cifar.tracking.outbox import outbox_root
-
-    if options.track:  # before any data work: a wrong URI or folder fails in a second, not after
-        check_tracking_store()
-        writable_dir(outbox_root(), "tracking outbox", "$CIFAR_OUTBOX")
-        if cfg.train.checkpoint_every > 0:
-            writable_dir(checkpoint_root(), "checkpoint folder", "$CIFAR_CHECKPOINTS")
-    if options.save_dir:
-        writable_dir(options.save_dir, "output folder", "--save-dir")
-    data = ensure_cache(options.data_dir, options.source)
-    source = data.manifest["source"]
-    data = data.subset(cfg.data.subset, seed=cfg.train.seed)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    model = create_model(
-        cfg.model.name, num_classes=len(data.classes), width=cfg.model.width, mean=data.mean, std=data.std
-    )
-
-    tags = {
-        "experiment_file": options.experiment_file,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "world_size": str(world_size),
-        **options.extra_tags,
-    }
+    _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
+    data, source, model = _prepare(cfg, options)
     run = (
         TrainingRun(
             cfg,
             experiment_name=options.mlflow_experiment,
             run_name=options.run_name or default_run_name(cfg),
-            tags=tags,
+            tags=_run_tags(options, device, world_size),
             nested=options.nested,
             parent_run_id=options.parent_run_id,
             resume_run_id=options.resume_run_id,
@@ -161,100 +140,135 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
         else contextlib.nullcontext()
     )
     with run, stop_on_signals() as should_stop:
-        callbacks = [cb for cb in (run.log_epoch if options.track else None, options.on_epoch_end) if cb]
-        checkpoint_path = None
         if options.track:
             if options.on_run_start:
                 options.on_run_start(run.run_id)
             if options.resume is None:
                 run.log_data(data, source)
-            checkpoint_path = checkpoint_root() / run.run_id / CHECKPOINT_FILE
-
-        def on_epoch_end(metrics: EpochMetrics) -> None:
-            for callback in callbacks:
-                callback(metrics)
-
-        def on_checkpoint(state: TrainingState) -> None:
-            save_checkpoint(
-                checkpoint_path, state.tensors, {**state.info, "config": cfg.to_dict(), "run_id": run.run_id}
-            )
-
-        try:
-            result = fit(
-                model,
-                data.images["train"],
-                data.labels["train"],
-                data.images["val"],
-                data.labels["val"],
-                cfg,
-                device,
-                on_epoch_end=on_epoch_end,
-                progress=options.progress,
-                progress_bar=options.progress_bar,
-                resume=options.resume,
-                should_stop=should_stop,
-                on_checkpoint=on_checkpoint if checkpoint_path else None,
-            )
-        except Exception as exc:
-            if checkpoint_path is not None and type(exc).__name__ == "TrialPruned":  # never to be resumed
-                shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
-            raise  # a failure keeps its last good checkpoint
-        except TrainingInterrupted as stop:
-            if checkpoint_path is not None:
-                on_checkpoint(stop.state)
-                run.log_checkpoint(checkpoint_path)
-                print(
-                    f"Stopped at epoch {stop.state.epoch}, step {stop.state.step}; checkpoint {checkpoint_path} "
-                    f"(also logged to the run). Resume with: python train.py --resume {run.run_id}",
-                    flush=True,
-                )
-            raise
-        t = cfg.train
-        test = _served_evaluate(model, data.images["test"], data.labels["test"], device, t)
+        result, checkpoint = _fit(model, data, cfg, device, options, run if options.track else None, should_stop)
+        test = _served_evaluate(model, data.images["test"], data.labels["test"], device, cfg.train)
         if options.progress:
             print(
                 f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
                 f"test accuracy {test.accuracy:.4f}; training {result.train_seconds:.1f} s",
                 flush=True,
             )
-        from cifar.export import model_metadata, save_weights
-
-        metadata = model_metadata(
-            cfg.model.name,
-            cfg.model.width,
-            data.classes,
-            data.mean,
-            std=data.std,
-            experiment=cfg.name,
-            data_digest=data.digest,
-            tta=cfg.train.tta,
-        )
+        metadata = _metadata(cfg, data)
         if options.save_dir:
-            save_weights(
-                model,
-                Path(options.save_dir),
-                {
-                    **metadata,
-                    "recipe": cfg.to_dict(),
-                    "results": {
-                        "best_val_accuracy": result.best_val_accuracy,
-                        "best_epoch": result.best_epoch,
-                        "test_accuracy": test.accuracy,
-                        "test_loss": test.loss,
-                        "train_seconds": result.train_seconds,
-                        "history": [vars(m) for m in result.history],
-                    },
-                },
-            )
+            _save_weights_and_results(model, Path(options.save_dir), metadata, cfg, result, test)
         if not options.track:
             return TrainOutcome(result, test, None, None)
-        served = _served_model(model, data, test, device, t, metadata, run.run_id, result.best_val_accuracy)
+        served = _served_model(model, data, test, device, cfg.train, metadata, run.run_id, result.best_val_accuracy)
         if options.progress:
             print(describe_calibration(served.calibration.profile), flush=True)
-        run.log_results(fit=result, test=test, data=data, model=model, served=served)
-        if checkpoint_path is not None:  # finished: the checkpoint has done its job
-            shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="cifar-results-") as tmp:  # made here, published by tracking
+            results = write_results(Path(tmp), cfg=cfg, fit=result, test=test, data=data, model=model, served=served)
+            run.publish(results)
+        if checkpoint is not None:  # finished: the checkpoint has done its job
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return TrainOutcome(result, test, run.run_id, run.model_uri)
+
+
+def _check_outputs(cfg: ExperimentConfig, options: TrainOptions) -> None:
+    """The tracking store and every folder the run will write, checked before the data is touched."""
+    from cifar.tracking import check_tracking_store
+    from cifar.tracking.outbox import outbox_root
+
+    if options.track:
+        check_tracking_store()
+        writable_dir(outbox_root(), "tracking outbox", "$CIFAR_OUTBOX")
+        if cfg.train.checkpoint_every > 0:
+            writable_dir(checkpoint_root(), "checkpoint folder", "$CIFAR_CHECKPOINTS")
+    if options.save_dir:
+        writable_dir(options.save_dir, "output folder", "--save-dir")
+
+
+def _prepare(cfg: ExperimentConfig, options: TrainOptions):
+    """(data split, its source, a seeded fresh model) for the recipe."""
+    data = ensure_cache(options.data_dir, options.source)
+    source = data.manifest["source"]
+    data = data.subset(cfg.data.subset, seed=cfg.train.seed)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    model = create_model(
+        cfg.model.name, num_classes=len(data.classes), width=cfg.model.width, mean=data.mean, std=data.std
+    )
+    return data, source, model
+
+
+def _run_tags(options: TrainOptions, device, world_size: int) -> dict[str, str]:
+    import torch
+
+    return {
+        "experiment_file": options.experiment_file,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "world_size": str(world_size),
+        **options.extra_tags,
+    }
+
+
+def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run, should_stop):
+    """``engine.fit`` with the run's hooks: epoch metrics, checkpoints, a checkpoint when stopped.
+
+    Returns (fit result, the checkpoint path or None). A pruned trial's checkpoint is removed
+    (never to be resumed); any other failure keeps its last good one.
+    """
+    checkpoint = checkpoint_root() / run.run_id / CHECKPOINT_FILE if run is not None else None
+    callbacks = [cb for cb in (run.log_epoch if run is not None else None, options.on_epoch_end) if cb]
+
+    def on_epoch_end(metrics: EpochMetrics) -> None:
+        for callback in callbacks:
+            callback(metrics)
+
+    def on_checkpoint(state: TrainingState) -> None:
+        save_checkpoint(checkpoint, state.tensors, {**state.info, "config": cfg.to_dict(), "run_id": run.run_id})
+
+    try:
+        result = fit(
+            model, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"], cfg, device,
+            on_epoch_end=on_epoch_end, progress=options.progress, progress_bar=options.progress_bar,
+            resume=options.resume, should_stop=should_stop, on_checkpoint=on_checkpoint if checkpoint else None,
+        )  # fmt: skip
+    except Pruned:
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        raise
+    except TrainingInterrupted as stop:
+        if checkpoint is not None:
+            on_checkpoint(stop.state)
+            run.log_checkpoint(checkpoint)
+            print(
+                f"Stopped at epoch {stop.state.epoch}, step {stop.state.step}; checkpoint {checkpoint} "
+                f"(also logged to the run). Resume with: python train.py --resume {run.run_id}",
+                flush=True,
+            )
+        raise
+    return result, checkpoint
+
+
+def _metadata(cfg: ExperimentConfig, data) -> dict:
+    from cifar.export import model_metadata
+
+    return model_metadata(
+        cfg.model.name, cfg.model.width, data.classes, data.mean, std=data.std,
+        experiment=cfg.name, data_digest=data.digest, tta=cfg.train.tta,
+    )  # fmt: skip
+
+
+def _save_weights_and_results(model, folder: Path, metadata: dict, cfg: ExperimentConfig, result, test) -> None:
+    """``--save-dir``: safetensors weights with the recipe and results beside them."""
+    from cifar.export import save_weights
+
+    results = {
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "train_seconds": result.train_seconds,
+        "history": [vars(m) for m in result.history],
+    }
+    save_weights(model, folder, {**metadata, "recipe": cfg.to_dict(), "results": results})
 
 
 def _served_evaluate(model, images, labels, device, t) -> EvalResult:
@@ -274,7 +288,7 @@ def _served_evaluate(model, images, labels, device, t) -> EvalResult:
 
 def _served_model(model, data, test: EvalResult, device, t, metadata, run_id: str, val_accuracy: float):
     """The served graph, its constants fitted on training and validation images, checked against PyTorch."""
-    from cifar.calibrate import serve_model
+    from cifar.calibration import serve_model
 
     metadata = {**metadata, "run_id": run_id, "val_accuracy": val_accuracy, "test_accuracy": test.accuracy}
     served = serve_model(

@@ -8,14 +8,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS, PYTHON, ROOT, clean_env, free_port, keep_screenshot, run_cli
+from conftest import (
+    BROWSER_TEST,
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    PYTHON,
+    ROOT,
+    clean_env,
+    free_port,
+    keep_screenshot,
+    run_cli,
+)
 
 CHECK_SECONDS = 30  # how often each open page asks for the production version (the app's default is 60)
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture

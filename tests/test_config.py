@@ -57,6 +57,12 @@ def test_flat_params():
         ("train.tta=3", "'train.tta' must be bool"),
         ("optim=0.1", "'optim' must be a mapping"),
         ("no-equals-sign", "--set expects KEY=VALUE"),
+        # ranges are checked where the recipe is built, before any data or model exists
+        ("model.width=0", "model.width must be positive, got 0"),
+        ("optim.name=lion", "unknown optim.name 'lion': use sgd, adamw or muon"),
+        ("schedule.name=step", "unknown schedule.name 'step': use onecycle, cosine or constant"),
+        ("train.whiten_bias_epochs=-1", "train.whiten_bias_epochs must be 0"),
+        ("train.low_res=8", "train.low_res between 16 and 32 pixels \\(got 8\\)"),
     ],
 )
 def test_bad_overrides(override, message):

@@ -7,17 +7,12 @@ import signal
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import optuna
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS, ROOT, clean_env, free_port, keep_screenshot
+from conftest import BROWSER_TEST, CHROMIUM, CHROMIUM_FLAGS, ROOT, clean_env, free_port, keep_screenshot
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture

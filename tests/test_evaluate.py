@@ -8,8 +8,8 @@ import pytest
 from conftest import ROOT, run_cli
 
 from cifar.bundle import import_bundled
-from cifar.evaluate import build_report, report_figures
 from cifar.metrics import calibration_bins, expected_calibration_error, most_confused_pairs, softmax
+from cifar.report import build_report, report_figures
 
 CLASSES = ("a", "b", "c")
 

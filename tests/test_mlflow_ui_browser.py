@@ -16,13 +16,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS, PYTHON, ROOT, clean_env, free_port, keep_screenshot, run_cli
+from conftest import (
+    BROWSER_TEST,
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    PYTHON,
+    ROOT,
+    clean_env,
+    free_port,
+    keep_screenshot,
+    run_cli,
+)
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared_dir
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    for key in ("val_accuracy", "train_loss"):
+    for key in ("val/accuracy", "train/loss"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], "no epoch lost or repeated"
     assert not (tmp_path / "checkpoints" / run_id).exists(), "a finished run's checkpoint is cleaned up"
     again = run_cli(["train.py", "--resume", run_id], env=env)

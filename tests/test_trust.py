@@ -198,22 +198,23 @@ def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepare
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_missing_ood_set_is_recorded_as_not_measured(tracking_env, prepared_dir, monkeypatch, tmp_path, capsys):
-    from cifar import calibrate
+    from cifar import calibration
     from cifar.config import load_experiment
     from cifar.training import TrainOptions, train_experiment
+    from cifar.trust import FASHION_MNIST_MISSING
 
     monkeypatch.setenv("CIFAR_FASHION_MNIST", str(tmp_path / "nowhere"))
-    calibrate.ood_sets.cache_clear()
+    calibration.ood_sets.cache_clear()
     try:
         cfg = load_experiment("smoke", ["train.epochs=1", "train.batch_size=50"])
         outcome = train_experiment(cfg, TrainOptions(data_dir=prepared_dir, device="cpu", progress=True))
     finally:
-        calibrate.ood_sets.cache_clear()
+        calibration.ood_sets.cache_clear()
     run = mlflow.get_run(outcome.run_id)
     assert run.data.tags["ood_not_measured"] == "fashion_mnist"
     assert "ood/auroc_fashion_mnist" not in run.data.metrics and "ood/auroc_noise" in run.data.metrics
     printed = [line for line in capsys.readouterr().out.splitlines() if "fashion_mnist" in line]
-    assert printed == [f"OOD set fashion_mnist {calibrate.FASHION_MNIST_MISSING}"]
+    assert printed == [f"OOD set fashion_mnist {FASHION_MNIST_MISSING}"]
     assert "dataset-fashion-mnist" in printed[0]
     candidate = registry.find_best_run()
     assert candidate.ood_not_measured == ("fashion_mnist",) and "not measured: fashion_mnist" in candidate.ood_basis

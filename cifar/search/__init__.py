@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar.config import load_experiment
-from cifar.errors import CifarError
+from cifar.errors import CifarError, Pruned
 from cifar.search.space import Param, SearchSpace, load_space, space_path, suggest
 from cifar.tracking import TRIAL_RUN_ATTR as RUN_ATTR
 
@@ -215,23 +215,26 @@ def objective_for(
             if distributed:
                 _broadcast(prune)  # every rank stops at the same epoch, or none does
             if prune:
-                raise optuna.TrialPruned(f"val accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch}")
+                raise Pruned(f"val accuracy {metrics.val_accuracy:.4f} at epoch {metrics.epoch}")
 
-        outcome = train_experiment(
-            cfg,
-            TrainOptions(
-                data_dir=options.data_dir,
-                device=options.device,
-                run_name=f"{study_name}-trial-{trial.number}",
-                mlflow_experiment=study_name,
-                experiment_file=options.experiment,
-                progress=False,
-                parent_run_id=parent_run_id,
-                on_epoch_end=report,
-                on_run_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id),
-                extra_tags={"optuna_study": study_name, "optuna_trial": str(trial.number)},
-            ),
-        )
+        try:
+            outcome = train_experiment(
+                cfg,
+                TrainOptions(
+                    data_dir=options.data_dir,
+                    device=options.device,
+                    run_name=f"{study_name}-trial-{trial.number}",
+                    mlflow_experiment=study_name,
+                    experiment_file=options.experiment,
+                    progress=False,
+                    parent_run_id=parent_run_id,
+                    on_epoch_end=report,
+                    on_run_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id),
+                    extra_tags={"optuna_study": study_name, "optuna_trial": str(trial.number)},
+                ),
+            )
+        except Pruned as pruned:  # Optuna's word for it, from here on
+            raise optuna.TrialPruned(str(pruned)) from None
         return outcome.fit.best_val_accuracy
 
     return objective

@@ -83,13 +83,11 @@ class Outbox:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def stage_model(self, proto, metadata: dict[str, Any], example: np.ndarray) -> None:
+    def stage_model(self, folder: Path) -> None:
+        """Stage a model folder (``model.onnx``, ``metadata.json``, ``example.npy``) as the run's model."""
         tmp = self.folder / "model.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "model.onnx").write_bytes(proto.SerializeToString())
-        (tmp / "metadata.json").write_text(json.dumps(metadata))
-        np.save(tmp / "example.npy", example)
-        tmp.replace(self.model_dir)
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        tmp.replace(self.model_dir)  # atomic: a push sees the whole model or none
 
     def finish(self, status: str, tags: dict[str, str]) -> None:
         _write_json(self.folder / "finish.json", {"status": status, "tags": tags})

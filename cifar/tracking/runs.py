@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar.config import ExperimentConfig
-from cifar.errors import CifarError
+from cifar.errors import CifarError, Pruned
 from cifar.tracking.names import mlflow_metrics
 from cifar.tracking.outbox import Outbox
 from cifar.tracking.store import _mlflow, check_tracking_store, git_state
@@ -121,7 +121,7 @@ class TrainingRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         tags: dict[str, str] = dict(self.end_tags)
-        pruned = exc_type is not None and exc_type.__name__ == "TrialPruned"  # optuna.TrialPruned
+        pruned = exc_type is not None and issubclass(exc_type, Pruned)  # stopped by a search's pruner
         if "optuna_trial" in self.tags:
             tags["trial_state"] = "COMPLETE" if exc_type is None else "PRUNED" if pruned else "FAIL"
         if exc_type is None:
@@ -220,75 +220,22 @@ class TrainingRun:
         self.tensorboard.epoch(metrics)
         self._push_in_background()
 
-    def log_results(self, *, fit, test, data, model, served) -> None:
-        """Final metrics, evaluation and trust figures, safetensors weights and the served model (MLflow ONNX).
+    def publish(self, results) -> None:
+        """Publish a results folder (``cifar.results``): its metrics, artifact folders and model.
 
-        ``served`` (``cifar.calibrate.ServedModel``) is the exported graph with its fitted constants.
-        Everything is written to the outbox first, then uploaded; ``model_uri`` is set once the
-        model is on the server (it stays None while the server is away).
+        The folder's files move into the outbox, then go up; ``model_uri`` is set once the model is
+        on the server (it stays None while the server is away). The final metrics are linked to the
+        logged model, ``val/`` and ``test/`` ones with the split they were measured on.
         """
-        from cifar.calibrate import write_trust_report
-        from cifar.contract import PROBABILITIES
-        from cifar.evaluate import build_report, write_report
-        from cifar.export import save_weights
-        from cifar.plots import training_curves
-
-        box, calibration = self.outbox, served.calibration
-        report = build_report(calibration.outputs["test"][PROBABILITIES], test.labels, data.classes)
-        training_curves(fit.history, fit.best_epoch).savefig(box.artifact_dir("plots") / "training_curves.png")
-        evaluation = write_report(report, np.asarray(data.images["test"]), box.artifact_dir("evaluation"))
-        self.tensorboard.results(
-            self.cfg,
-            data,
-            evaluation / "confusion_matrix.png",
-            {**report.metrics(), "best_val_accuracy": fit.best_val_accuracy},
-        )
-        save_weights(model, box.artifact_dir("weights"), served.metadata)
-        write_trust_report(calibration, test.labels, box.artifact_dir("trust"))
-        final = {
-            "best_val_accuracy": fit.best_val_accuracy,
-            "best_epoch": fit.best_epoch,
-            "test_loss": test.loss,
-            "train_seconds": fit.train_seconds,
-            "onnx_max_abs_diff": served.parity,
-            **report.metrics(),
-            **calibration.profile.metrics,
-        }
-        # linked to the logged model (MLflow's Models tab, search_logged_models); val/ and test/ with their split
+        box = self.outbox
+        for folder in results.artifact_dirs:
+            shutil.copytree(folder, box.artifact_dir(folder.name), dirs_exist_ok=True)
+        self.tensorboard.results(self.cfg, results.augmented_png, results.confusion_png, results.metrics)
         datasets = {split: self.datasets[split] for split in ("val", "test") if split in self.datasets}
-        box.add_metrics(mlflow_metrics(final), of_model=True, datasets=datasets)
-        self.end_tags["mlflow.note.content"] = run_description(self.cfg, final, calibration.profile.not_measured)
-        if calibration.profile.not_measured:  # visible on the run: a set that could not be measured
-            self.end_tags["ood_not_measured"] = ",".join(sorted(calibration.profile.not_measured))
-        box.stage_model(served.proto, served.metadata, np.asarray(data.images["val"][:2]))
+        box.add_metrics(mlflow_metrics(results.metrics), of_model=True, datasets=datasets)
+        self.end_tags.update(results.tags)
+        box.stage_model(results.model_dir)
         self.push(include_end=False)
-
-
-def run_description(cfg: ExperimentConfig, final: dict[str, float], not_measured=()) -> str:
-    """The run page's Description (MLflow's ``mlflow.note.content``): the recipe and what it reached."""
-    from cifar.trust import headline_ood_auroc
-
-    ood = headline_ood_auroc(final)
-    lines = [
-        f"**{cfg.name}**: {cfg.description or cfg.model.name}",
-        "",
-        f"- validation accuracy {final['best_val_accuracy']:.4f} (best epoch {final['best_epoch']:.0f} of "
-        f"{cfg.train.epochs}), in {final['train_seconds']:.1f} s of training",
-        f"- test accuracy {final['test_accuracy']:.4f}",
-    ]
-    if "test_ece_uncalibrated" in final and "test_ece_calibrated" in final:
-        lines[-1] += (
-            f"; calibration error (ECE) {final['test_ece_uncalibrated']:.3f} before temperature scaling, "
-            f"{final['test_ece_calibrated']:.3f} after"
-        )
-    if ood is not None:
-        lines.append(
-            f"- out-of-distribution AUROC {ood:.3f} (the lowest over the sets measured"
-            + (f"; not measured: {', '.join(sorted(not_measured))}" if not_measured else "")
-            + ")"
-        )
-    lines.append("- the served model is under Logged models; its figures are in plots/, evaluation/ and trust/")
-    return "\n".join(lines)
 
 
 def system_metrics_enabled() -> bool:
@@ -300,14 +247,12 @@ def system_metrics_enabled() -> bool:
     return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() in ("true", "1")
 
 
-def download_checkpoint(run_id: str, folder: Path) -> Path:
-    """A run's ``checkpoint/`` artifact, downloaded into ``folder``."""
-    from cifar.checkpoint import CHECKPOINT_FILE
-
+def download_checkpoint(run_id: str, folder: Path, filename: str) -> Path:
+    """A run's ``checkpoint/<filename>`` artifact, downloaded into ``folder``."""
     mlflow = _mlflow()
     try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}", dst_path=str(folder)
+            run_id=run_id, artifact_path=f"checkpoint/{filename}", dst_path=str(folder)
         )
     except (mlflow.exceptions.MlflowException, OSError):
         raise CifarError(
@@ -361,20 +306,14 @@ class TensorBoardLog:
         ):
             self.writer.add_scalar(name, value, m.epoch)
 
-    def results(self, cfg: ExperimentConfig, data, confusion_png: Path, final: dict[str, float]) -> None:
-        import torch
+    def results(self, cfg: ExperimentConfig, augmented_png: Path, confusion_png: Path, final: dict[str, float]) -> None:
+        """The results' figures as TensorBoard images (drawn once, by ``cifar.results``) and the hparams table."""
         from PIL import Image
-        from torchvision.utils import make_grid
 
-        from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
-
-        spread = np.linspace(0, len(data.labels["train"]) - 1, 64).astype(int)
-        sample = images_to_tensor(np.asarray(data.images["train"])[spread], "cpu").float() / 255
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        augmented = augment_batch(sample, Augmentation.from_config(cfg.augment), generator)
-        self.writer.add_image("augmented_batch", make_grid(augmented, nrow=8, padding=1), 0)
-        with Image.open(confusion_png) as image:  # the evaluation's figure, not drawn a second time
-            self.writer.add_image("confusion_matrix", np.asarray(image.convert("RGB")), 0, dataformats="HWC")
+        for tag, path in (("augmented_batch", augmented_png), ("confusion_matrix", confusion_png)):
+            if path.is_file():
+                with Image.open(path) as image:
+                    self.writer.add_image(tag, np.asarray(image.convert("RGB")), 0, dataformats="HWC")
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.flat().items()}
         self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
 

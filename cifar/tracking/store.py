@@ -26,21 +26,26 @@ def _mlflow():
     return mlflow
 
 
+def ping_tracking_server(uri: str) -> None:
+    """A tracking server's ``/health`` answers, or a CifarError naming the URI and what to do."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the tracking URI"
+        raise CifarError(
+            f"cannot reach the MLflow tracking server at {uri} (from {source}): {type(exc).__name__}. "
+            "Start the server, or unset MLFLOW_TRACKING_URI to log to the local store (mlflow.db here)."
+        ) from None
+
+
 def check_tracking_store() -> str:
-    """Fail early, with the URI tried, if the tracking server cannot be reached."""
+    """Fail early, with the URI tried, if the tracking store cannot be reached (a new SQLite store gets its tables)."""
     mlflow = _mlflow()
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as exc:
-            source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the tracking URI"
-            raise CifarError(
-                f"cannot reach the MLflow tracking server at {uri} (from {source}): {type(exc).__name__}. "
-                "Start the server, or unset MLFLOW_TRACKING_URI to log to the local store (mlflow.db here)."
-            ) from None
+        ping_tracking_server(uri)
     else:
         from cifar.locks import sqlite_lock
 
@@ -66,38 +71,37 @@ def git_state() -> dict[str, str]:
     return {"git_commit": head.stdout.strip(), "git_dirty": str(dirty).lower()}
 
 
-def onnx_signature(num_classes: int):
-    """The served contract (``cifar.contract``): uint8 images in; label, probabilities, OOD flag, score, logits out."""
+def onnx_signature(proto):
+    """The model's MLflow signature, read from the graph itself: each input and output, its dtype and shape.
+
+    The graph is the contract (``cifar.contract``): what it declares is what any client gets.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
 
-    from cifar import contract
+    def spec(value) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dtype = tensor_dtype_to_np_dtype(tensor.elem_type)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        return TensorSpec(np.dtype(str) if dtype == np.dtype(object) else dtype, shape, value.name)
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *contract.IMAGE_SHAPE), contract.INPUT)]),
-        outputs=Schema(
-            [
-                TensorSpec(np.dtype(str), (-1,), contract.LABEL),
-                TensorSpec(np.dtype(np.float32), (-1, num_classes), contract.PROBABILITIES),
-                TensorSpec(np.dtype(bool), (-1,), contract.IN_DISTRIBUTION),
-                TensorSpec(np.dtype(np.float32), (-1,), contract.OOD_SCORE),
-                TensorSpec(np.dtype(np.float32), (-1, num_classes), contract.LOGITS),
-            ]
-        ),
+        inputs=Schema([spec(v) for v in proto.graph.input]), outputs=Schema([spec(v) for v in proto.graph.output])
     )
 
 
-def _model_kwargs(metadata: dict[str, Any], example: np.ndarray) -> dict[str, Any]:
+def _model_kwargs(proto, metadata: dict[str, Any], example: np.ndarray) -> dict[str, Any]:
     """What every saved or logged model of the project has: environment, signature, metadata.
 
-    ``example``: real uint8 images (N x 32 x 32 x 3), the input example MLflow stores and serves.
+    ``example``: real images for the graph's (first) input, the input example MLflow stores and serves.
     """
     mlflow = _mlflow()
     return {
         # what inference would find (it loads the model in a subprocess: 2.4 s on every run)
         "pip_requirements": [*mlflow.onnx.get_default_pip_requirements(), f"numpy=={np.__version__}"],
-        "signature": onnx_signature(len(metadata["classes"])),
-        "input_example": {"image": np.asarray(example, np.uint8)},
+        "signature": onnx_signature(proto),
+        "input_example": {proto.graph.input[0].name: np.asarray(example, np.uint8)},
         "metadata": metadata,
         "save_as_external_data": False,
         "onnx_execution_providers": ["CPUExecutionProvider"],
@@ -110,7 +114,7 @@ def log_onnx_model(
     """Log an ONNX model as an MLflow model of ``run_id`` (default: the active run); no torch, no pickle."""
     mlflow = _mlflow()
     info = mlflow.onnx.log_model(
-        proto, name=name, **_model_kwargs(metadata, example), **({"run_id": run_id} if run_id else {})
+        proto, name=name, **_model_kwargs(proto, metadata, example), **({"run_id": run_id} if run_id else {})
     )
     return info.model_uri
 
@@ -122,7 +126,7 @@ def save_onnx_model_folder(proto, metadata: dict[str, Any], example: np.ndarray,
     folder = Path(folder)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()  # MLflow creates the folder itself
-    _mlflow().onnx.save_model(proto, str(folder), **_model_kwargs(metadata, example))
+    _mlflow().onnx.save_model(proto, str(folder), **_model_kwargs(proto, metadata, example))
     return folder
 
 

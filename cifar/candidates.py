@@ -1,0 +1,168 @@
+"""Which run to register: the finished run with a logged model and the best validation figure.
+
+Models whose metrics are linked to them are ranked by ``mlflow.search_logged_models``; runs of the
+older layout by their run metrics. The test split is never used to choose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cifar.errors import CifarError
+
+METRIC_ALIASES = {"val_accuracy": "best_val_accuracy"}
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    run_id: str
+    model_uri: str
+    metric: str
+    value: float
+    run_test_accuracy: float | None
+    experiment: str
+    study: str
+    git_commit: str
+    data_digest: str
+    trust: dict[str, float] = field(default_factory=dict)  # the run's calibration and OOD metrics
+    ood_not_measured: tuple[str, ...] = ()  # OOD sets the run could not measure (tag ood_not_measured)
+
+    @property
+    def ece(self) -> float | None:
+        return self.trust.get("test_ece_calibrated")
+
+    @property
+    def ood_auroc(self) -> float | None:
+        """The lowest OOD AUROC over the sets the run measured (``ood_basis`` names them)."""
+        from cifar.trust import headline_ood_auroc
+
+        return headline_ood_auroc(self.trust)
+
+    @property
+    def ood_basis(self) -> str:
+        """Which OOD sets ``ood_auroc`` stands on, and which were not measured."""
+        from cifar.trust import ood_auroc_sets
+
+        text = ", ".join(f"{name} {value:.4f}" for name, value in ood_auroc_sets(self.trust).items()) or "no set"
+        return text + (f"; not measured: {', '.join(self.ood_not_measured)}" if self.ood_not_measured else "")
+
+
+def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The calibration and OOD metrics of a run, under their code names (old or new run layout)."""
+    from cifar.tracking.names import code_names
+
+    named = code_names(metrics)
+    return {k: v for k, v in named.items() if k in ("test_ece_calibrated", "temperature") or k.startswith("ood_")}
+
+
+def find_best_run(
+    experiments: list[str] | None = None, study: str | None = None, metric: str = "val_accuracy"
+) -> Candidate:
+    """The FINISHED run with a logged model and the highest validation ``metric``.
+
+    Models whose metrics are linked to them (runs since 2026-12-02) are ranked by
+    ``mlflow.search_logged_models``; runs of the older layout, whose metrics sit on the run only,
+    by ``search_runs`` on the old name. The higher of the two leaders wins.
+    """
+    from cifar.tracking.names import metric_key
+
+    client = _client()
+    name = METRIC_ALIASES.get(metric, metric)
+    key = metric_key(name)
+    if key.startswith("test") or name.startswith("test"):
+        raise CifarError(f"--metric {metric}: runs are chosen on validation, never on the test split.")
+    names = experiments or []
+    if names:
+        found = [client.get_experiment_by_name(n) for n in names]
+        missing = [n for n, e in zip(names, found) if e is None]
+        if missing:
+            raise CifarError(f"no MLflow experiment named {', '.join(missing)} in {_tracking_uri()}.")
+        ids = [e.experiment_id for e in found]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    leaders = [r for r in (_leader_by_model(ids, key, study), _leader_by_run(ids, name, study)) if r is not None]
+    if not leaders:
+        scope = f"study '{study}'" if study else f"experiment(s) {', '.join(names)}" if names else "any experiment"
+        raise CifarError(
+            f"no finished run with a logged model and metric '{key}' in {scope} ({_tracking_uri()}). "
+            "Train one first: python train.py (or python tune.py)."
+        )
+    best, metric_name, value = max(leaders, key=lambda leader: leader[2])
+    tags, metrics = best.data.tags, best.data.metrics
+    experiment = client.get_experiment(best.info.experiment_id).name
+    return Candidate(
+        best.info.run_id,
+        tags["model_uri"],
+        metric_name,
+        value,
+        metrics.get(metric_key("test_accuracy"), metrics.get("test_accuracy")),
+        experiment,
+        tags.get("optuna_study", ""),
+        tags.get("git_commit", "unknown"),
+        tags.get("data_digest", "unknown"),
+        _trust_metrics(metrics),
+        tuple(filter(None, tags.get("ood_not_measured", "").split(","))),
+    )
+
+
+def _eligible(run, study: str | None) -> bool:
+    tags = run.data.tags
+    if run.info.status != "FINISHED" or not tags.get("model_uri"):
+        return False
+    return not study or (tags.get("optuna_study") == study and tags.get("trial_state") == "COMPLETE")
+
+
+def _leader_by_model(ids: list[str], key: str, study: str | None):
+    """(run, metric, value) of the best logged model by its linked ``key`` metric, or None."""
+    import mlflow
+
+    if not ids:
+        return None
+    models = mlflow.search_logged_models(
+        experiment_ids=ids,
+        filter_string=f"metrics.`{key}` > -1",
+        order_by=[{"field_name": f"metrics.{key}", "ascending": False}],
+        max_results=100,
+        output_format="list",
+    )
+    client = _client()
+    for model in models:
+        if not model.source_run_id:
+            continue
+        run = client.get_run(model.source_run_id)
+        if _eligible(run, study) and run.data.tags["model_uri"] == f"models:/{model.model_id}":
+            value = max(m.value for m in model.metrics if m.key == key)
+            return run, key, float(value)
+    return None
+
+
+def _leader_by_run(ids: list[str], name: str, study: str | None):
+    """(run, metric, value) of the best run that logged ``name`` in the layout before metric sections, or None."""
+    if not ids:
+        return None
+    query = "attributes.status = 'FINISHED' and tags.model_uri != ''"
+    if study:
+        query += f" and tags.optuna_study = '{study}' and tags.trial_state = 'COMPLETE'"
+    runs = _client().search_runs(ids, query, order_by=[f"metrics.`{name}` DESC"], max_results=50)
+    runs = [r for r in runs if name in r.data.metrics and _eligible(r, study)]
+    return (runs[0], name, float(runs[0].data.metrics[name])) if runs else None
+
+
+def has_trained_runs() -> bool:
+    """Whether the store holds a finished training run with a logged model (the bundled model's run aside)."""
+    client = _client()
+    ids = [e.experiment_id for e in client.search_experiments() if e.name != "bundled-model"]
+    query = "attributes.status = 'FINISHED' and tags.model_uri != ''"
+    return bool(ids) and bool(client.search_runs(ids, query, max_results=1))
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()

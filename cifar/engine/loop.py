@@ -1,0 +1,303 @@
+"""The training loop: ``fit`` = prepare, then per epoch begin -> train_one_epoch -> end_epoch -> hooks.
+
+Tensors in, metrics out; no files, no MLflow. Checkpoints, epoch metrics and stopping reach the
+caller through the hooks ``fit`` takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cifar.config import ExperimentConfig
+from cifar.data.loader import Augmentation, DeviceLoader, images_to_tensor
+from cifar.engine.steps import (
+    EpochCallback,
+    EpochMetrics,
+    FitResult,
+    distributed_rank_world,
+    evaluate,
+    train_step,
+)
+from cifar.errors import CifarError
+from cifar.optim import Lookahead, build_optimizer, lr_factor
+from cifar.trainstate import TrainingInterrupted, TrainingState, capture_state, restore_state
+
+
+@dataclass
+class Training:
+    """What one ``fit`` owns: the model and its optimisation, the loader, the record so far.
+
+    The loop in ``fit`` reads as its steps; each training feature (DDP, EMA, Lookahead, stem
+    freezing, low-resolution epochs, resuming) is a few lines in one of them.
+    """
+
+    cfg: ExperimentConfig
+    device: torch.device
+    model: nn.Module
+    loader: DeviceLoader
+    val_images: torch.Tensor
+    val_labels: np.ndarray
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    lookahead: Lookahead | None
+    rank: int = 0
+    world: int = 1
+    step_model: nn.Module | None = None  # the model as trained: DDP-wrapped and compiled where asked
+    result: FitResult = field(default_factory=FitResult)
+    best_state: dict[str, torch.Tensor] | None = None
+    started: float = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.cfg.train.epochs * len(self.loader))
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def wrap(self) -> None:
+        """DDP across ranks, then torch.compile if asked (again whenever the trainable set changes)."""
+        step_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            step_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.step_model = torch.compile(step_model) if self.cfg.train.compile else step_model
+
+    def snapshot(self, epoch: int, step: int, sums: torch.Tensor, seen: int) -> TrainingState:
+        self.result.train_seconds = time.perf_counter() - self.started
+        return capture_state(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
+            lookahead=self.lookahead, best_state=self.best_state, result=self.result,
+            epoch=epoch, step=step, sums=sums, seen=seen,
+        )  # fmt: skip
+
+
+@dataclass
+class EpochSums:
+    """Running training sums of an epoch (this rank's share until ``all_reduce``)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([self.loss, self.correct])
+
+
+def prepare_training(
+    model: nn.Module, train_images, train_labels, val_images, val_labels, cfg, device, *, fresh: bool = True
+) -> Training:
+    """Model on the device, the shuffling loader, optimizer, schedule, EMA and Lookahead as the recipe asks.
+
+    ``fresh`` (not resuming): a model with a data-dependent stem (fastnet's whitening) fits it to
+    the training images first, before EMA and Lookahead copy the weights.
+    """
+    t = cfg.train
+    if t.whiten_bias_epochs and not getattr(model, "can_freeze_stem", False):
+        raise CifarError(
+            f"train.whiten_bias_epochs needs a model with a whitening stem (fastnet); {cfg.model.name} has none: "
+            "set it to 0."
+        )  # checked before training, not after its first epochs
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = DeviceLoader(
+        train_images, train_labels, t.batch_size, device, augmentation=Augmentation.from_config(cfg.augment),
+        shuffle=True, drop_last=True, seed=t.seed, channels_last=t.channels_last,
+    )  # fmt: skip
+    if fresh and hasattr(model, "init_from_data"):
+        spread = torch.linspace(0, len(loader.images) - 1, min(5000, len(loader.images)), device=device).long()
+        model.init_from_data(loader.images[spread].float().div(255))  # every class, whatever the storage order
+    rank, world = distributed_rank_world()
+    if t.batch_size % world:
+        raise CifarError(f"train.batch_size {t.batch_size} must divide among {world} processes; pick a multiple.")
+    optimizer = build_optimizer(model, cfg, device)
+    total_steps = max(1, t.epochs * len(loader))
+    factor = lr_factor(cfg.schedule.name, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_fraction)
+    ema = None
+    if t.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
+        )
+    return Training(
+        cfg, device, model, loader, images_to_tensor(val_images, device), np.asarray(val_labels), optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / total_steps)), ema,
+        Lookahead(model) if t.lookahead else None, rank, world,
+    )  # fmt: skip
+
+
+def resume_training(run: Training, state: TrainingState) -> tuple[int, int, EpochSums | None]:
+    """Load a captured state; returns (epoch, step to continue from, that epoch's sums so far)."""
+    restored = restore_state(
+        state, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, ema=run.ema,
+        lookahead=run.lookahead, device=run.device,
+    )  # fmt: skip
+    run.best_state = restored["best_state"]
+    run.result.history = [EpochMetrics(**m) for m in state.info["history"]]
+    run.result.best_epoch, run.result.best_val_accuracy = state.info["best_epoch"], state.info["best_val_accuracy"]
+    sums = restored["sums"]
+    partial = EpochSums(sums[0].clone(), sums[1].clone(), state.info["seen"]) if sums is not None else None
+    return state.epoch, state.step, partial
+
+
+def begin_epoch(run: Training, epoch: int) -> None:
+    """The epoch's batches (order, augmentation), its resolution, and the stem freezing on schedule."""
+    t = run.cfg.train
+    run.loader.set_epoch(epoch)
+    run.loader.image_size = t.low_res if epoch <= t.low_res_epochs else None
+    run.model.train()
+    if 0 < t.whiten_bias_epochs < epoch and run.model.freeze_stem():
+        run.wrap()  # DDP must not wait for gradients the stem no longer has
+
+
+def train_one_epoch(
+    run: Training,
+    epoch: int,
+    *,
+    skip: int = 0,
+    sums: EpochSums | None = None,
+    show_bar: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> EpochSums:
+    """Every step of one epoch (the first ``skip`` batches are drawn, not trained: resuming mid-epoch)."""
+    t = run.cfg.train
+    sums = sums or EpochSums(torch.zeros((), device=run.device), torch.zeros((), device=run.device))
+    start = time.perf_counter()
+    bar = tqdm(run.loader, desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False, disable=not show_bar,
+               mininterval=1.0)  # fmt: skip
+    for step, (x, y) in enumerate(bar):
+        if step < skip:  # the same generator state as the interrupted run: draw, do not train
+            continue
+        if run.world > 1:
+            # Every rank draws the same global batch (order and augmentation from the shared
+            # seed) and keeps its own rows: the run matches a single process with that batch.
+            x, y = x[run.rank :: run.world], y[run.rank :: run.world]
+        loss, logits = train_step(run.step_model, run.optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
+        run.scheduler.step()
+        if run.lookahead is not None:
+            run.lookahead.step((epoch - 1) * len(run.loader) + step + 1, run.total_steps)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        sums.loss += loss.detach() * len(y)
+        sums.correct += (logits.argmax(1) == y).sum()
+        sums.seen += len(y)
+        if show_bar and step % 10 == 0:  # .item() syncs the GPU: not every step
+            rate = sums.seen / max(1e-9, time.perf_counter() - start)
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}", acc=f"{(sums.correct / sums.seen).item():.3f}", img_s=f"{rate:.0f}"
+            )
+        if should_stop is not None and should_stop():
+            raise TrainingInterrupted(run.snapshot(epoch, step + 1, sums.stacked(), sums.seen))
+    return sums
+
+
+def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) -> EpochMetrics:
+    """All ranks' sums, the divergence check, validation, and the best epoch so far (its weights kept)."""
+    t = run.cfg.train
+    seen = torch.tensor(float(sums.seen), device=run.device)
+    if run.world > 1:
+        import torch.distributed as dist
+
+        for total in (sums.loss, sums.correct, seen):
+            dist.all_reduce(total)
+    train_loss = (sums.loss / seen.clamp(min=1)).item()
+    if not math.isfinite(train_loss):
+        raise CifarError(
+            f"training diverged at epoch {epoch} (loss {train_loss}); lower optim.lr and try again "
+            "(the last checkpoint, if any, holds the last finite epoch)."
+        )
+    if run.lookahead is not None and epoch == t.epochs:
+        run.lookahead.finish()
+    train_time = time.perf_counter() - epoch_start
+    val = evaluate(
+        run.eval_model, run.val_images, run.val_labels, device=run.device, batch_size=t.eval_batch_size,
+        tta=t.tta, amp=t.amp, channels_last=t.channels_last,
+    )  # fmt: skip
+    metrics = EpochMetrics(
+        epoch=epoch,
+        train_loss=train_loss,
+        train_accuracy=(sums.correct / seen.clamp(min=1)).item(),
+        val_loss=val.loss,
+        val_accuracy=val.accuracy,
+        learning_rate=run.optimizer.param_groups[0]["lr"],
+        images_per_second=seen.item() / max(1e-9, train_time),
+        epoch_seconds=time.perf_counter() - epoch_start,
+    )
+    run.result.history.append(metrics)
+    if val.accuracy > run.result.best_val_accuracy or run.best_state is None:
+        run.result.best_epoch, run.result.best_val_accuracy = epoch, val.accuracy
+        run.best_state = copy.deepcopy(run.eval_model.state_dict())
+    return metrics
+
+
+def fit(
+    model: nn.Module,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+    progress_bar: bool = True,
+    resume: TrainingState | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place; leave it holding the weights of the best validation epoch.
+
+    ``progress`` prints a line per epoch; ``progress_bar`` adds a per-step bar to it.
+    ``resume`` continues from a captured state (same batches, same augmentation: on CPU in
+    deterministic mode the final weights are bit-identical to an uninterrupted run).
+    ``should_stop`` is polled after every step; when it answers True, fit raises
+    ``TrainingInterrupted`` carrying the state. ``on_checkpoint`` gets the state every
+    ``train.checkpoint_every`` epochs (only after a finite epoch: the last one is always good).
+    """
+    t = cfg.train
+    run = prepare_training(model, train_images, train_labels, val_images, val_labels, cfg, device, fresh=resume is None)
+    start_epoch, skip, partial = 1, 0, None
+    if resume is not None:
+        start_epoch, skip, partial = resume_training(run, resume)
+    run.wrap()
+    run.started = time.perf_counter()
+    for epoch in range(start_epoch, t.epochs + 1):
+        begin_epoch(run, epoch)
+        epoch_start = time.perf_counter()
+        resuming = epoch == start_epoch and skip > 0
+        sums = train_one_epoch(
+            run,
+            epoch,
+            skip=skip if resuming else 0,
+            sums=partial if resuming else None,
+            show_bar=progress and progress_bar,
+            should_stop=should_stop,
+        )
+        metrics = end_epoch(run, epoch, sums, epoch_start)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch:>3}/{t.epochs}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}  "
+                f"val loss {metrics.val_loss:.4f} acc {metrics.val_accuracy:.4f}  "
+                f"{metrics.images_per_second:,.0f} img/s  {metrics.epoch_seconds:.1f} s"
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+        if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
+            on_checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
+    run.result.train_seconds = time.perf_counter() - run.started
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    return run.result

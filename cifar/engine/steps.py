@@ -1,0 +1,168 @@
+"""One step and one evaluation pass: tensors in, metrics out. No files, no MLflow.
+
+Model selection is honest: the best epoch is chosen on the validation split; the test split
+is only ever passed to ``evaluate`` once, by the caller, at the very end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar.data.loader import images_to_tensor
+from cifar.errors import CifarError
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float
+    images_per_second: float
+    epoch_seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = 0.0
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    logits: np.ndarray  # N x classes, float32
+    labels: np.ndarray
+    features: np.ndarray | None = None  # N x D (with_features): what the out-of-distribution score reads
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+
+EpochCallback = Callable[[EpochMetrics], None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CifarError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto.")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise CifarError(f"unknown device '{name}': use auto, cpu or cuda[:N].")
+    return torch.device(name)
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 autocast is fast: CUDA GPUs, and CPUs with AMX or AVX512-BF16 (oneDNN).
+
+    Elsewhere bf16 on CPU is emulated and slower than fp32, so autocast stays off.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    amp: bool = True,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the device; returns (loss, logits), not synced."""
+    with _autocast(x.device, amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 1000,
+    tta: bool = False,
+    amp: bool = True,
+    channels_last: bool = False,
+    with_features: bool = False,
+) -> EvalResult:
+    """Loss, accuracy and logits over a whole split (optionally averaging a horizontal flip).
+
+    ``with_features`` also returns the features ``forward_features`` gives (flip-averaged with TTA),
+    as the served graph computes them.
+    """
+    model.eval()
+    data = images if isinstance(images, torch.Tensor) else images_to_tensor(images, device)
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if with_features:
+            logits, features = model.forward_features(x)
+            return logits.float(), features.float()
+        return model(x).float(), None
+
+    outputs, feature_batches = [], []
+    for start in range(0, len(data), batch_size):
+        x = data[start : start + batch_size].float().div_(255)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits, features = forward(x)
+            if tta:
+                mirror_logits, mirror_features = forward(x.flip(3))
+                logits = 0.5 * (logits + mirror_logits)
+                features = None if features is None else 0.5 * (features + mirror_features)
+        outputs.append(logits)
+        feature_batches.append(features)
+    logits = torch.cat(outputs) if outputs else torch.zeros(0, 10, device=device)
+    target = torch.as_tensor(np.asarray(labels), device=device)
+    loss = F.cross_entropy(logits, target).item() if len(target) else float("nan")
+    accuracy = (logits.argmax(1) == target).float().mean().item() if len(target) else float("nan")
+    features = torch.cat(feature_batches).cpu().numpy() if with_features and feature_batches else None
+    return EvalResult(loss, accuracy, logits.cpu().numpy(), np.asarray(labels), features)
