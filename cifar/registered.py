@@ -13,7 +13,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 MODEL_NAME = "cifar10-classifier"
 PRODUCTION, PREVIOUS = "production", "previous"  # PREVIOUS: what `register.py --rollback` restores
-PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"
+PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"  # the default of every command
+
+
+def production_uri(name: str = MODEL_NAME) -> str:
+    """``models:/<name>@production``: what the app serves."""
+    return f"models:/{name}@{PRODUCTION}"
+
+
 TRUST_FIELDS = ("test_ece", "ood_auroc", "ood_auroc_sets", "mean_corruption_accuracy", "temperature")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from cifar.candidates import METRIC_ALIASES, Candidate, find_best_run, has_trained_runs  # noqa: F401 (re-exported)
 from cifar.errors import CifarError
-from cifar.registered import MODEL_NAME, PREVIOUS, PRODUCTION, VersionTags
+from cifar.registered import MODEL_NAME, PREVIOUS, PRODUCTION, VersionTags, production_uri, registered_version
 
 
 def _client():
@@ -62,7 +62,7 @@ def production_version(name: str = MODEL_NAME):
     from mlflow.exceptions import MlflowException
 
     try:
-        return _client().get_model_version_by_alias(name, PRODUCTION)
+        return registered_version(production_uri(name), _client())
     except MlflowException:
         return None
 
@@ -262,7 +262,7 @@ def rollback(name: str = MODEL_NAME) -> tuple[str, str]:
     with registry_lock():
         current = production_version(name)
         try:
-            previous = client.get_model_version_by_alias(name, PREVIOUS)
+            previous = registered_version(f"models:/{name}@{PREVIOUS}", client)
         except MlflowException:
             previous = None
         if current is None or previous is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cifar.errors import CifarError
 from cifar.inference import Predictor
-from cifar.registered import MODEL_NAME, PRODUCTION, VersionTags
+from cifar.registered import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
         ping_tracking_server(uri)
     client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(name, PRODUCTION)
+        version = registered_version(production_uri(name), client)
     except MlflowException:
         raise CifarError(
             f"no production version of '{name}' in {uri}. Run: python register.py --import-bundled "
