@@ -210,6 +210,18 @@ def run_cli(args: list[str], *, env: dict | None = None, cwd: Path | None = None
     )
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` and all its children; SIGKILL if it lingers."""
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def keep_screenshot(shot: Path) -> None:
     """A real page was drawn; ``$CIFAR_ARTIFACTS_DIR`` keeps the picture for a person to look at."""
     assert shot.stat().st_size > 20_000

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 import urllib.request
 
 import optuna
 import pytest
-from conftest import BROWSER_TEST, CHROMIUM, CHROMIUM_FLAGS, ROOT, clean_env, free_port, keep_screenshot
+from conftest import (
+    BROWSER_TEST,
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    ROOT,
+    clean_env,
+    free_port,
+    keep_screenshot,
+    stop_process_group,
+)
 
 pytestmark = BROWSER_TEST
 
@@ -48,11 +55,7 @@ def dashboard(tmp_path):
             pytest.fail(f"make dashboard did not serve: {server.stdout.read()[-2000:] if server.poll() else ''}")
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server)
 
 
 def test_the_dashboard_lists_the_study_and_its_trials(dashboard, tmp_path):

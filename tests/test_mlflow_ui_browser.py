@@ -7,9 +7,7 @@ metrics beside each model, the registered model's description, and a study's par
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import time
 import urllib.request
@@ -26,6 +24,7 @@ from conftest import (
     free_port,
     keep_screenshot,
     run_cli,
+    stop_process_group,
 )
 
 pytestmark = BROWSER_TEST
@@ -87,11 +86,7 @@ def browsed_store(tmp_path_factory, prepared_dir):
             pytest.fail("mlflow ui did not start")
         yield {"url": url, "client": client, "run": trained_run, "parent": parent, "root": root}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server)
 
 
 @pytest.fixture(scope="module")
