@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar.errors import CifarError
+from cifar.settings import settings
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "cifar-checkpoint/1"
@@ -73,4 +74,4 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def checkpoint_root() -> Path:
-    return Path(os.environ.get("CIFAR_CHECKPOINTS", "checkpoints"))
+    return settings().checkpoints

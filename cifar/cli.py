@@ -6,10 +6,12 @@ import sys
 from collections.abc import Callable
 
 from cifar.errors import CifarError
+from cifar.settings import load_settings
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     try:
+        load_settings()  # the environment, read once for the whole command
         return main(argv) or 0
     except CifarError as exc:
         print(f"error: {exc}", file=sys.stderr)

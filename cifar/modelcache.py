@@ -23,19 +23,14 @@ from typing import Any
 
 from cifar.locks import sqlite_file
 from cifar.registered import pinned_uri
+from cifar.settings import settings
 
-CACHE_ENV = "CIFAR_MODEL_CACHE"  # a folder, or off
 _STALE_S = 60  # older copies of the same URI are removed once no loader can still be reading them
 
 
 def cache_root() -> Path | None:
     """``$CIFAR_MODEL_CACHE``, else ``$XDG_CACHE_HOME/cifar/models`` (``~/.cache``); None when off."""
-    value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in ("off", "0", "false", "no", "none"):
-        return None
-    if value:
-        return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar" / "models"
+    return settings().model_cache
 
 
 def _key(uri: str) -> str:

@@ -8,7 +8,6 @@ them, so what is measured here is measured on the graph's own outputs.
 from __future__ import annotations
 
 import gzip
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from cifar.settings import settings
+
 # Share of validation images the OOD threshold accepts: a point above the 95% promised for unseen
 # CIFAR-10 images, since a 5,000-image quantile and a 10,000-image test rate each move by tenths
 # of a point (the test split's rate is measured with every run: ood_accept_rate_in).
 ACCEPT_RATE = 0.96
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_MISSING = (
     "not measured: Fashion-MNIST is not installed (Debian package dataset-fashion-mnist: make system-deps; "
     "or point $CIFAR_FASHION_MNIST at a folder with t10k-images-idx3-ubyte.gz)"
@@ -159,7 +159,7 @@ def generated_ood_images(count: int = 500, seed: int = 0) -> list[OodSet]:
 
 def fashion_mnist_images(count: int = 2000, folder: Path | None = None) -> OodSet | None:
     """Fashion-MNIST test images as 32x32 RGB (Debian's ``dataset-fashion-mnist``), or None when absent."""
-    folder = Path(folder or os.environ.get("CIFAR_FASHION_MNIST", FASHION_MNIST))
+    folder = Path(folder or settings().fashion_mnist)
     path = folder / "t10k-images-idx3-ubyte.gz"
     if not path.is_file():
         return None

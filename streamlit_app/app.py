@@ -9,7 +9,6 @@ Reads ``$MLFLOW_TRACKING_URI`` (else the local mlflow.db), ``$MLFLOW_UI_URL`` (f
 from __future__ import annotations
 
 import io
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,11 @@ import streamlit as st  # noqa: E402
 from cifar import serving  # noqa: E402
 from cifar.errors import CifarError  # noqa: E402
 from cifar.preprocess import decode_image  # noqa: E402
+from cifar.settings import settings  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
-CHECK_SECONDS = float(os.environ.get("CIFAR_MODEL_CHECK_SECONDS", "60"))
+CHECK_SECONDS = settings().model_check_seconds  # read once per app process
 
 
 def check_production() -> None:

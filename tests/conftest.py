@@ -50,7 +50,13 @@ def private_model_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def restore_environment():
-    """MLflow 3's set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; keep tests apart."""
+    """MLflow 3's set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; keep tests apart.
+
+    Each test reads the settings afresh (cifar.settings), as each command does at its entry.
+    """
+    import cifar.settings
+
+    cifar.settings._loaded = None
     saved = dict(os.environ)
     yield
     os.environ.clear()

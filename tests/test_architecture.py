@@ -18,7 +18,7 @@ from conftest import ROOT
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
     (name, frozenset(modules))
     for name, modules in (
-        ("foundations", {"errors", "config", "cli", "locks", "metrics", "preprocess", "plots"}),
+        ("foundations", {"errors", "config", "settings", "cli", "locks", "metrics", "preprocess", "plots"}),
         ("tracking", {"tracking"}),  # a leaf: publishes what others made
         ("contract", {"contract", "trust", "registered", "modelcache", "inference"}),  # the served graph, read
         ("source", {"data.sources"}),

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 from cifar import modelcache
+from cifar.settings import load_settings
 
 IMAGE = ROOT / "tests/fixtures/cifar10-mini/test/ship"
 NAME = "cifar10-classifier"
@@ -93,8 +94,10 @@ def test_fingerprint_follows_every_write_and_only_sqlite_is_cached(tmp_path, mon
         assert modelcache.store_state(uri, other) is None
 
     monkeypatch.setenv("CIFAR_MODEL_CACHE", str(tmp_path / "cache"))
+    load_settings()
     assert modelcache.cached_copy("runs:/0123/model") is None  # a run's artifacts can change without a write
     monkeypatch.setenv("CIFAR_MODEL_CACHE", "off")
+    load_settings()
     assert modelcache.cache_root() is None
 
 

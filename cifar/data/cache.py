@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ import numpy as np
 
 from cifar.data.sources import load_source
 from cifar.errors import CifarError
+from cifar.settings import settings
 
 CACHE_FORMAT = 1
 SPLITS = ("train", "val", "test")
@@ -27,11 +27,11 @@ DEFAULT_VAL_SIZE = 5000
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("CIFAR_DATA", "data"))
+    return settings().data_dir
 
 
 def default_source() -> str:
-    return os.environ.get("CIFAR_SOURCE", "cifar10")
+    return settings().source
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 
 from cifar.errors import CifarError
 from cifar.preprocess import decode_image
+from cifar.settings import settings
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -84,8 +85,8 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str | None = N
     """
     from torchvision.datasets.utils import check_integrity, download_url
 
-    url = url or os.environ.get("CIFAR10_URL", CIFAR10_URL)
-    md5 = md5 or os.environ.get("CIFAR10_MD5", CIFAR10_MD5)
+    url = url or settings().cifar10_url or CIFAR10_URL
+    md5 = md5 or settings().cifar10_md5 or CIFAR10_MD5
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / CIFAR10_ARCHIVE
     if archive.exists() and check_integrity(str(archive), md5):

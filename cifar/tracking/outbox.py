@@ -18,7 +18,6 @@ sends the rest.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -27,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-OUTBOX_ENV = "CIFAR_OUTBOX"
+from cifar.settings import settings
 
 
 def outbox_root() -> Path:
-    return Path(os.environ.get(OUTBOX_ENV, "mlflow-outbox"))
+    return settings().outbox
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from cifar.config import ExperimentConfig
 from cifar.errors import CifarError, Pruned
+from cifar.settings import settings
 from cifar.tracking.names import mlflow_metrics
 from cifar.tracking.outbox import Outbox
 from cifar.tracking.store import _mlflow, check_tracking_store, git_state
@@ -292,7 +293,7 @@ class TensorBoardLog:
     def __init__(self, experiment: str, run_name: str, run_id: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.logdir = Path(os.environ.get("CIFAR_TENSORBOARD_DIR", "runs")) / experiment / f"{run_name}-{run_id[:8]}"
+        self.logdir = settings().tensorboard_dir / experiment / f"{run_name}-{run_id[:8]}"
         self.writer = SummaryWriter(str(self.logdir))
 
     def epoch(self, m) -> None:
