@@ -43,7 +43,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
             },
         ),
         ("operations", {"localstack"}),
-        ("serving", {"serving", "predict"}),
+        ("serving", {"serving", "predict", "__main__"}),  # __main__: python -m cifar <command>
     )
 )
 
