@@ -6,18 +6,20 @@ Decoding happens once (``prepare_cache``); every later run memory-maps plain ``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from cifar.data.sources import load_source
+from cifar.data.sources import RawDataset, load_source
 from cifar.errors import CifarError
 from cifar.settings import settings
 
@@ -138,23 +140,9 @@ def prepare_cache(
     raw = load_source(source, data_dir, workers)
     if val_size is None:
         val_size = min(DEFAULT_VAL_SIZE, len(raw.train_labels) // 10)
-    train_idx, val_idx = stratified_split(raw.train_labels, val_size, seed)
-    # Store train and val in a seeded random order: sources list images class by class, and
-    # any "first N images" (a preview, an init sample) must not be a single class.
-    rng = np.random.default_rng(seed + 1)
-    train_idx, val_idx = rng.permutation(train_idx), rng.permutation(val_idx)
-    arrays = {
-        "train": (raw.train_images[train_idx], raw.train_labels[train_idx]),
-        "val": (raw.train_images[val_idx], raw.train_labels[val_idx]),
-        "test": (raw.test_images, raw.test_labels),
-    }
+    arrays = split_source(raw, val_size, seed)
     mean, std = channel_stats(arrays["train"][0])
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".cache-", dir=data_dir))
-    except OSError as exc:
-        raise CifarError(f"cannot write to data folder {data_dir} ({exc}); choose another with --data-dir.") from None
-    try:
+    with _staging_folder(data_dir) as tmp:
         files = {}
         for split, (images, labels) in arrays.items():
             for kind, array in (("images", images), ("labels", labels)):
@@ -180,6 +168,33 @@ def prepare_cache(
             "prepare_seconds": round(time.perf_counter() - started, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return load_cache(data_dir)
+
+
+def split_source(raw: RawDataset, val_size: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split -> (images, labels): a stratified validation split of the training images, seeded."""
+    train_idx, val_idx = stratified_split(raw.train_labels, val_size, seed)
+    # Store train and val in a seeded random order: sources list images class by class, and
+    # any "first N images" (a preview, an init sample) must not be a single class.
+    rng = np.random.default_rng(seed + 1)
+    train_idx, val_idx = rng.permutation(train_idx), rng.permutation(val_idx)
+    return {
+        "train": (raw.train_images[train_idx], raw.train_labels[train_idx]),
+        "val": (raw.train_images[val_idx], raw.train_labels[val_idx]),
+        "test": (raw.test_images, raw.test_labels),
+    }
+
+
+@contextlib.contextmanager
+def _staging_folder(data_dir: Path) -> Iterator[Path]:
+    """A temp folder that becomes ``data_dir/cache`` when the block ends, or vanishes if it fails."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".cache-", dir=data_dir))
+    except OSError as exc:
+        raise CifarError(f"cannot write to data folder {data_dir} ({exc}); choose another with --data-dir.") from None
+    try:
+        yield tmp
         target = cache_dir(data_dir)
         if target.exists():
             shutil.rmtree(target)
@@ -190,7 +205,6 @@ def prepare_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return load_cache(data_dir)
 
 
 def load_cache(data_dir: Path | None = None) -> CifarData:
