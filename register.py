@@ -69,6 +69,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cifar import registry
+    from cifar.promotion import PromotionRequest, comparison_rows, decide_promotion, register_promotion
     from cifar.tracking import check_tracking_store
 
     uri = check_tracking_store()
@@ -94,73 +95,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Rolled back: production is now version {new} (was {old}); version {old} is 'previous'.")
         return 0
 
-    candidate = registry.find_best_run(args.experiment, args.study_name, args.metric)
-    precision = "int8" if args.int8 else "float32"
-    decision = registry.decide(
-        candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc, precision
+    req = PromotionRequest(
+        experiments=args.experiment,
+        study_name=args.study_name,
+        metric=args.metric,
+        name=name,
+        min_improvement=args.min_improvement,
+        force=args.force,
+        max_ece=args.max_ece,
+        min_ood_auroc=args.min_ood_auroc,
+        int8=args.int8,
+        max_int8_drop=args.max_int8_drop,
+        robustness_images=args.robustness_images,
+        data_dir=args.data_dir,
+        dry_run=args.dry_run,
     )
-    champion = decision.champion
-    already = registry.is_production(champion, candidate.run_id, precision)
-    variant = VersionTags()
-    if args.int8 and not (already or decision.refused or args.dry_run):
-        from cifar.quantize import describe, int8_candidate, int8_shortfall, int8_tags
-
-        candidate, quantized = int8_candidate(candidate, args.data_dir)
-        print(describe(quantized))
-        # decided again: the int8 model competes on its own validation accuracy and trust figures
-        decision = registry.decide(
-            candidate, name, args.min_improvement, args.force, args.max_ece, args.min_ood_auroc, precision
-        )
-        variant = int8_tags(quantized)
-        shortfall = int8_shortfall(quantized, args.max_int8_drop)
-        if shortfall:
-            decision.promote, decision.reason, decision.refused = False, shortfall, True
-    assessment = (
-        None
-        if already or decision.refused
-        else registry.assess_model(candidate.model_uri, args.data_dir, args.robustness_images)
-    )
-    tags = VersionTags.from_tags(champion.tags) if champion else VersionTags()
-
-    def fmt(value) -> str:
-        return f"{float(value):.4f}" if value not in (None, "", "-") else "-"
-
-    print_table(
-        [
-            {
-                "": "candidate",
-                "run_id": candidate.run_id,
-                "version": "(new)",
-                candidate.metric: fmt(candidate.value),
-                "test_ece": fmt(candidate.ece),
-                "ood_auroc": fmt(candidate.ood_auroc),
-                "corruption_acc": fmt(assessment.mean_corruption_accuracy) if assessment else "-",
-                "precision": variant.precision_name,
-                "experiment": candidate.study or candidate.experiment,
-            },
-            {
-                "": "production",
-                "run_id": champion.run_id if champion else "-",
-                "version": champion.version if champion else "-",
-                candidate.metric: fmt(decision.champion_value),
-                "test_ece": fmt(tags.test_ece),
-                "ood_auroc": fmt(tags.ood_auroc),
-                "corruption_acc": fmt(tags.mean_corruption_accuracy),
-                "precision": tags.precision_name if champion else "-",
-                "experiment": tags.study or tags.experiment or "-" if champion else "-",
-            },
-        ]
-    )
-    print(f"OOD AUROC of the candidate: the lowest of {candidate.ood_basis}.")
-    verdict = "PROMOTE" if decision.promote else "KEEP production"
-    print(f"Decision: {verdict} ({decision.reason}).")
-    if decision.refused:
-        print(f"Not registered: run {candidate.run_id} misses a required minimum.", file=sys.stderr)
+    p = decide_promotion(req)
+    for note in p.notes:
+        print(note)
+    print_table(comparison_rows(p))
+    print(f"OOD AUROC of the candidate: the lowest of {p.candidate.ood_basis}.")
+    print(f"Decision: {'PROMOTE' if p.decision.promote else 'KEEP production'} ({p.decision.reason}).")
+    if p.decision.refused:
+        print(f"Not registered: run {p.candidate.run_id} misses a required minimum.", file=sys.stderr)
         return 1
-    if args.dry_run or already:
+    if args.dry_run or p.already:
         print("Dry run: nothing changed." if args.dry_run else "Nothing to do.")
         return 0
-    decision = registry.register_and_promote(decision, name, args.data_dir, assessment, variant)
+    decision = register_promotion(p, req)
     state = "production" if decision.promote else "registered as a challenger"
     print(
         f"{name} version {decision.version}: {state}; test accuracy {decision.test_accuracy:.4f} "

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
             {
                 "candidates",
                 "registry",
+                "promotion",
                 "calibrate",
                 "evaluate",
                 "robustness",
