@@ -50,7 +50,7 @@ class TrainOptions:
 @dataclass
 class TrainOutcome:
     fit: FitResult
-    test: EvalResult
+    test: EvalResult | None  # None on torchrun ranks other than 0
     run_id: str | None
     model_uri: str | None
 
@@ -117,13 +117,23 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
             dist.barrier()
         if not group.is_main:  # under torchrun only rank 0 tracks, prints and writes files
             options = replace(options, track=False, progress=False, save_dir=None, on_run_start=None)
-        return _train(cfg, options, group.device, group.world_size)
+        try:
+            return _train(cfg, options, group)
+        except TrainingInterrupted as stop:
+            if group.world_size > 1:
+                import torch.distributed as dist
+
+                if not group.is_main:
+                    print(f"rank {group.rank}: stopped at epoch {stop.state.epoch}, step {stop.state.step}", flush=True)
+                dist.barrier()  # rank 0 has saved the checkpoint: torchrun stops the rest once one rank exits
+            raise
 
 
-def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int) -> TrainOutcome:
-    """Prepare -> fit -> finalize (test once, calibrate, export) -> publish."""
+def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
+    """Prepare -> fit -> finalize (test once, calibrate, export) -> publish; under DDP rank 0 finalizes."""
     from cifar.tracking import TrainingRun
 
+    device = group.device
     _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
     data, source, model = _prepare(cfg, options)
     run = (
@@ -131,7 +141,7 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             cfg,
             experiment_name=options.mlflow_experiment,
             run_name=options.run_name or default_run_name(cfg),
-            tags=_run_tags(options, device, world_size),
+            tags=_run_tags(options, device, group.world_size),
             nested=options.nested,
             parent_run_id=options.parent_run_id,
             resume_run_id=options.resume_run_id,
@@ -146,6 +156,8 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, device, world_size: int
             if options.resume is None:
                 run.log_data(data, source)
         result, checkpoint = _fit(model, data, cfg, device, options, run if options.track else None, should_stop)
+        if not group.is_main:  # the test pass and calibration are rank 0's, once
+            return TrainOutcome(result, None, None, None)
         test = _served_evaluate(model, data.images["test"], data.labels["test"], device, cfg.train)
         if options.progress:
             print(

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import subprocess
+import time
+
 import mlflow
+import psutil
 import pytest
-from conftest import ROOT, run_cli
+from conftest import PYTHON, ROOT, clean_env, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -92,3 +99,67 @@ def test_torchrun_tune_trials_train_on_both_ranks(tmp_path, prepared_dir):
     trials = [r for r in runs if "optuna_trial" in r.data.tags]
     assert sorted(r.data.tags["optuna_trial"] for r in trials) == ["0", "1"]
     assert all(r.data.tags["world_size"] == "2" and r.info.status == "FINISHED" for r in trials)
+
+
+def test_each_rank_trains_on_its_own_share_of_every_batch(tmp_path, prepared_dir):
+    """The rows each rank's model receives: disjoint halves that add up to the global batch."""
+    result = run_cli(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "ddp_batch_rows.py"),
+        ],
+        env={"CIFAR_DATA": str(prepared_dir), "OUT": str(tmp_path)},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    batches = ranks[0]["global"]
+    assert batches == ranks[1]["global"] and len(batches) == 400 // 64  # both ranks draw the same batches
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == len(batches)
+    for step, whole in enumerate(batches):
+        mine, theirs = ranks[0]["steps"][step], ranks[1]["steps"][step]
+        assert len(mine) == len(theirs) == len(whole) // 2, step
+        assert not set(mine) & set(theirs), f"step {step}: the ranks share rows"
+        assert sorted(mine + theirs) == sorted(whole), f"step {step}: the halves are not the global batch"
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, prepared_dir):
+    """Rank 1 alone gets SIGTERM; the ranks vote, both stop after the same step, rank 0 saves the checkpoint."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = clean_env(
+        {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir),
+         "CIFAR_OUTBOX": str(tmp_path / "outbox"), "CIFAR_CHECKPOINTS": str(tmp_path / "checkpoints"),
+         "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    )  # fmt: skip
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        launcher = subprocess.Popen(
+            [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+             "--experiment", "smoke", "--epochs", "60", "--set", "train.checkpoint_every=0", "--no-progress"],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + 240
+            while "epoch   2/60" not in log.read_text():
+                assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            rank1 = next(p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1")
+            rank1.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = log.read_text()
+    main = re.search(r"Stopped at epoch (\d+), step (\d+); checkpoint", text)
+    other = re.search(r"rank 1: stopped at epoch (\d+), step (\d+)", text)
+    assert main and other, text[-3000:]
+    assert main.groups() == other.groups()
+    assert int(main.group(1)) < 60, "stopped mid-run, not at the end"
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.status == "KILLED"
+    assert any(a.path == "checkpoint" for a in client.list_artifacts(run.info.run_id))

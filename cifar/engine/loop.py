@@ -31,6 +31,10 @@ from cifar.errors import CifarError
 from cifar.optim import Lookahead, build_optimizer, lr_factor
 from cifar.trainstate import TrainingInterrupted, TrainingState, capture_state, restore_state
 
+# Steps between the DDP ranks' stop votes: a one-number all-reduce (a GPU sync) every 8 steps,
+# not every step; a stop waits at most 7 steps.
+STOP_VOTE_EVERY = 8
+
 
 @dataclass
 class Training:
@@ -198,9 +202,24 @@ def train_one_epoch(
             bar.set_postfix(
                 loss=f"{loss.item():.3f}", acc=f"{(sums.correct / sums.seen).item():.3f}", img_s=f"{rate:.0f}"
             )
-        if should_stop is not None and should_stop():
+        if should_stop is not None and stop_agreed(run, should_stop, step):
             raise TrainingInterrupted(run.snapshot(epoch, step + 1, sums.stacked(), sums.seen))
     return sums
+
+
+def stop_agreed(run: Training, should_stop: Callable[[], bool], step: int) -> bool:
+    """Whether to stop after this step. Under DDP the ranks vote together (any request stops all),
+    every STOP_VOTE_EVERY steps and at an epoch's end, so they stop at the same step: a rank
+    stopping alone would leave the others waiting in a collective."""
+    if run.world == 1:
+        return should_stop()
+    if (step + 1) % STOP_VOTE_EVERY and step + 1 < len(run.loader):
+        return False
+    import torch.distributed as dist
+
+    vote = torch.tensor([float(should_stop())], device=run.device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
 
 
 def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) -> EpochMetrics:

@@ -85,12 +85,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True where bf16 autocast is fast: CUDA GPUs, and CPUs with AMX or AVX512-BF16 (oneDNN).
+    """True where bf16 autocast is fast: GPUs of compute capability 8+ (Ampere on), CPUs with AMX or
+    AVX512-BF16 (oneDNN).
 
-    Elsewhere bf16 on CPU is emulated and slower than fp32, so autocast stays off.
+    Elsewhere bf16 is emulated and slower than fp32, so autocast stays off.
+    ``torch.cuda.is_bf16_supported()`` answers True for emulated bf16 too (Volta, Turing), so
+    the GPU's capability decides.
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
