@@ -91,8 +91,14 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     checkpoint_every: int = 1  # epochs between checkpoints of a tracked run (0 = only when interrupted)
+    # Epochs between validation passes; the last epoch is always validated (0 = only the last).
+    # A pass skipped is time off the training clock; the best epoch is chosen among those validated.
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
+        _require(
+            self.eval_every >= 0, f"train.eval_every must be 0 (only the last epoch) or more, got {self.eval_every}."
+        )
         _require(
             self.whiten_bias_epochs >= 0,
             f"train.whiten_bias_epochs must be 0 (always learns) or more, got {self.whiten_bias_epochs}.",

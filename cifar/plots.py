@@ -15,13 +15,14 @@ from matplotlib.figure import Figure  # noqa: E402
 def training_curves(history: Sequence, best_epoch: int | None = None) -> Figure:
     """Loss and accuracy per epoch, train vs validation, with the chosen (best-val) epoch marked."""
     epochs = [m.epoch for m in history]
+    validated = [m for m in history if m.val_loss is not None]  # train.eval_every may skip epochs
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [m.train_loss for m in history], "o-", label="train")
-    ax_loss.plot(epochs, [m.val_loss for m in history], "o-", label="validation")
+    ax_loss.plot([m.epoch for m in validated], [m.val_loss for m in validated], "o-", label="validation")
     ax_loss.set(title="Loss (train includes label smoothing)", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.plot(epochs, [m.train_accuracy for m in history], "o-", label="train (augmented)")
-    ax_acc.plot(epochs, [m.val_accuracy for m in history], "o-", label="validation")
+    ax_acc.plot([m.epoch for m in validated], [m.val_accuracy for m in validated], "o-", label="validation")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         if best_epoch:

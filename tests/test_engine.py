@@ -32,6 +32,23 @@ def test_learns_and_keeps_the_best_validation_epoch(prepared_dir):
     assert all(m.images_per_second > 0 and m.epoch_seconds > 0 for m in result.history)
 
 
+@pytest.mark.parametrize(("every", "validated"), [(2, [2, 4, 6]), (4, [4, 6]), (0, [6])])
+def test_eval_every_validates_only_the_epochs_asked_and_the_last(prepared_dir, every, validated):
+    data, cfg, model, result = train_small_model(prepared_dir, [f"train.eval_every={every}"])
+    assert [m.epoch for m in result.history if m.val_accuracy is not None] == validated
+    assert all(m.val_loss is None for m in result.history if m.epoch not in validated)
+    assert all("val_accuracy" not in m.as_dict() for m in result.history if m.epoch not in validated)
+    assert result.best_epoch in validated
+    assert result.best_val_accuracy == max(m.val_accuracy for m in result.history if m.epoch in validated)
+    val = evaluate(model, data.images["val"], data.labels["val"], device=CPU, tta=cfg.train.tta)
+    assert val.accuracy == pytest.approx(result.best_val_accuracy)  # the chosen epoch's weights
+
+
+def test_eval_every_below_zero_is_refused():
+    with pytest.raises(CifarError, match="train.eval_every must be 0"):
+        load_experiment("smoke", ["train.eval_every=-1"])
+
+
 def test_same_seed_same_weights(prepared_dir):
     *_, model_a, result_a = train_small_model(prepared_dir, ["train.epochs=2"])
     *_, model_b, result_b = train_small_model(prepared_dir, ["train.epochs=2"])

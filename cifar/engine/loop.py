@@ -240,22 +240,24 @@ def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) ->
     if run.lookahead is not None and epoch == t.epochs:
         run.lookahead.finish()
     train_time = time.perf_counter() - epoch_start
-    val = evaluate(
-        run.eval_model, run.val_images, run.val_labels, device=run.device, batch_size=t.eval_batch_size,
-        tta=t.tta, amp=t.amp, channels_last=t.channels_last,
-    )  # fmt: skip
+    val = None
+    if epoch == t.epochs or (t.eval_every and epoch % t.eval_every == 0):
+        val = evaluate(
+            run.eval_model, run.val_images, run.val_labels, device=run.device, batch_size=t.eval_batch_size,
+            tta=t.tta, amp=t.amp, channels_last=t.channels_last,
+        )  # fmt: skip
     metrics = EpochMetrics(
         epoch=epoch,
         train_loss=train_loss,
         train_accuracy=(sums.correct / seen.clamp(min=1)).item(),
-        val_loss=val.loss,
-        val_accuracy=val.accuracy,
+        val_loss=val.loss if val else None,
+        val_accuracy=val.accuracy if val else None,
         learning_rate=run.optimizer.param_groups[0]["lr"],
         images_per_second=seen.item() / max(1e-9, train_time),
         epoch_seconds=time.perf_counter() - epoch_start,
     )
     run.result.history.append(metrics)
-    if val.accuracy > run.result.best_val_accuracy or run.best_state is None:
+    if val is not None and (val.accuracy > run.result.best_val_accuracy or run.best_state is None):
         run.result.best_epoch, run.result.best_val_accuracy = epoch, val.accuracy
         run.best_state = copy.deepcopy(run.eval_model.state_dict())
     return metrics
@@ -307,10 +309,11 @@ def fit(
         )
         metrics = end_epoch(run, epoch, sums, epoch_start)
         if progress:
+            val = "" if metrics.val_loss is None else f"val loss {metrics.val_loss:.4f} "
+            val += "" if metrics.val_accuracy is None else f"acc {metrics.val_accuracy:.4f}  "
             tqdm.write(
                 f"epoch {epoch:>3}/{t.epochs}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}  "
-                f"val loss {metrics.val_loss:.4f} acc {metrics.val_accuracy:.4f}  "
-                f"{metrics.images_per_second:,.0f} img/s  {metrics.epoch_seconds:.1f} s"
+                f"{val}{metrics.images_per_second:,.0f} img/s  {metrics.epoch_seconds:.1f} s"
             )
         if on_epoch_end is not None:
             on_epoch_end(metrics)

@@ -23,14 +23,14 @@ class EpochMetrics:
     epoch: int  # 1-based
     train_loss: float
     train_accuracy: float
-    val_loss: float
-    val_accuracy: float
+    val_loss: float | None  # None: not validated this epoch (train.eval_every)
+    val_accuracy: float | None
     learning_rate: float
     images_per_second: float
     epoch_seconds: float
 
     def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+        return {k: v for k, v in asdict(self).items() if k != "epoch" and v is not None}
 
 
 @dataclass

@@ -210,6 +210,8 @@ def objective_for(
             _broadcast(overrides)
 
         def report(metrics) -> None:
+            if metrics.val_accuracy is None:  # not validated this epoch (train.eval_every): nothing to judge
+                return
             trial.report(metrics.val_accuracy, metrics.epoch)
             prune = trial.should_prune()
             if distributed:

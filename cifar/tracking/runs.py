@@ -305,7 +305,8 @@ class TensorBoardLog:
             ("learning_rate", m.learning_rate),
             ("images_per_second", m.images_per_second),
         ):
-            self.writer.add_scalar(name, value, m.epoch)
+            if value is not None:  # validation skipped this epoch (train.eval_every)
+                self.writer.add_scalar(name, value, m.epoch)
 
     def results(self, cfg: ExperimentConfig, augmented_png: Path, confusion_png: Path, final: dict[str, float]) -> None:
         """The results' figures as TensorBoard images (drawn once, by ``cifar.results``) and the hparams table."""
