@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="optim.lr")
     p.add_argument("--subset", type=int, help="use N training images (0 = all)")
     p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument(
+        "--time-budget", type=float, metavar="SECONDS", help="train.time_budget: epochs chosen to fit, measured here"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--run-name", help="MLflow run name")
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides_from_flags(args: argparse.Namespace) -> list[str]:
     flags = {
         "train.epochs": args.epochs,
+        "train.time_budget": args.time_budget,
         "train.batch_size": args.batch_size,
         "optim.lr": args.lr,
         "data.subset": args.subset,

@@ -94,8 +94,12 @@ class TrainConfig:
     # Epochs between validation passes; the last epoch is always validated (0 = only the last).
     # A pass skipped is time off the training clock; the best epoch is chosen among those validated.
     eval_every: int = 1
+    # Seconds of training on this machine (0 = off): a few steps are timed first, then train.epochs
+    # is set to what fits (cifar.engine.budget); the run logs the plan.
+    time_budget: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(self.time_budget >= 0, f"train.time_budget must be 0 (off) or seconds, got {self.time_budget}.")
         _require(
             self.eval_every >= 0, f"train.eval_every must be 0 (only the last epoch) or more, got {self.eval_every}."
         )

@@ -136,12 +136,21 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
     device = group.device
     _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
     data, source, model = _prepare(cfg, options)
+    budget = {}
+    if cfg.train.time_budget and options.resume is None:  # a resumed run keeps the epochs it planned
+        from cifar.engine.budget import plan_budget
+
+        splits = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
+        cfg, plan = plan_budget(model, *splits, cfg, device)
+        budget = plan.as_tags()
+        if options.progress:
+            print(f"Time budget: {plan.reason}.", flush=True)
     run = (
         TrainingRun(
             cfg,
             experiment_name=options.mlflow_experiment,
             run_name=options.run_name or default_run_name(cfg),
-            tags=_run_tags(options, device, group.world_size),
+            tags={**_run_tags(options, device, group.world_size), **budget},
             nested=options.nested,
             parent_run_id=options.parent_run_id,
             resume_run_id=options.resume_run_id,

@@ -26,6 +26,7 @@ def assert_clear_error(result, *fragments):
         (["--set", "train.epochs=ten"], ["'train.epochs' must be int"]),
         (["--config", "missing.yaml"], ["config file 'missing.yaml' does not exist"]),
         (["--device", "tpu"], ["unknown device 'tpu'"]),
+        (["--time-budget", "-5"], ["train.time_budget must be 0 (off) or seconds"]),
     ],
 )
 def test_bad_arguments(tmp_path, prepared_dir, args, fragments):
@@ -79,3 +80,32 @@ def test_unwritable_folders_fail_at_once(tmp_path, prepared_dir, setting, fragme
         client = mlflow.MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
         assert [r.info.status for r in runs] == ["FAILED"]  # not left RUNNING
+
+
+def test_a_time_budget_chooses_the_epochs_here_and_training_ends_within_it(tmp_path, prepared_dir):
+    """--time-budget: a few steps timed on this machine fix train.epochs; the run logs the plan and why."""
+    import math
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    result = run_cli(
+        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "2", "--time-budget", "12", "--no-progress"],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Time budget: 12 s budget:" in result.stdout
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    tags, params = run.data.tags, run.data.params
+    epochs = int(tags["budget.epochs"])
+    assert params["train.epochs"] == str(epochs) and params["train.time_budget"] == "12.0"  # the plan, not --epochs
+    assert epochs > 2 and len(client.get_metric_history(run.info.run_id, "train/loss")) == epochs
+    probe = float(tags["budget.reason"].split(": ")[1].split(" s ")[0])
+    steps = int(tags["budget.steps"]) // epochs
+    step_s = float(tags["budget.step_ms"]) / 1000
+    assert epochs <= math.floor((12 - probe) / (steps * step_s))  # what fitted by its own measurement
+    # Training ends within the budget (slack for a loaded CI machine: the plan is a measurement)
+    assert probe + run.data.metrics["train/seconds"] <= 12 * 1.3
