@@ -97,6 +97,7 @@ bench: install data
 	$(BIN)/python benchmarks/tracking_overhead.py --quick
 	$(BIN)/python benchmarks/tune_throughput.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
+	$(BIN)/python benchmarks/peer_airbench.py --quick
 
 clean:
 	rm -rf .pytest_cache .ruff_cache benchmarks/out

@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = args.config or args.experiment
     # Each --set may hold several space-separated KEY=VALUE pairs (that is how MLproject passes them).
     overrides = [item for text in args.overrides for item in text.split()]
-    cfg = load_experiment(recipe, [*overrides, *overrides_from_flags(args)])
-
+    from cifar.engine import device_kind, resolve_device
     from cifar.training import TrainOptions, train_experiment
+
+    kind = device_kind(resolve_device(args.device))  # the recipe's values for this machine (its devices:)
+    cfg = load_experiment(recipe, [*overrides, *overrides_from_flags(args)], device_kind=kind)
 
     outcome = train_experiment(
         cfg,

@@ -46,12 +46,13 @@ def machine_name(device: str = "cpu") -> str:
 
 
 def record(benchmark: str, lines: list[str], *, write: bool = True) -> None:
-    """Print the figures and append them to RESULTS.md under today's date."""
+    """Print the figures and append them to RESULTS.md under today's date (table rows as they are)."""
     for line in lines:
         print(line)
     if write:
+        body = "".join(f"{line}\n" if not line or line.startswith("|") else f"- {line}\n" for line in lines)
         with open(RESULTS, "a") as f:
-            f.write(f"\n#### {date.today()} {benchmark}\n\n" + "".join(f"- {line}\n" for line in lines))
+            f.write(f"\n#### {date.today()} {benchmark}\n\n{body}")
 
 
 def extract_imagefolder(archive: Path, dest: Path, split: str = "train", per_class: int = 0) -> Path:

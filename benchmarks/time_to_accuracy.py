@@ -42,13 +42,16 @@ def main() -> None:
     if args.quick:
         args.overrides = ["model.width=0.5", "data.subset=4000", "train.epochs=3", *args.overrides]
 
-    cfg = load_experiment(args.experiment, args.overrides)
-    warm = load_experiment(args.experiment, [*args.overrides, "train.epochs=1"])
+    from cifar.engine import device_kind, resolve_device
+
+    kind = device_kind(resolve_device(args.device))
+    cfg = load_experiment(args.experiment, args.overrides, kind)
+    warm = load_experiment(args.experiment, [*args.overrides, "train.epochs=1"], kind)
     train_experiment(warm, TrainOptions(data_dir=args.data_dir, device=args.device, track=False, progress=False))
 
     rows, finals = [], []
     for seed in range(args.seeds):
-        seeded = load_experiment(args.experiment, [*args.overrides, f"train.seed={seed}"])
+        seeded = load_experiment(args.experiment, [*args.overrides, f"train.seed={seed}"], kind)
         out = train_experiment(
             seeded,
             TrainOptions(

@@ -97,7 +97,8 @@ def main() -> None:
     from cifar.training import TrainOptions, train_experiment
 
     quick = ["model.width=0.25", "data.subset=5000", "train.epochs=2"]
-    overrides = [*(quick if args.quick else []), *args.overrides]
+    # every run compared trains the same epochs: the recipe's time budget (if any) would plan each anew
+    overrides = ["train.time_budget=0", *(quick if args.quick else []), *args.overrides]
     repeats = 1 if args.quick else args.repeats
     tmp = tempfile.TemporaryDirectory(prefix="tracking-overhead-")
     if "MLFLOW_TRACKING_URI" not in os.environ:

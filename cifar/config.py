@@ -249,8 +249,34 @@ def config_from_dict(values: dict[str, Any], origin: str) -> ExperimentConfig:
     return _build(ExperimentConfig, dict(values), "", origin)
 
 
-def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Resolve a recipe: dataclass defaults, then the YAML file, then each ``KEY=VALUE`` override."""
+# Machines a recipe may give its own values (its ``devices:`` section); cifar.engine.device_kind names this one.
+DEVICE_KINDS = ("cuda", "cpu_bf16", "cpu_fp32")
+
+
+def _device_variant(values: dict[str, Any], path: Path, device_kind: str | None) -> dict[str, Any]:
+    """The recipe with its ``devices.<device_kind>`` fields applied; every variant is checked, whichever is used."""
+    variants = values.pop("devices", None) or {}
+    valid = isinstance(variants, dict) and all(k in DEVICE_KINDS and isinstance(v, dict) for k, v in variants.items())
+    if not valid:
+        raise CifarError(
+            f"{path}: 'devices' maps {', '.join(DEVICE_KINDS)} to recipe fields "
+            f"(e.g. devices: {{cpu_bf16: {{model: {{width: 1.0}}}}}}); got {variants!r}."
+        )
+    for kind, fields in variants.items():
+        _build(ExperimentConfig, _merge(values, fields), "", f"{path} (devices.{kind})")
+    return _merge(values, variants.get(device_kind) or {})
+
+
+def load_experiment(
+    name_or_path: str, overrides: list[str] | tuple[str, ...] = (), device_kind: str | None = None
+) -> ExperimentConfig:
+    """Resolve a recipe: dataclass defaults, the YAML file, its ``devices.<device_kind>`` fields, each override.
+
+    A recipe can choose values by machine (``devices: {cpu_bf16: {model: {width: 1.0}}}``): the
+    caller names its kind (``cifar.engine.device_kind``); without one, the base values stand.
+    An override of ``train.epochs`` without one of ``train.time_budget`` turns the recipe's budget
+    off: the epochs asked for are trained.
+    """
     path = experiment_path(name_or_path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -259,8 +285,14 @@ def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
     if not isinstance(values, dict):
         raise CifarError(f"{path} must hold a mapping of recipe fields.")
     values.setdefault("name", path.stem)
+    values = _device_variant(values, path, device_kind)
     _build(ExperimentConfig, values, "", str(path))  # errors name the file, not the override
+    asked: set[str] = set()
     for text in overrides:
-        values = _merge(values, parse_override(text))
+        update = parse_override(text)
+        asked |= set(update.get("train", {})) if isinstance(update.get("train"), dict) else set()
+        values = _merge(values, update)
         _build(ExperimentConfig, values, "", f"--set {text}")
+    if "epochs" in asked and "time_budget" not in asked:  # an epoch count asked for replaces the recipe's budget
+        values = _merge(values, {"train": {"time_budget": 0}})
     return _build(ExperimentConfig, values, "", str(path))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from cifar.config import ExperimentConfig, available_experiments, load_experiment, parse_override
+from cifar.config import ExperimentConfig, TrainConfig, available_experiments, load_experiment, parse_override
 from cifar.errors import CifarError
 from cifar.models import available_models
 
@@ -26,6 +28,46 @@ def test_overrides_are_typed():
     assert cfg.optim.lr == 0.2 and cfg.train.epochs == 3 and cfg.train.tta is False
     assert cfg.optim.weight_decay == 0.002  # YAML 1.1 reads 2e-3 as a string; still a float here
     assert load_experiment("cpu", ["optim.lr=1"]).optim.lr == 1.0  # int where float is expected
+
+
+def test_an_epoch_count_asked_for_replaces_the_recipes_time_budget():
+    """The default recipe trains for 15 minutes; --epochs N (or --set train.epochs=N) trains N epochs."""
+    assert load_experiment("cpu").train.time_budget == 900
+    assert load_experiment("cpu", ["train.epochs=3"]).train.time_budget == 0
+    both = load_experiment("cpu", ["train.epochs=3", "train.time_budget=60"])
+    assert both.train.time_budget == 60  # both asked for: the budget decides the epochs
+    assert load_experiment("cpu", ["optim.lr=0.2"]).train.time_budget == 900
+
+
+def test_a_recipe_gives_each_kind_of_machine_its_own_values(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: fastnet, width: 0.75}\ntrain: {epochs: 4}\n"
+        "devices: {cpu_bf16: {model: {width: 1.0}}, cuda: {train: {batch_size: 1024}}}\n"
+    )
+    assert load_experiment(str(recipe)).model.width == 0.75  # no kind named: the base values
+    assert load_experiment(str(recipe), device_kind="cpu_fp32").model.width == 0.75
+    bf16 = load_experiment(str(recipe), device_kind="cpu_bf16")
+    assert bf16.model.width == 1.0 and bf16.train.batch_size == TrainConfig().batch_size
+    assert load_experiment(str(recipe), device_kind="cuda").train.batch_size == 1024
+    assert load_experiment(str(recipe), ["model.width=0.5"], device_kind="cpu_bf16").model.width == 0.5
+
+
+@pytest.mark.parametrize(
+    ("devices", "fragment"),
+    [
+        ("{tpu: {model: {width: 1.0}}}", "'devices' maps cuda, cpu_bf16, cpu_fp32 to recipe fields"),
+        ("{cuda: 3}", "'devices' maps cuda"),
+        ("{cuda: {train: {batch_sise: 8}}}", "(devices.cuda): unknown field 'train.batch_sise'"),
+        ("{cpu_fp32: {train: {time_budget: -1}}}", "train.time_budget must be 0 (off) or seconds"),
+    ],
+)
+def test_a_bad_devices_section_names_the_recipe_and_the_entry(tmp_path, devices, fragment):
+    """Every entry is checked on every machine, not only where it would apply."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"train: {{epochs: 4}}\ndevices: {devices}\n")
+    with pytest.raises(CifarError, match=re.escape(fragment)):
+        load_experiment(str(recipe), device_kind="cpu_bf16")
 
 
 def test_config_is_frozen():

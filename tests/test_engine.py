@@ -150,3 +150,35 @@ def test_training_tricks_resume_exactly(prepared_dir, tricks):
     assert [m.train_loss for m in resumed.history] == [m.train_loss for m in reference.history]
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_fitting_epochs_charges_low_resolution_epochs_their_own_rate():
+    from cifar.engine.budget import fitting_epochs
+
+    # 10 steps an epoch: the first at 0.5 s/step (5 s), the rest at 1 s/step (10 s), 1 s validation each
+    assert fitting_epochs(6.0, 10, 0.5, 1.0, 1, 1.0) == 1
+    assert fitting_epochs(16.9, 10, 0.5, 1.0, 1, 1.0) == 1
+    assert fitting_epochs(17.0, 10, 0.5, 1.0, 1, 1.0) == 2
+    assert fitting_epochs(17.0, 10, 0.5, 1.0, 0, 1.0) == 1  # without low-res epochs all cost 11 s
+    assert fitting_epochs(0.1, 10, 0.5, 1.0, 1, 1.0) == 1  # never fewer than one epoch
+
+
+def test_a_budget_plan_times_the_low_resolution_epochs_as_they_will_run(prepared_dir):
+    """The plan times both step kinds on the real model, fits the epochs by them, and leaves the model as it was."""
+    from cifar.engine.budget import SAFETY, fitting_epochs, plan_budget
+
+    data = load_cache(prepared_dir)
+    cfg = load_experiment("smoke", ["train.time_budget=20", "train.low_res_epochs=2", "train.low_res=16"])
+    model = create_model(cfg.model.name, mean=data.mean, std=data.std)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    splits = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
+    planned, plan = plan_budget(model, *splits, cfg, torch.device("cpu"))
+    assert plan.low_res_step_seconds > 0 and plan.step_seconds > 0
+    left = SAFETY * (20 - plan.probe_seconds)  # eval_every 1: every epoch pays its validation pass
+    assert (
+        planned.train.epochs
+        == plan.epochs
+        == fitting_epochs(left, plan.steps_per_epoch, plan.low_res_step_seconds, plan.step_seconds, 2, plan.val_seconds)
+    )
+    assert "low-resolution ones at" in plan.reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was probed

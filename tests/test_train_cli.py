@@ -110,3 +110,31 @@ def test_a_time_budget_chooses_the_epochs_here_and_training_ends_within_it(tmp_p
     # How close a real run comes to its budget is a benchmark figure (benchmarks/RESULTS.md), not a
     # timed test: on this 400-image fixture per-epoch costs outside the steps (checkpoints, logging)
     # are most of an epoch, and a loaded CI machine runs slower than its own probe.
+
+
+def test_a_recipe_trains_with_the_values_it_gives_this_kind_of_machine(tmp_path, prepared_dir):
+    """A recipe's ``devices:`` section: train.py applies this machine's entry; --set still wins over it."""
+    import mlflow
+    import torch
+    import yaml
+
+    from cifar.engine import device_kind
+
+    recipe = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    recipe["devices"] = {"cuda": {"train": {"batch_size": 40}}, "cpu_bf16": {"train": {"batch_size": 32}},
+                         "cpu_fp32": {"train": {"batch_size": 25}, "optim": {"lr": 0.02}}}  # fmt: skip
+    path = tmp_path / "by_device.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    result = run_cli(
+        [str(ROOT / "train.py"), "--config", str(path), "--epochs", "1", "--set", "optim.lr=0.03", "--no-progress"],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("by_device").experiment_id])
+    expected = {"cuda": "40", "cpu_bf16": "32", "cpu_fp32": "25"}[device_kind(torch.device("cpu"))]
+    assert run.data.params["train.batch_size"] == expected
+    assert run.data.params["optim.lr"] == "0.03"  # the command line over the machine's entry

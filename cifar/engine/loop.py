@@ -79,6 +79,18 @@ class Training:
             step_model = DistributedDataParallel(self.model, device_ids=ids)
         self.step_model = torch.compile(step_model) if self.cfg.train.compile else step_model
 
+    def train_on(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on this rank's rows of a global batch: (loss, logits, labels used).
+
+        Every rank draws the same global batch (order and augmentation from the shared seed) and
+        keeps its own rows: the run matches a single process with that batch.
+        """
+        if self.world > 1:
+            x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+        t = self.cfg.train
+        loss, logits = train_step(self.step_model, self.optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
+        return loss, logits, y
+
     def snapshot(self, epoch: int, step: int, sums: torch.Tensor, seen: int) -> TrainingState:
         self.result.train_seconds = time.perf_counter() - self.started
         return capture_state(
@@ -184,11 +196,7 @@ def train_one_epoch(
     for step, (x, y) in enumerate(bar):
         if step < skip:  # the same generator state as the interrupted run: draw, do not train
             continue
-        if run.world > 1:
-            # Every rank draws the same global batch (order and augmentation from the shared
-            # seed) and keeps its own rows: the run matches a single process with that batch.
-            x, y = x[run.rank :: run.world], y[run.rank :: run.world]
-        loss, logits = train_step(run.step_model, run.optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
+        loss, logits, y = run.train_on(x, y)
         run.scheduler.step()
         if run.lookahead is not None:
             run.lookahead.step((epoch - 1) * len(run.loader) + step + 1, run.total_steps)

@@ -84,6 +84,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def device_kind(device: torch.device) -> str:
+    """What a recipe's ``devices:`` section calls this machine: cuda, cpu_bf16 (native bf16) or cpu_fp32."""
+    if device.type == "cuda":
+        return "cuda"
+    return "cpu_bf16" if native_bf16(device) else "cpu_fp32"
+
+
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 autocast is fast: GPUs of compute capability 8+ (Ampere on), CPUs with AMX or
     AVX512-BF16 (oneDNN).

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cifar.config import load_experiment
+from cifar.config import ExperimentConfig, load_experiment
 from cifar.errors import CifarError, Pruned
 from cifar.search.space import Param, SearchSpace, load_space, space_path, suggest
 from cifar.tracking import TRIAL_RUN_ATTR as RUN_ATTR
@@ -41,6 +41,13 @@ class TuneOptions:
     device: str = "auto"
     heartbeat_interval: int = 10
     grace_period: int = 30
+
+
+def recipe_for(options: TuneOptions, overrides: list[str]) -> ExperimentConfig:
+    """The searched recipe with a trial's overrides, as it trains on this machine (its ``devices:`` values)."""
+    from cifar.engine import device_kind, resolve_device
+
+    return load_experiment(options.experiment, overrides, device_kind=device_kind(resolve_device(options.device)))
 
 
 def default_storage() -> str:
@@ -204,7 +211,7 @@ def objective_for(
     def objective(trial: optuna.Trial) -> float:
         chosen = suggest(trial, space)
         overrides = [*(f"{k}={v}" for k, v in chosen.items()), *base_overrides]
-        cfg = load_experiment(options.experiment, overrides)
+        cfg = recipe_for(options, overrides)
 
         if distributed:  # the other torchrun ranks train this trial with us
             _broadcast(overrides)
@@ -265,7 +272,7 @@ def _follow_trials(options: TuneOptions) -> None:
             if _broadcast():
                 raise _StopTrial
 
-        cfg = load_experiment(options.experiment, overrides)
+        cfg = recipe_for(options, overrides)
         try:
             train_experiment(
                 cfg,
@@ -304,7 +311,7 @@ def _run_search(options: TuneOptions, distributed: bool = False) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
-    base = load_experiment(options.experiment)
+    base = recipe_for(options, [])
     space = load_space(options.space or options.experiment, base)
     storage_url = options.storage or default_storage()
     storage = open_storage(storage_url, options.heartbeat_interval, options.grace_period)
