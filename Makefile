@@ -82,11 +82,11 @@ app: install
 	$(BIN)/streamlit run streamlit_app/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
 
 server: install
-	$(BIN)/python -m cifar.localstack server --backend-store-uri "$(BACKEND_STORE_URI)" \
+	$(BIN)/python -m cifar stack server --backend-store-uri "$(BACKEND_STORE_URI)" \
 	  --artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT)
 
 postgres: install system-deps
-	$(BIN)/python -m cifar.localstack postgres --dir $(PG_DIR) --port $(PG_PORT)
+	$(BIN)/python -m cifar stack postgres --dir $(PG_DIR) --port $(PG_PORT)
 
 # Every benchmark in quick mode (each under 2 minutes on 2 CPU cores; 8.5 minutes in all on 2 AVX2
 # cores in fp32); figures go to benchmarks/RESULTS.md.

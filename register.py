@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar.bundle import import_bundled
 from cifar.cli import run_cli
-from cifar.registered import MODEL_NAME, VersionTags
+from cifar.promote.bundle import import_bundled
+from cifar.serve.registered import MODEL_NAME, VersionTags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="quantize the chosen run's model (cifar.quantize) and register the int8 model instead",
+        help="quantize the chosen run's model (cifar.assess.quantize) and register the int8 model instead",
     )
     p.add_argument(
         "--max-int8-drop",
@@ -68,8 +68,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cifar import registry
-    from cifar.promotion import PromotionRequest, comparison_rows, decide_promotion, register_promotion
+    from cifar.promote import registry
+    from cifar.promote.promotion import PromotionRequest, comparison_rows, decide_promotion, register_promotion
     from cifar.tracking import check_tracking_store
 
     uri = check_tracking_store()

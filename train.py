@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each --set may hold several space-separated KEY=VALUE pairs (that is how MLproject passes them).
     overrides = [item for text in args.overrides for item in text.split()]
     from cifar.engine import device_kind, resolve_device
-    from cifar.training import TrainOptions, train_experiment
+    from cifar.run.training import TrainOptions, train_experiment
 
     kind = device_kind(resolve_device(args.device))  # the recipe's values for this machine (its devices:)
     cfg = load_experiment(recipe, [*overrides, *overrides_from_flags(args)], device_kind=kind)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def resume(args: argparse.Namespace) -> int:
     from cifar.errors import CifarError
-    from cifar.training import TrainOptions, resume_training
+    from cifar.run.training import TrainOptions, resume_training
 
     changed = [flag for flag in ("config", "epochs", "batch_size", "lr", "subset", "seed") if getattr(args, flag)]
     if changed or args.overrides or args.no_track:

@@ -7,7 +7,7 @@
   weights with ``--weights``: safetensors from ``train.py --save-dir``; without it, a model of the
   same architecture with fresh weights: same cost);
 - end to end for a 12-megapixel JPEG photo (decode at reduced size, resize, predict);
-- ``python -m cifar.predict`` on 1,000 PNG files, start-up included (served model and float32; a
+- ``python -m cifar predict`` on 1,000 PNG files, start-up included (served model and float32; a
   ``models:/`` URI twice: the first call resolves it with MLflow, the next reads the local copy).
 Appends its figures to benchmarks/RESULTS.md with the machine named.
 """
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from _common import machine_name  # noqa: E402
 
-from cifar.inference import Predictor  # noqa: E402
-from cifar.preprocess import decode_image  # noqa: E402
+from cifar.serve.inference import Predictor  # noqa: E402
+from cifar.serve.preprocess import decode_image  # noqa: E402
 
 
 def percentiles(times: list[float]) -> tuple[float, float]:
@@ -53,8 +53,8 @@ def time_calls(fn, repeats: int) -> list[float]:
 def torch_model(predictor: Predictor, weights: Path | None):
     import torch
 
-    from cifar.export import load_weights
     from cifar.models import create_model
+    from cifar.run.export import load_weights
 
     if weights:
         model, meta = load_weights(weights)
@@ -70,8 +70,8 @@ def float_onnx(model, meta: dict, served: Path, folder: Path) -> Path:
     """The float32 served graph of ``model`` (as a training run logs it), with the head constants of ``served``."""
     import onnx
 
-    from cifar import contract
-    from cifar.export import export_served
+    from cifar.run.export import export_served
+    from cifar.serve import contract
 
     meta = {k: v for k, v in meta.items() if k not in ("precision", "quantization")}
     path = folder / "float32.onnx"
@@ -90,7 +90,7 @@ def main() -> None:
 
     import torch
 
-    from cifar.export import ServedNet
+    from cifar.run.export import ServedNet
 
     scratch = tempfile.TemporaryDirectory()
     predictor = Predictor.from_uri(args.model)
@@ -126,7 +126,7 @@ def main() -> None:
     def predict_cli(folder: str, model_uri: str, env: dict | None = None) -> float:
         start = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "cifar.predict", folder, "--model-uri", model_uri, "--json"],
+            [sys.executable, "-m", "cifar.serve.predict", folder, "--model-uri", model_uri, "--json"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -139,7 +139,7 @@ def main() -> None:
         for i in range(files):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(f"{tmp}/{i:04d}.png")
         # A registry URI runs twice on an empty model cache: the first call resolves it with MLflow,
-        # the second reads the copy cifar.modelcache kept (the store is unchanged in between).
+        # the second reads the copy cifar.serve.modelcache kept (the store is unchanged in between).
         fresh_cache = {"CIFAR_MODEL_CACHE": str(Path(scratch.name) / "model-cache")}
         cli_seconds = predict_cli(tmp, args.model, fresh_cache)
         cli_warm_seconds = predict_cli(tmp, args.model, fresh_cache) if args.model.startswith("models:/") else None
@@ -158,13 +158,13 @@ def main() -> None:
         f"(ratios: {onnx_batch / float_batch:.2f}x vs float32 ONNX, {onnx_batch / torch_batch:.2f}x vs eager)",
         f"12-megapixel JPEG end to end (decode with draft, resize, predict): "
         f"p50 {e2e_p50:.1f} ms / p99 {e2e_p99:.1f} ms",
-        f"python -m cifar.predict on {files} PNG files, start-up included: {precision} {cli_seconds:.2f} s = "
+        f"python -m cifar predict on {files} PNG files, start-up included: {precision} {cli_seconds:.2f} s = "
         f"{files / cli_seconds:,.0f} images/s; float32 {cli_float_seconds:.2f} s = "
         f"{files / cli_float_seconds:,.0f} images/s (ratio {cli_float_seconds / cli_seconds:.2f}x)",
     ]
     if cli_warm_seconds is not None:
         lines[-1] = (
-            f"python -m cifar.predict on {files} PNG files, start-up included, {precision}: first call (MLflow "
+            f"python -m cifar predict on {files} PNG files, start-up included, {precision}: first call (MLflow "
             f"resolves the URI) {cli_seconds:.2f} s = {files / cli_seconds:,.0f} images/s; next call (local copy, "
             f"store unchanged) {cli_warm_seconds:.2f} s = {files / cli_warm_seconds:,.0f} images/s "
             f"(ratio {cli_seconds / cli_warm_seconds:.2f}x); a float32 file {cli_float_seconds:.2f} s = "

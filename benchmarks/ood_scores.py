@@ -8,7 +8,7 @@ Every candidate is fitted on training images (10,000) and thresholded on the val
 are built from the validation split and are not among the reported sets: jigsaw-shuffled images
 (8x8 tiles), smooth colour noise (4x4 upsampled) and colour-inverted images. Uniform noise, flat
 colours and Fashion-MNIST are reported only (AUROC, and the share accepted at the threshold).
-The shipped score runs through the graph's own head (``cifar.contract.apply_head``); the others
+The shipped score runs through the graph's own head (``cifar.serve.contract.apply_head``); the others
 are NumPy readings of the same network outputs. Also: the shipped score fitted on all 45,000
 training images instead of 10,000.
 """
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import machine_name, record  # noqa: E402
 
-from cifar import contract  # noqa: E402
-from cifar.calibration import fit_sample, ood_sets  # noqa: E402
+from cifar.assess.calibration import fit_sample, ood_sets  # noqa: E402
+from cifar.assess.trust import ACCEPT_RATE, auroc, fit_density, fit_temperature  # noqa: E402
 from cifar.data import ensure_cache  # noqa: E402
-from cifar.inference import Predictor  # noqa: E402
-from cifar.trust import ACCEPT_RATE, auroc, fit_density, fit_temperature  # noqa: E402
+from cifar.serve import contract  # noqa: E402
+from cifar.serve.inference import Predictor  # noqa: E402
 
 
 def selection_outliers(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ from cifar.config import load_experiment
 from cifar.data import ensure_cache
 from cifar.data.cache import CifarData
 from cifar.engine import device_kind, native_bf16
-from cifar.training import TrainOptions, train_experiment
+from cifar.run.training import TrainOptions, train_experiment
 
 PEERS = ("94", "96")
 GPU_PAIRS = ("94=speedrun", "96=best")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_name  # noqa: E402
 
 from cifar.config import load_experiment  # noqa: E402
-from cifar.training import TrainOptions, train_experiment  # noqa: E402
+from cifar.run.training import TrainOptions, train_experiment  # noqa: E402
 
 
 def main() -> None:

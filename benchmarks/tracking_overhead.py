@@ -40,13 +40,13 @@ def timing_tracking_code() -> Iterator[dict[str, float]]:
     """Seconds spent in the tracking hooks, by where they run, while the block runs."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    import cifar.training
+    import cifar.run.training
     from cifar.tracking.runs import TrainingRun
 
     seconds: dict[str, float] = defaultdict(float)
     hooks = [  # (owner, attribute, bucket, clock)
         (TrainingRun, "log_epoch", "in_clock", time.perf_counter),
-        (cifar.training, "save_checkpoint", "in_clock", time.perf_counter),  # tracked runs only
+        (cifar.run.training, "save_checkpoint", "in_clock", time.perf_counter),  # tracked runs only
         (TrainingRun, "push_metrics", "background_cpu", time.thread_time),  # the uploader thread
         (TrainingRun, "__enter__", "after_clock", time.perf_counter),  # run start: before the clock, counted here
         (TrainingRun, "log_data", "after_clock", time.perf_counter),
@@ -94,7 +94,7 @@ def main() -> None:
     args = p.parse_args()
 
     from cifar.config import load_experiment
-    from cifar.training import TrainOptions, train_experiment
+    from cifar.run.training import TrainOptions, train_experiment
 
     quick = ["model.width=0.25", "data.subset=5000", "train.epochs=2"]
     # every run compared trains the same epochs: the recipe's time budget (if any) would plan each anew

@@ -68,8 +68,8 @@ def main() -> None:
     from cifar.data import ensure_cache
     from cifar.data.loader import Augmentation, DeviceLoader
     from cifar.engine import native_bf16, resolve_device, train_step
+    from cifar.engine.optim import build_optimizer
     from cifar.models import create_model
-    from cifar.optim import build_optimizer
 
     cfg = load_experiment(args.experiment, args.overrides)
     t, aug = cfg.train, cfg.augment

@@ -98,7 +98,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k == "MLFLOW_TRACKING_URI"}
     with contextlib.ExitStack() as stack:
         if args.postgres:
-            from cifar.localstack import MlflowServer, PostgresCluster
+            from cifar.ops.localstack import MlflowServer, PostgresCluster
 
             cluster = stack.enter_context(PostgresCluster(tempfile.mkdtemp(prefix="cifar-pg-")))
             args.storage = cluster.create_database("optuna")

@@ -1,7 +1,7 @@
 """``python -m cifar <command> [options]``: every command of the project behind one entry.
 
 Each command is the same program as its documented form (``python train.py``,
-``python -m cifar.eda``, ...), run with the remaining arguments; ``python -m cifar <command> -h``
+``python -m cifar eda``, ...), run with the remaining arguments; ``python -m cifar <command> -h``
 shows its options.
 """
 
@@ -16,19 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # command -> (what runs it, one line of help): a module of the package, or a script beside it
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("cifar.data", "prepare|info: decode CIFAR-10 once into the cache"),
-    "eda": ("cifar.eda", "exploratory data analysis of the cache, as an MLflow run"),
+    "eda": ("cifar.data.eda", "exploratory data analysis of the cache, as an MLflow run"),
     "train": ("train.py", "train a recipe; every run is an MLflow run"),
     "tune": ("tune.py", "an Optuna study; every trial a nested MLflow run"),
     "register": ("register.py", "promote the best run (chosen on validation) to production"),
-    "evaluate": ("cifar.evaluate", "score a logged or registered model on the test split"),
-    "calibrate": ("cifar.calibrate", "refit a model's temperature and 'none of these' threshold"),
-    "robustness": ("cifar.robustness", "test accuracy under common corruptions"),
-    "quantize": ("cifar.quantize", "an int8 model, calibrated on the validation split"),
-    "predict": ("cifar.predict", "predict images with a registered, logged or local model"),
-    "compare": ("cifar.compare", "runs side by side"),
-    "bundle": ("cifar.bundle", "build the model a fresh clone serves"),
-    "sync": ("cifar.sync", "upload runs that finished while the tracking server was away"),
-    "stack": ("cifar.localstack", "the team stack on one machine: PostgreSQL and mlflow server"),
+    "evaluate": ("cifar.assess.evaluate", "score a logged or registered model on the test split"),
+    "calibrate": ("cifar.assess.calibrate", "refit a model's temperature and 'none of these' threshold"),
+    "robustness": ("cifar.assess.robustness", "test accuracy under common corruptions"),
+    "quantize": ("cifar.assess.quantize", "an int8 model, calibrated on the validation split"),
+    "predict": ("cifar.serve.predict", "predict images with a registered, logged or local model"),
+    "compare": ("cifar.assess.compare", "runs side by side"),
+    "bundle": ("cifar.promote.bundle", "build the model a fresh clone serves"),
+    "sync": ("cifar.promote.sync", "upload runs that finished while the tracking server was away"),
+    "stack": ("cifar.ops.localstack", "the team stack on one machine: PostgreSQL and mlflow server"),
 }
 
 

@@ -78,7 +78,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     label_smoothing: float = 0.2
     ema_decay: float = 0.0  # 0 = no weight EMA
-    lookahead: bool = False  # Lookahead averaging that strengthens towards the end (cifar.optim)
+    lookahead: bool = False  # Lookahead averaging that strengthens towards the end (cifar.engine.optim)
     whiten_bias_epochs: int = 0  # fastnet: the whitening bias learns this many epochs, then freezes (0 = always)
     # Progressive resizing: the first low_res_epochs train on batches downscaled to low_res pixels
     # (a 24-pixel step costs about 0.6 of a 32-pixel one); validation and test stay at full size.

@@ -20,9 +20,9 @@ if str(ROOT) not in sys.path:  # the cifar package lives beside the app
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from cifar import serving  # noqa: E402
 from cifar.errors import CifarError  # noqa: E402
-from cifar.preprocess import decode_image  # noqa: E402
+from cifar.serve import serving  # noqa: E402
+from cifar.serve.preprocess import decode_image  # noqa: E402
 from cifar.settings import settings  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -194,7 +194,7 @@ def model_page(info: serving.ModelInfo, predictor: serving.Predictor) -> None:
         value = trust.get(key)
         cell.metric(label, f"{float(value):.3f}" if value else "not measured", help=help_text)
     if not trust:
-        st.caption("Measure them with python -m cifar.calibrate and python -m cifar.robustness.")
+        st.caption("Measure them with python -m cifar calibrate and python -m cifar robustness.")
     ms = latency_for(info.uri, info.tracking_uri)
     if ms is not None:
         st.metric("One prediction (decode, resize, predict; median of 20)", f"{ms:.1f} ms")

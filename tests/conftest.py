@@ -44,7 +44,7 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture(scope="session", autouse=True)
 def private_model_cache(tmp_path_factory):
-    """Registry-model copies (cifar.modelcache) go to a temp folder, never the user's ~/.cache."""
+    """Registry-model copies (cifar.serve.modelcache) go to a temp folder, never the user's ~/.cache."""
     os.environ["CIFAR_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
 
 
@@ -147,8 +147,8 @@ def served_small_model(prepared_dir: Path, overrides=()):
     """``train_small_model``'s net as the served graph (constants fitted on the fixture): (data, ServedModel)."""
     import torch
 
-    from cifar.calibration import serve_model
-    from cifar.export import model_metadata
+    from cifar.assess.calibration import serve_model
+    from cifar.run.export import model_metadata
 
     data, _, model, _ = train_small_model(prepared_dir, overrides)
     meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std, data_digest=data.digest)

@@ -14,9 +14,9 @@ from conftest import ROOT
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from cifar import registry
-from cifar.bundle import BUNDLE_DIR, import_bundled
 from cifar.data.sources import CIFAR10_CLASSES
+from cifar.promote import registry
+from cifar.promote.bundle import BUNDLE_DIR, import_bundled
 from cifar.tracking import log_onnx_model
 
 APP = str(ROOT / "streamlit_app" / "app.py")
@@ -109,9 +109,9 @@ def test_noise_is_not_one_of_the_classes(served, mini_raw):
 
 
 def test_the_confidence_shown_is_the_calibrated_one(served, mini_raw):
-    from cifar.inference import Predictor
     from cifar.metrics import softmax
-    from cifar.preprocess import decode_image
+    from cifar.serve.inference import Predictor
+    from cifar.serve.preprocess import decode_image
 
     upload = jpeg_of(mini_raw.test_images[60])
     at = run_app()

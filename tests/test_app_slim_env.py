@@ -49,7 +49,7 @@ def test_slim_app_environment(tmp_path):
     assert not (site / "torch").exists()
     assert installed_mb < MAX_INSTALLED_MB and packed_mb < MAX_PACKED_MB, (installed_mb, packed_mb)
     # The app's path works there: models:/cifar10-classifier@production from a SQLite store, through
-    # cifar.serving (which version is production) and its Predictor, without torch.
+    # cifar.serve.serving (which version is production) and its Predictor, without torch.
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CIFAR_MODEL_CACHE": str(tmp_path / "cache")}
     assert run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path).returncode == 0
     code = (

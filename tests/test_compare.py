@@ -1,4 +1,4 @@
-"""cifar.compare: a table of what differs between real training runs, their curves, logged as a run."""
+"""cifar.assess.compare: a table of what differs between real training runs, their curves, logged as a run."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_compare_two_training_runs(tmp_path, prepared_dir):
         )
         assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "out"
-    result = run_cli(["-m", "cifar.compare", "--experiment", "smoke", "--out", str(out)], env=env, cwd=tmp_path)
+    result = run_cli(["-m", "cifar.assess.compare", "--experiment", "smoke", "--out", str(out)], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     header = result.stdout.splitlines()[0].split()
     assert "optim.lr" in header and "val_accuracy" in header and "test_accuracy" in header
@@ -40,6 +40,6 @@ def test_compare_two_training_runs(tmp_path, prepared_dir):
 
 def test_compare_unknown_run_is_clear(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = run_cli(["-m", "cifar.compare", "0123456789abcdef"], env=env, cwd=tmp_path)
+    result = run_cli(["-m", "cifar.assess.compare", "0123456789abcdef"], env=env, cwd=tmp_path)
     assert result.returncode == 2 and "no such run(s): 0123456789abcdef" in result.stderr
     assert "Traceback" not in result.stderr

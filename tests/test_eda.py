@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cifar.data import load_cache, prepare_cache
-from cifar.eda import class_balance, find_duplicates, image_statistics, run_eda
+from cifar.data.eda import class_balance, find_duplicates, image_statistics, run_eda
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from conftest import train_small_model
 from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import evaluate, fit, seed_everything
+from cifar.engine.trainstate import TrainingInterrupted
 from cifar.errors import CifarError
 from cifar.models import create_model
-from cifar.trainstate import TrainingInterrupted
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from cifar.bundle import import_bundled
 from cifar.metrics import calibration_bins, expected_calibration_error, most_confused_pairs, softmax
-from cifar.report import build_report, report_figures
+from cifar.promote.bundle import import_bundled
+from cifar.run.report import build_report, report_figures
 
 CLASSES = ("a", "b", "c")
 
@@ -65,7 +65,7 @@ def test_evaluate_cli_on_the_production_model(tracking_env, prepared_dir):
 
     version, _ = import_bundled()
     env = {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
-    result = run_cli(["-m", "cifar.evaluate"], env=env, cwd=ROOT)
+    result = run_cli(["-m", "cifar.assess.evaluate"], env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
@@ -74,7 +74,7 @@ def test_evaluate_cli_on_the_production_model(tracking_env, prepared_dir):
     assert run.data.metrics["test/accuracy"] > 0.85 and 0 < run.data.metrics["test/ece"] < 0.5
     # the report reads the graph's calibrated probabilities: its ECE is the calibrated one, not softmax(logits)'s
     from cifar.data import load_cache
-    from cifar.inference import Predictor
+    from cifar.serve.inference import Predictor
 
     served, data = Predictor.from_uri("models:/cifar10-classifier@production"), load_cache(prepared_dir)
     out = served.run(np.asarray(data.images["test"]))

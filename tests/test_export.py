@@ -1,4 +1,4 @@
-"""cifar.export + cifar.contract: the served graph matches PyTorch and its head computes what it claims."""
+"""cifar.run.export + cifar.serve.contract: the served graph matches PyTorch and its head computes what it claims."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cifar import contract, export
+from cifar.assess.trust import fit_density, fit_temperature
 from cifar.data import load_cache
 from cifar.metrics import softmax
 from cifar.models import create_model
-from cifar.trust import fit_density, fit_temperature
+from cifar.run import export
+from cifar.serve import contract
 
 
 @pytest.fixture(scope="module")

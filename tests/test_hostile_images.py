@@ -1,5 +1,5 @@
-"""Property-based tests of the one image path (``cifar.preprocess.decode_image``), which
-``cifar.predict`` and the app use: whatever bytes arrive, the answer is a 32x32x3 uint8 array or
+"""Property-based tests of the one image path (``cifar.serve.preprocess.decode_image``), which
+``cifar.serve.predict`` and the app use: whatever bytes arrive, the answer is a 32x32x3 uint8 array or
 the project's own error with a message, in bounded time and memory."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cifar.errors import CifarError
-from cifar.preprocess import MAX_FILE_BYTES, MAX_PIXELS, decode_image, to_rgb32
+from cifar.serve.preprocess import MAX_FILE_BYTES, MAX_PIXELS, decode_image, to_rgb32
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "I;16"]
 # Formats PIL can write, with the modes each accepts (it converts the others first).

@@ -1,4 +1,4 @@
-"""The one image -> prediction path (ONNX Runtime), cifar.predict, the bundled model and its import."""
+"""The one image -> prediction path (ONNX Runtime), cifar.serve.predict, the bundled model and its import."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
-from cifar.bundle import BUNDLE_DIR
 from cifar.errors import CifarError
-from cifar.inference import Predictor
-from cifar.preprocess import decode_image, to_rgb32
+from cifar.promote.bundle import BUNDLE_DIR
+from cifar.serve.inference import Predictor
+from cifar.serve.preprocess import decode_image, to_rgb32
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def bundled() -> Predictor:
 
 
 def test_inference_module_imports_no_torch():
-    code = "import cifar.inference, cifar.predict, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import cifar.serve.inference, cifar.serve.predict, sys; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -115,7 +115,7 @@ def test_pickle_planted_as_a_model_is_refused(tmp_path, name):
     result = run_cli(
         [
             "-m",
-            "cifar.predict",
+            "cifar.serve.predict",
             str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"),
             "--model-uri",
             str(planted),
@@ -137,7 +137,17 @@ def test_predict_cli_json_and_per_file_errors(tmp_path, mini_dir):
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     images = [mini_dir / "test" / "cat" / "0000.jpg", mini_dir / "test" / "ship" / "0003.jpg"]
     result = run_cli(
-        ["-m", "cifar.predict", *map(str, images), str(bad), "--model-uri", str(BUNDLE_DIR), "--json", "--top-k", "2"]
+        [
+            "-m",
+            "cifar.serve.predict",
+            *map(str, images),
+            str(bad),
+            "--model-uri",
+            str(BUNDLE_DIR),
+            "--json",
+            "--top-k",
+            "2",
+        ]
     )
     assert result.returncode == 1  # one file failed; the others were classified
     records = json.loads(result.stdout)
@@ -149,7 +159,7 @@ def test_predict_cli_json_and_per_file_errors(tmp_path, mini_dir):
 
 
 def test_predict_cli_folder(mini_dir):
-    result = run_cli(["-m", "cifar.predict", str(mini_dir / "test" / "frog"), "--model-uri", str(BUNDLE_DIR)])
+    result = run_cli(["-m", "cifar.serve.predict", str(mini_dir / "test" / "frog"), "--model-uri", str(BUNDLE_DIR)])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 20 and sum(": frog (" in line for line in lines) >= 16
@@ -196,7 +206,9 @@ def test_import_bundled_then_load_production(tmp_path, mini_raw):
 def test_no_production_model_says_what_to_run(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = run_cli(
-        ["-m", "cifar.predict", str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg")], env=env, cwd=tmp_path
+        ["-m", "cifar.serve.predict", str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg")],
+        env=env,
+        cwd=tmp_path,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "python register.py" in result.stderr
@@ -240,7 +252,7 @@ def test_pickle_planted_in_a_registered_model_is_refused_by_cli(tmp_path):
     for path in onnx_files:
         path.write_bytes(payload)
     image = ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"
-    result = run_cli(["-m", "cifar.predict", str(image)], env=env, cwd=tmp_path)
+    result = run_cli(["-m", "cifar.serve.predict", str(image)], env=env, cwd=tmp_path)
     assert result.returncode == 2 and "is a Python pickle, not an ONNX model" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
 
@@ -285,7 +297,7 @@ def _five_classes(proto, metadata):
 def test_a_model_for_another_shape_is_refused_by_the_cli(tmp_path, edit, message):
     model = _edited_model(tmp_path, edit)
     image = ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg"
-    result = run_cli(["-m", "cifar.predict", str(image), "--model-uri", model])
+    result = run_cli(["-m", "cifar.serve.predict", str(image), "--model-uri", model])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

@@ -1,4 +1,4 @@
-"""cifar.modelcache: a registry model is copied once and reused only while the SQLite store is unchanged."""
+"""cifar.serve.modelcache: a registry model is copied once and reused only while the SQLite store is unchanged."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 from conftest import ROOT, run_cli
 
-from cifar import modelcache
+from cifar.serve import modelcache
 from cifar.settings import load_settings
 
 IMAGE = ROOT / "tests/fixtures/cifar10-mini/test/ship"
@@ -18,7 +18,7 @@ NAME = "cifar10-classifier"
 
 def predict(env: dict, cwd) -> tuple[list[dict], bool]:
     """The JSON answer for the fixture's ship images, and whether the call imported mlflow."""
-    result = run_cli(["-X", "importtime", "-m", "cifar.predict", str(IMAGE), "--json"], env=env, cwd=cwd)
+    result = run_cli(["-X", "importtime", "-m", "cifar.serve.predict", str(IMAGE), "--json"], env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     imported = any(line.rsplit("|", 1)[-1].strip() == "mlflow" for line in result.stderr.splitlines())
     return json.loads(result.stdout), imported
@@ -75,7 +75,7 @@ def test_off_always_asks_the_registry_and_a_removed_store_is_not_served_from_the
 
     predict(env, tmp_path)  # fills the cache
     (tmp_path / "mlflow.db").unlink()
-    gone = run_cli(["-m", "cifar.predict", str(IMAGE)], env=env, cwd=tmp_path)
+    gone = run_cli(["-m", "cifar.serve.predict", str(IMAGE)], env=env, cwd=tmp_path)
     assert gone.returncode == 2 and "python register.py" in gone.stderr and "Traceback" not in gone.stderr
 
 
@@ -108,6 +108,6 @@ def test_a_failed_download_leaves_no_half_copy(registered, tmp_path):
     assert artifacts, "the registered model's files are in the local artifact store"
     for folder in artifacts:
         shutil.rmtree(folder)
-    failed = run_cli(["-m", "cifar.predict", str(IMAGE)], env=env, cwd=tmp_path)
+    failed = run_cli(["-m", "cifar.serve.predict", str(IMAGE)], env=env, cwd=tmp_path)
     assert failed.returncode == 2 and "cannot load model" in failed.stderr and "Traceback" not in failed.stderr
     assert not list(cache.glob("*")), "a partial copy or an entry for it was left in the cache"

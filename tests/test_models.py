@@ -8,8 +8,8 @@ import torch
 
 from cifar.data import load_cache
 from cifar.errors import CifarError
-from cifar.export import ServedNet
 from cifar.models import available_models, create_model
+from cifar.run.export import ServedNet
 
 
 @pytest.mark.parametrize("name", sorted(available_models()))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cifar.config import load_experiment
-from cifar.optim import Lookahead, build_optimizer, orthogonalize
+from cifar.engine.optim import Lookahead, build_optimizer, orthogonalize
 
 
 def moved(model: nn.Module, by: float) -> None:

@@ -1,4 +1,4 @@
-"""cifar.quantize: int8 models calibrated on validation, logged to their run, registered, bundled."""
+"""cifar.assess.quantize: int8 models calibrated on validation, logged to their run, registered, bundled."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 from conftest import ROOT, log_served, run_cli, served_small_model
 from onnx import numpy_helper
 
-from cifar import contract, quantize, registry
-from cifar.bundle import BUNDLE_DIR
+from cifar.assess import quantize
 from cifar.data import load_cache
-from cifar.inference import Predictor
 from cifar.metrics import softmax
+from cifar.promote import registry
+from cifar.promote.bundle import BUNDLE_DIR
+from cifar.serve import contract
+from cifar.serve.inference import Predictor
 
 
 def _op_types(path) -> set[str]:
@@ -93,7 +95,9 @@ def finished_run(tracking_env, prepared_dir, float_served, monkeypatch):
 @pytest.mark.slow
 def test_quantize_a_run_then_register_its_int8_model(finished_run, tmp_path):
     run_id, env = finished_run
-    logged = run_cli(["-m", "cifar.quantize", "--run-id", run_id, "--calibration-images", "64"], env=env, cwd=tmp_path)
+    logged = run_cli(
+        ["-m", "cifar.assess.quantize", "--run-id", run_id, "--calibration-images", "64"], env=env, cwd=tmp_path
+    )
     assert logged.returncode == 0, logged.stderr
     run = mlflow.get_run(run_id)
     int8_uri = run.data.tags[quantize.INT8_URI_TAG]
@@ -124,13 +128,17 @@ def test_quantize_a_run_then_register_its_int8_model(finished_run, tmp_path):
 
 def test_quantize_cli_refuses_bad_requests_with_one_message(prepared_dir, tmp_path):
     env = {"CIFAR_DATA": str(prepared_dir)}
-    twice = run_cli(["-m", "cifar.quantize", "--model-uri", str(BUNDLE_DIR), "--out", str(tmp_path / "o")], env=env)
+    twice = run_cli(
+        ["-m", "cifar.assess.quantize", "--model-uri", str(BUNDLE_DIR), "--out", str(tmp_path / "o")], env=env
+    )
     assert twice.returncode == 2 and "is already int8" in twice.stderr and "Traceback" not in twice.stderr
-    no_out = run_cli(["-m", "cifar.quantize", "--model-uri", str(BUNDLE_DIR)], env=env)
+    no_out = run_cli(["-m", "cifar.assess.quantize", "--model-uri", str(BUNDLE_DIR)], env=env)
     assert no_out.returncode == 2 and "needs --out" in no_out.stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    full = run_cli(["-m", "cifar.quantize", "--model-uri", str(BUNDLE_DIR), "--out", str(tmp_path / "full")], env=env)
+    full = run_cli(
+        ["-m", "cifar.assess.quantize", "--model-uri", str(BUNDLE_DIR), "--out", str(tmp_path / "full")], env=env
+    )
     assert full.returncode == 2 and "is not empty" in full.stderr
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 

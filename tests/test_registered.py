@@ -1,4 +1,4 @@
-"""cifar.registered: the version-tag schema round-trips, and models:/ URIs resolve in a real registry."""
+"""cifar.serve.registered: the version-tag schema round-trips, and models:/ URIs resolve in a real registry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from conftest import log_served, served_small_model
 
-from cifar.registered import (
+from cifar.serve.registered import (
     MODEL_NAME,
     PRODUCTION,
     PRODUCTION_URI,

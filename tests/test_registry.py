@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import PYTHON, ROOT, clean_env, log_served, run_cli, served_small_model
 
-from cifar import registry
 from cifar.data import load_cache
 from cifar.errors import CifarError
+from cifar.promote import registry
 
 pytestmark = pytest.mark.integration
 NAME = registry.MODEL_NAME

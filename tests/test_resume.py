@@ -14,8 +14,8 @@ import torch
 from conftest import PYTHON, ROOT, clean_env, run_cli
 from safetensors.torch import load_file
 
-from cifar.checkpoint import load_checkpoint, save_checkpoint
 from cifar.errors import CifarError
+from cifar.run.checkpoint import load_checkpoint, save_checkpoint
 
 RECIPE = [
     "--experiment", "smoke", "--epochs", "3", "--seed", "1",
@@ -132,7 +132,7 @@ def test_damaged_checkpoints_are_refused_with_the_reason(tmp_path):
 FULL_DISK = """
 import resource, signal, sys, torch
 sys.path.insert(0, {root!r})
-from cifar.checkpoint import save_checkpoint, load_checkpoint
+from cifar.run.checkpoint import save_checkpoint, load_checkpoint
 from cifar.errors import CifarError
 path = {path!r}
 save_checkpoint(path, {{"w": torch.zeros(100)}}, {{"epoch": 1, "step": 0}})    # a good one first

@@ -14,9 +14,9 @@ import pytest
 import requests
 from conftest import ROOT, clean_env, free_port, png_bytes, run_cli
 
-from cifar.inference import Predictor
 from cifar.metrics import softmax
-from cifar.preprocess import decode_image
+from cifar.serve.inference import Predictor
+from cifar.serve.preprocess import decode_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PRODUCTION = "models:/cifar10-classifier@production"
@@ -74,7 +74,7 @@ def test_the_scoring_server_answers_like_cifar_predict_and_the_predictor(scoring
     rest = response.json()["predictions"]
     assert set(rest) == {"label", "probabilities", "in_distribution", "ood_score", "logits"}
 
-    cli = run_cli(["-m", "cifar.predict", *map(str, files), "--json", "--top-k", "1"], env=env, cwd=root)
+    cli = run_cli(["-m", "cifar.serve.predict", *map(str, files), "--json", "--top-k", "1"], env=env, cwd=root)
     assert cli.returncode == 0, cli.stderr[-2000:]
     records = json.loads(cli.stdout)
     assert rest["label"] == [r["label"] for r in records]

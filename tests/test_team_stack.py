@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import PYTHON, ROOT, clean_env, run_cli
 
-from cifar.localstack import MlflowServer, PostgresCluster
+from cifar.ops.localstack import MlflowServer, PostgresCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -125,7 +125,7 @@ def test_train_tune_register_serve_through_the_server(stack, prepared_dir, tmp_p
 
     # Load the production model over HTTP and predict real test images.
     from cifar.data import load_cache
-    from cifar.inference import Predictor
+    from cifar.serve.inference import Predictor
 
     mlflow.set_tracking_uri(stack["server"].url)
     try:
@@ -182,8 +182,8 @@ def test_training_survives_the_server_going_away(stack, prepared_dir, tmp_path, 
     if back_before_the_end:
         assert run_id is None, "everything went up when the server came back: the outbox is empty"
     else:
-        assert "warning: cannot reach the tracking server" in out and "python -m cifar.sync" in out
-        synced = run_cli(["-m", "cifar.sync", "--outbox", str(tmp_path)], env={"CIFAR_DATA": str(prepared_dir)})
+        assert "warning: cannot reach the tracking server" in out and "python -m cifar.promote.sync" in out
+        synced = run_cli(["-m", "cifar.promote.sync", "--outbox", str(tmp_path)], env={"CIFAR_DATA": str(prepared_dir)})
         assert synced.returncode == 0 and f"uploaded {run_id}" in synced.stdout, synced.stdout + synced.stderr
         assert not (tmp_path / run_id).exists()
 
@@ -199,7 +199,7 @@ def test_training_survives_the_server_going_away(stack, prepared_dir, tmp_path, 
     assert {"evaluation", "weights", "plots", "tensorboard"} <= names
     mlflow.set_tracking_uri(server.url)
     try:
-        from cifar.inference import Predictor
+        from cifar.serve.inference import Predictor
 
         assert Predictor.from_uri(run.data.tags["model_uri"]).metadata["run_id"] == run.info.run_id
     finally:

@@ -183,7 +183,7 @@ def test_onnx_matches_pytorch_from_safetensors(store, test_images):
     import mlflow
     import onnxruntime as ort
 
-    from cifar.export import load_weights, torch_network
+    from cifar.run.export import load_weights, torch_network
 
     uri = store["env"]["MLFLOW_TRACKING_URI"]
     run_id = store["run"].info.run_id

@@ -2,7 +2,7 @@
 
 Pure functions on constructed data, then the real bundled model (ONNX Runtime) on real CIFAR-10
 test images, then the CLIs and the registry on a real SQLite store, and a model logged in the
-old format converted by ``cifar.calibrate``.
+old format converted by ``cifar.assess.calibrate``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ import pytest
 from conftest import ROOT, png_bytes, run_cli, train_small_model
 from PIL import Image
 
-from cifar import registry
-from cifar.bundle import BUNDLE_DIR
-from cifar.corruptions import CORRUPTIONS, corrupt
-from cifar.errors import CifarError
-from cifar.inference import NOT_ONE_OF_THE_CLASSES, Predictor
-from cifar.metrics import expected_calibration_error, softmax
-from cifar.trust import (
+from cifar.assess.corruptions import CORRUPTIONS, corrupt
+from cifar.assess.trust import (
     ACCEPT_RATE,
     auroc,
     fashion_mnist_images,
@@ -30,6 +25,11 @@ from cifar.trust import (
     occlusion_map,
     scaled_nll,
 )
+from cifar.errors import CifarError
+from cifar.metrics import expected_calibration_error, softmax
+from cifar.promote import registry
+from cifar.promote.bundle import BUNDLE_DIR
+from cifar.serve.inference import NOT_ONE_OF_THE_CLASSES, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_explain_runs_on_the_onnx_model(bundled, mini_raw):
 def test_a_damaged_trust_record_is_refused(tmp_path):
     import onnx
 
-    from cifar import contract
+    from cifar.serve import contract
 
     proto = onnx.load(str(BUNDLE_DIR / "model.onnx"))
     metadata = contract.metadata_of(proto)
@@ -157,7 +157,7 @@ def test_predict_cli_says_none_of_these_and_explains(tmp_path, mini_raw):
     noise.write_bytes(png_bytes(np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
     cat = tmp_path / "cat.png"
     Image.fromarray(mini_raw.test_images[60]).resize((96, 96)).save(cat)
-    args = ["-m", "cifar.predict", str(noise), str(cat), "--model-uri", str(BUNDLE_DIR)]
+    args = ["-m", "cifar.serve.predict", str(noise), str(cat), "--model-uri", str(BUNDLE_DIR)]
     text = run_cli(args)
     assert text.returncode == 0, text.stderr
     assert f"static.png: {NOT_ONE_OF_THE_CLASSES} (best guess" in text.stdout
@@ -177,7 +177,7 @@ def test_predict_cli_says_none_of_these_and_explains(tmp_path, mini_raw):
 @pytest.mark.slow
 def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepared_dir, monkeypatch):
     from cifar.config import load_experiment
-    from cifar.training import TrainOptions, train_experiment
+    from cifar.run.training import TrainOptions, train_experiment
 
     cfg = load_experiment("smoke", ["train.epochs=3", "train.batch_size=50"])
     outcome = train_experiment(cfg, TrainOptions(data_dir=prepared_dir, device="cpu", progress=False))
@@ -198,10 +198,10 @@ def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepare
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_missing_ood_set_is_recorded_as_not_measured(tracking_env, prepared_dir, monkeypatch, tmp_path, capsys):
-    from cifar import calibration
+    from cifar.assess import calibration
+    from cifar.assess.trust import FASHION_MNIST_MISSING
     from cifar.config import load_experiment
-    from cifar.training import TrainOptions, train_experiment
-    from cifar.trust import FASHION_MNIST_MISSING
+    from cifar.run.training import TrainOptions, train_experiment
 
     monkeypatch.setenv("CIFAR_FASHION_MNIST", str(tmp_path / "nowhere"))
     calibration.ood_sets.cache_clear()
@@ -227,7 +227,7 @@ def _old_format_model(model, data, folder):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from cifar.export import model_metadata
+    from cifar.run.export import model_metadata
 
     path = folder / "old.onnx"
     torch.onnx.export(
@@ -256,7 +256,7 @@ def _old_format_model(model, data, folder):
 @pytest.fixture
 def old_run(tracking_env, prepared_dir, monkeypatch):
     """A run logged before the served contract: metrics, weights/ and an old-format ONNX model."""
-    from cifar.export import save_weights
+    from cifar.run.export import save_weights
 
     monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))
     data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=4"])
@@ -285,19 +285,19 @@ def tracking_env_path(uri: str):
 def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old_run):
     run_id, model_uri, env = old_run
     cwd = tracking_env_path(env["MLFLOW_TRACKING_URI"])
-    with pytest.raises(CifarError, match=f"old format .* python -m cifar.calibrate --model-uri {model_uri}"):
+    with pytest.raises(CifarError, match=f"old format .* python -m cifar.assess.calibrate --model-uri {model_uri}"):
         Predictor.from_uri(model_uri)
     image = str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg")
-    refused = run_cli(["-m", "cifar.predict", image, "--model-uri", model_uri], env=env, cwd=cwd)
-    assert refused.returncode == 2 and "Convert it: python -m cifar.calibrate" in refused.stderr
+    refused = run_cli(["-m", "cifar.serve.predict", image, "--model-uri", model_uri], env=env, cwd=cwd)
+    assert refused.returncode == 2 and "Convert it: python -m cifar.assess.calibrate" in refused.stderr
     assert "Traceback" not in refused.stderr
 
     gated = run_cli([str(ROOT / "register.py"), "--max-ece", "0.5", "--robustness-images", "40"], env=env, cwd=cwd)
     assert gated.returncode == 1 and "Not registered" in gated.stderr and "Traceback" not in gated.stderr
-    assert "KEEP production" in gated.stdout and f"python -m cifar.calibrate --run-id {run_id}" in gated.stdout
+    assert "KEEP production" in gated.stdout and f"python -m cifar.assess.calibrate --run-id {run_id}" in gated.stdout
     assert registry.production_version() is None and not registry.list_versions()
 
-    converted = run_cli(["-m", "cifar.calibrate", "--run-id", run_id], env=env, cwd=cwd)
+    converted = run_cli(["-m", "cifar.assess.calibrate", "--run-id", run_id], env=env, cwd=cwd)
     assert converted.returncode == 0, converted.stderr
     assert "re-exported" in converted.stdout and "fashion_mnist AUROC" in converted.stdout
     metrics = mlflow.get_run(run_id).data.metrics  # the refit's figures, under the current names
@@ -325,10 +325,12 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     listing = run_cli([str(ROOT / "register.py"), "--list"], env=env, cwd=cwd)
     assert "test_ece" in listing.stdout and "corruption_acc" in listing.stdout
 
-    refit = run_cli(["-m", "cifar.calibrate", "--model-uri", "models:/cifar10-classifier@production"], env=env, cwd=cwd)
+    refit = run_cli(
+        ["-m", "cifar.assess.calibrate", "--model-uri", "models:/cifar10-classifier@production"], env=env, cwd=cwd
+    )
     assert refit.returncode == 0 and "rewrote model" in refit.stdout and "re-exported" not in refit.stdout
 
-    robust = run_cli(["-m", "cifar.robustness", "--images", "40"], env=env, cwd=cwd)
+    robust = run_cli(["-m", "cifar.assess.robustness", "--images", "40"], env=env, cwd=cwd)
     assert robust.returncode == 0, robust.stderr
     version = registry.production_version()
     robustness_run = mlflow.get_run(version.tags["robustness_run_id"])
@@ -347,7 +349,7 @@ def test_an_old_format_folder_without_weights_says_how_to_rebuild(tmp_path, prep
     (tmp_path / "old").mkdir()
     onnx.save(proto, str(tmp_path / "old" / "model.onnx"))
     result = run_cli(
-        ["-m", "cifar.calibrate", "--model-uri", str(tmp_path / "old")], env={"CIFAR_DATA": str(prepared_dir)}
+        ["-m", "cifar.assess.calibrate", "--model-uri", str(tmp_path / "old")], env={"CIFAR_DATA": str(prepared_dir)}
     )
-    assert result.returncode == 2 and "no weights" in result.stderr and "cifar.bundle build" in result.stderr
+    assert result.returncode == 2 and "no weights" in result.stderr and "cifar.promote.bundle build" in result.stderr
     assert "Traceback" not in result.stderr

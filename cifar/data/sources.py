@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar.errors import CifarError
-from cifar.preprocess import decode_image
+from cifar.serve.preprocess import decode_image
 from cifar.settings import settings
 
 CIFAR10_CLASSES = (

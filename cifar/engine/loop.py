@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cifar.config import ExperimentConfig
 from cifar.data.loader import Augmentation, DeviceLoader, images_to_tensor
+from cifar.engine.optim import Lookahead, build_optimizer, lr_factor
 from cifar.engine.steps import (
     EpochCallback,
     EpochMetrics,
@@ -27,9 +28,8 @@ from cifar.engine.steps import (
     evaluate,
     train_step,
 )
+from cifar.engine.trainstate import TrainingInterrupted, TrainingState, capture_state, restore_state
 from cifar.errors import CifarError
-from cifar.optim import Lookahead, build_optimizer, lr_factor
-from cifar.trainstate import TrainingInterrupted, TrainingState, capture_state, restore_state
 
 # Steps between the DDP ranks' stop votes: a one-number all-reduce (a GPU sync) every 8 steps,
 # not every step; a stop waits at most 7 steps.

@@ -1,7 +1,7 @@
 """Hyperparameter search: an Optuna study whose trials are ordinary tracked training runs.
 
 The space is data (``experiments/search/<name>.yaml``). Each trial trains through
-``cifar.training.train_experiment`` as a nested MLflow run under one parent run per study,
+``cifar.run.training.train_experiment`` as a nested MLflow run under one parent run per study,
 reports validation accuracy per epoch and is pruned early when it falls behind. The
 objective is validation accuracy; the test split plays no part in any choice.
 """
@@ -54,7 +54,7 @@ def default_storage() -> str:
     """``optuna.db`` beside the local MLflow store (``mlflow.db``), else in the current folder."""
     import mlflow
 
-    from cifar.locks import sqlite_file
+    from cifar.ops.locks import sqlite_file
 
     database = sqlite_file(mlflow.get_tracking_uri())
     folder = database.parent if database is not None else Path(".")
@@ -66,7 +66,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int):
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    from cifar.locks import sqlite_lock
+    from cifar.ops.locks import sqlite_lock
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
@@ -206,7 +206,7 @@ def objective_for(
     """The objective: one tracked training run per trial, pruned on validation accuracy."""
     import optuna
 
-    from cifar.training import TrainOptions, train_experiment
+    from cifar.run.training import TrainOptions, train_experiment
 
     def objective(trial: optuna.Trial) -> float:
         chosen = suggest(trial, space)
@@ -264,7 +264,7 @@ class _StopTrial(Exception):
 
 def _follow_trials(options: TuneOptions) -> None:
     """Ranks > 0 under torchrun: train each trial rank 0 announces, until it announces the end."""
-    from cifar.training import TrainOptions, train_experiment
+    from cifar.run.training import TrainOptions, train_experiment
 
     while (overrides := _broadcast()) is not None:
 
@@ -289,8 +289,8 @@ def run_search(options: TuneOptions) -> Any:
     Under torchrun this worker's trials each train on all the ranks (DistributedDataParallel):
     rank 0 runs Optuna and MLflow and tells the others which trial to train; they return None.
     """
-    from cifar.distributed import launched_by_torchrun, process_group
     from cifar.engine import resolve_device
+    from cifar.run.distributed import launched_by_torchrun, process_group
 
     if not launched_by_torchrun():
         return _run_search(options)

@@ -11,7 +11,7 @@
 
 ``push`` uploads whatever is staged and not yet sent, in that order, and removes the folder once
 the run's end is recorded on the server. While the server is away nothing is lost: training
-goes on, and the next push (the next epoch, the end of the run, or ``python -m cifar.sync``)
+goes on, and the next push (the next epoch, the end of the run, or ``python -m cifar sync``)
 sends the rest.
 """
 

@@ -3,7 +3,7 @@
 Per-epoch metrics are written to the run's outbox and sent by a background thread; figures,
 weights and the ONNX model are staged there after the training clock stops, then uploaded. If
 the tracking server is away, training goes on and the outbox keeps everything for
-``python -m cifar.sync`` (see ``cifar.tracking.outbox``).
+``python -m cifar sync`` (see ``cifar.tracking.outbox``).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class TrainingRun:
                     pass  # the outbox holds the end; sync records it
             print(
                 f"Run {self.run_id} is not on the tracking server yet: its results are kept in {self.outbox.folder}. "
-                f"Upload them with `python -m cifar.sync` once {self.outbox.run['tracking_uri']} answers.",
+                f"Upload them with `python -m cifar sync` once {self.outbox.run['tracking_uri']} answers.",
                 flush=True,
             )
         return False
@@ -172,7 +172,7 @@ class TrainingRun:
             print(
                 f"warning: {problem} ({type(exc).__name__}: {str(exc)[:200]}). "
                 f"Training goes on; this run's metrics and results are kept in {self.outbox.folder} "
-                "and sent when it answers (or later with: python -m cifar.sync).",
+                "and sent when it answers (or later with: python -m cifar sync).",
                 flush=True,
             )
 
@@ -222,7 +222,7 @@ class TrainingRun:
         self._push_in_background()
 
     def publish(self, results) -> None:
-        """Publish a results folder (``cifar.results``): its metrics, artifact folders and model.
+        """Publish a results folder (``cifar.run.results``): its metrics, artifact folders and model.
 
         The folder's files move into the outbox, then go up; ``model_uri`` is set once the model is
         on the server (it stays None while the server is away). The final metrics are linked to the
@@ -309,7 +309,7 @@ class TensorBoardLog:
                 self.writer.add_scalar(name, value, m.epoch)
 
     def results(self, cfg: ExperimentConfig, augmented_png: Path, confusion_png: Path, final: dict[str, float]) -> None:
-        """The results' figures as TensorBoard images (drawn once, by ``cifar.results``) and the hparams table."""
+        """The results' figures as TensorBoard images (drawn once, by ``cifar.run.results``) and the hparams table."""
         from PIL import Image
 
         for tag, path in (("augmented_batch", augmented_png), ("confusion_matrix", confusion_png)):

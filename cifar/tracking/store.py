@@ -47,7 +47,7 @@ def check_tracking_store() -> str:
     if uri.startswith(("http://", "https://")):
         ping_tracking_server(uri)
     else:
-        from cifar.locks import sqlite_lock
+        from cifar.ops.locks import sqlite_lock
 
         # Two processes creating a new SQLite store at once race on its tables: one at a time.
         with sqlite_lock(uri, "init"):
@@ -74,7 +74,7 @@ def git_state() -> dict[str, str]:
 def onnx_signature(proto):
     """The model's MLflow signature, read from the graph itself: each input and output, its dtype and shape.
 
-    The graph is the contract (``cifar.contract``): what it declares is what any client gets.
+    The graph is the contract (``cifar.serve.contract``): what it declares is what any client gets.
     """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -135,7 +135,7 @@ def replace_logged_model(model_id: str, proto, metadata: dict[str, Any], example
 
     Every registered version of that model serves the new files. The model keeps its identity
     (id, run, creation time, from its MLmodel file); a tag records the rewrite, which is also a
-    write to the store, so copies in ``cifar.modelcache`` are fetched again.
+    write to the store, so copies in ``cifar.serve.modelcache`` are fetched again.
     """
     import tempfile
     import time

@@ -4,8 +4,8 @@
       metrics.json        the final metrics (the code's names; tracking gives them their MLflow names)
       tags.json           tags for the run's end: its description, OOD sets not measured
       plots/              training_curves.png
-      evaluation/         the test report (cifar.evaluate): confusion matrix, per-class table, ...
-      trust/              reliability diagrams, OOD score histogram, trust.json (cifar.calibrate)
+      evaluation/         the test report (cifar.assess.evaluate): confusion matrix, per-class table, ...
+      trust/              reliability diagrams, OOD score histogram, trust.json (cifar.assess.calibrate)
       weights/            model.safetensors + model_config.json
       model/              the served model: model.onnx, metadata.json, example.npy
       tensorboard/        augmented_batch.png, for the run's TensorBoard images (not an artifact folder)
@@ -56,14 +56,14 @@ class Results:
 def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model, served) -> Results:
     """Every file a tracked run publishes, written into ``folder`` (created).
 
-    ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.calibrate.ServedModel``) is
+    ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.assess.calibrate.ServedModel``) is
     the exported graph with its fitted constants.
     """
-    from cifar.calibration import write_trust_report
-    from cifar.contract import PROBABILITIES
-    from cifar.export import save_weights
+    from cifar.assess.calibration import write_trust_report
     from cifar.plots import training_curves
-    from cifar.report import build_report, write_report
+    from cifar.run.export import save_weights
+    from cifar.run.report import build_report, write_report
+    from cifar.serve.contract import PROBABILITIES
 
     folder.mkdir(parents=True, exist_ok=True)
     calibration = served.calibration
@@ -120,7 +120,7 @@ def augmented_batch(cfg: ExperimentConfig, data, count: int = 64):
 
 def run_description(cfg: ExperimentConfig, final: dict[str, float], not_measured=()) -> str:
     """The run page's Description (MLflow's ``mlflow.note.content``): the recipe and what it reached."""
-    from cifar.trust import headline_ood_auroc
+    from cifar.assess.trust import headline_ood_auroc
 
     ood = headline_ood_auroc(final)
     lines = [

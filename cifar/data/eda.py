@@ -1,6 +1,6 @@
 """Exploratory data analysis of the prepared cache, logged as an MLflow run (experiment ``eda``).
 
-    python -m cifar.eda [--data-dir DIR]          (MLproject entry point: eda)
+    python -m cifar eda [--data-dir DIR]          (MLproject entry point: eda)
 
 Class balance, the per-channel statistics training normalizes with, per-class colour
 histograms, a per-image statistics table with box plots, sample and augmentation grids,
@@ -256,7 +256,7 @@ def run_eda(data_dir: Path | None = None, experiment: str = "eda") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.eda", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar eda", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", default="", help="prepared data (default $CIFAR_DATA or ./data)")
     parser.add_argument("--experiment", default="eda")

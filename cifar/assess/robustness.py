@@ -1,6 +1,6 @@
-"""``python -m cifar.robustness --model-uri URI``: test accuracy under common corruptions.
+"""``python -m cifar robustness --model-uri URI``: test accuracy under common corruptions.
 
-Seven corruptions (``cifar.corruptions``) at five severities are generated on the fly from the
+Seven corruptions (``cifar.assess.corruptions``) at five severities are generated on the fly from the
 test split (CIFAR-10-C style); the table and plot are logged as an MLflow run linked to the model
 version (tag ``robustness_run_id``), whose ``mean_corruption_accuracy`` tag the registry shows.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cifar.assess.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cifar.cli import run_cli
-from cifar.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from cifar.registered import PRODUCTION_URI, VersionTags, registered_version
+from cifar.serve.registered import PRODUCTION_URI, VersionTags, registered_version
 
 
 def sample_test_split(data, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +57,8 @@ def robustness_report(
     import mlflow
 
     from cifar.data import ensure_cache
-    from cifar.inference import Predictor
     from cifar.plots import corruption_figure
+    from cifar.serve.inference import Predictor
     from cifar.tracking import check_tracking_store
 
     check_tracking_store()
@@ -97,7 +97,9 @@ def robustness_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.robustness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar robustness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-uri", default=PRODUCTION_URI)
     parser.add_argument("--images", type=int, default=2000, help="test images per condition (0: all 10,000)")

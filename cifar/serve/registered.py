@@ -43,7 +43,7 @@ class VersionTags:
     study: str = ""
     selection_metric: str = ""
     source: str = ""  # "training run", or "bundled" (models/bundled)
-    precision: str = ""  # "" is float32; "int8" (cifar.quantize)
+    precision: str = ""  # "" is float32; "int8" (cifar.assess.quantize)
     test_ece: float | None = None
     ood_auroc: float | None = None  # the lowest over ood_auroc_sets
     ood_auroc_sets: str = ""
@@ -78,8 +78,8 @@ class VersionTags:
         return cls(**values, extra=extra)
 
     def with_trust(self, metrics: dict[str, float], corruption: float | None = None) -> VersionTags:
-        """These tags with the trust figures of a run's metrics (code names; see ``cifar.trust``)."""
-        from cifar.trust import headline_ood_auroc, ood_auroc_sets
+        """These tags with the trust figures of a run's metrics (code names; see ``cifar.assess.trust``)."""
+        from cifar.assess.trust import headline_ood_auroc, ood_auroc_sets
 
         return replace(
             self,

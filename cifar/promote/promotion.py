@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifar import registry
-from cifar.candidates import Candidate
-from cifar.registered import MODEL_NAME, VersionTags
+from cifar.promote import registry
+from cifar.promote.candidates import Candidate
+from cifar.serve.registered import MODEL_NAME, VersionTags
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def decide_promotion(req: PromotionRequest) -> Promotion:
     already = registry.is_production(decision.champion, candidate.run_id, precision)
     variant, notes = VersionTags(), []
     if req.int8 and not (already or decision.refused or req.dry_run):
-        from cifar.quantize import describe, int8_candidate, int8_shortfall, int8_tags
+        from cifar.assess.quantize import describe, int8_candidate, int8_shortfall, int8_tags
 
         candidate, quantized = int8_candidate(candidate, req.data_dir)
         notes.append(describe(quantized))

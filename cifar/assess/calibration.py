@@ -3,7 +3,7 @@
 Every training run does this at its end, on the PyTorch model, before the graph is exported
 (``serve_model``); ``refit`` does it again on a served graph. Pure: arrays and graphs in,
 constants, metrics and figures out (``write_trust_report``); nothing here talks to MLflow.
-``python -m cifar.calibrate`` applies it to logged and registered models.
+``python -m cifar calibrate`` applies it to logged and registered models.
 
 Fitting uses training and validation images only: the score's class means and covariance come
 from training images, the temperature and the threshold from the validation split. The test
@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cifar import contract
-from cifar.trust import (
+from cifar.assess.trust import (
     ACCEPT_RATE,
     FASHION_MNIST_MISSING,
     OodSet,
@@ -33,6 +32,7 @@ from cifar.trust import (
     fit_temperature,
     generated_ood_images,
 )
+from cifar.serve import contract
 
 # Training images the score is fitted on: all 45,000 gain little for a feature pass 4.5 times as long
 # in every run and trial (benchmarks/ood_scores.py, RESULTS.md 2026-12-02).
@@ -119,7 +119,7 @@ def serve_model(
     test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ServedModel:
     """A trained PyTorch model -> its served graph, constants fitted on this data (training, bundle build)."""
-    from cifar.export import export_served, feature_layout, served_parity, torch_network
+    from cifar.run.export import export_served, feature_layout, served_parity, torch_network
 
     tta = bool(metadata.get("tta"))
     net = torch_network(model, device, tta=tta, batch_size=batch_size, channels_last=channels_last)

@@ -1,7 +1,7 @@
 """The model shipped with the repository (``models/bundled/``), so a fresh clone serves predictions.
 
-``python -m cifar.bundle build --weights DIR`` turns a training's safetensors weights (from
-``train.py --save-dir``) into an MLflow model folder with the served graph (``cifar.contract``),
+``python -m cifar bundle build --weights DIR`` turns a training's safetensors weights (from
+``train.py --save-dir``) into an MLflow model folder with the served graph (``cifar.serve.contract``),
 its constants fitted on this machine's cache, and a model card measured on the test split.
 ``quantize`` replaces it by its int8 model, re-measured. ``register.py --import-bundled`` puts it
 in the registry. ``dequantize`` recovers float weights from an int8 bundle whose float weights
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar import contract
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
 from cifar.errors import CifarError
-from cifar.registered import MODEL_NAME, VersionTags
-from cifar.registry import describe_registered_model
+from cifar.promote.registry import describe_registered_model
+from cifar.serve import contract
+from cifar.serve.registered import MODEL_NAME, VersionTags
 from cifar.tracking.names import mlflow_metrics
 
 BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
@@ -35,9 +35,9 @@ def build_bundle(
     """Weights -> a bundle folder: the served graph fitted on this cache, measured, with its card."""
     import torch
 
-    from cifar.calibration import serve_model
+    from cifar.assess.calibration import serve_model
     from cifar.data import ensure_cache
-    from cifar.export import load_weights
+    from cifar.run.export import load_weights
 
     model, meta = load_weights(weights_dir)
     data = ensure_cache(data_dir)
@@ -83,8 +83,8 @@ def quantize_bundle(bundle_dir: Path = BUNDLE_DIR, data_dir: Path | None = None,
 
     import onnx
 
+    from cifar.assess.quantize import quantize_model
     from cifar.data import ensure_cache
-    from cifar.quantize import quantize_model
 
     bundle_dir = Path(bundle_dir)
     metrics = json.loads((bundle_dir / "metrics.json").read_text())
@@ -123,9 +123,9 @@ def _write_bundle(
     folder: Path, proto, metadata: dict, data, metrics: dict, recipe: dict, calibration, robustness_images: int = 0
 ) -> None:
     """The MLflow model folder and its card, every figure measured through the saved graph on ``data``."""
-    from cifar.inference import Predictor
     from cifar.metrics import confusion_matrix, per_class_report
     from cifar.plots import confusion_matrix_figure
+    from cifar.serve.inference import Predictor
     from cifar.tracking import save_onnx_model_folder
 
     save_onnx_model_folder(proto, metadata, np.asarray(data.images["val"][:2]), folder)
@@ -145,14 +145,14 @@ def _write_bundle(
         }
     )
     if robustness_images > 0:
-        from cifar.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
+        from cifar.assess.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
 
         images, sample_labels = sample_test_split(data, robustness_images)
         metrics["mean_corruption_accuracy"] = mean_corruption_accuracy(
             corruption_table(served.predicted_classes, images, sample_labels)
         )
         metrics["mean_corruption_accuracy_note"] = (
-            f"python -m cifar.bundle quantize: 7 corruptions x 5 severities, {robustness_images} test images"
+            f"python -m cifar bundle quantize: 7 corruptions x 5 severities, {robustness_images} test images"
         )
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (folder / "per_class.csv").write_text(report.to_csv(index=False, float_format="%.4f"))
@@ -165,25 +165,25 @@ def _write_bundle(
 def model_card(meta: dict, metrics: dict, report, recipe: dict) -> str:
     int8 = bool(metrics.get("quantization"))
     parity_of = " (the float model it was quantized from)" if int8 else ""
-    quantized = " and `python -m cifar.bundle quantize`" if int8 else ""
+    quantized = " and `python -m cifar bundle quantize`" if int8 else ""
     rows = "\n".join(
         f"| {r['class']} | {r['recall']:.1%} | {r['precision']:.1%} | {r['f1']:.3f} |"
         for r in report.to_dict(orient="records")
     )
     recovered = metrics.get("recovered_from")
     lineage = (
-        "\n- **Weights**: the float weights of that training were not kept; `python -m cifar.bundle dequantize` "
-        f"recovered them from the earlier int8 bundle ({recovered}), then `python -m cifar.bundle build "
+        "\n- **Weights**: the float weights of that training were not kept; `python -m cifar bundle dequantize` "
+        f"recovered them from the earlier int8 bundle ({recovered}), then `python -m cifar bundle build "
         f"--weights DIR`{quantized} made this one."
         if recovered
-        else f", then `python -m cifar.bundle build --weights DIR`{quantized}."
+        else f", then `python -m cifar bundle build --weights DIR`{quantized}."
     )
     return f"""# Bundled model: `{meta["model"]}` (width {meta["width"]}{", int8" if int8 else ""})
 
 The model a fresh clone serves until you register your own (`python register.py --import-bundled`,
 run by `make app` on an empty store). An MLflow ONNX model that answers for any client
 (`mlflow models serve`, `mlflow.pyfunc`, ONNX Runtime): uint8 images (N×32×32×3) in; `label`,
-calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`cifar/contract.py`).
+calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`cifar/serve/contract.py`).
 
 - **Data**: CIFAR-10 (JPEG copy, `{metrics["data_source"]}`), cache digest `{metrics["data_digest"][:12]}`;
   45,000 training / 5,000 validation (stratified, seed 0) / 10,000 test images.
@@ -192,7 +192,7 @@ calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`ci
   {recipe.get("augment", {})}, label smoothing {recipe.get("train", {}).get("label_smoothing")}, flip TTA in the graph.
 - **Trained with**: `{metrics.get("trained_with") or "python train.py --experiment NAME --save-dir DIR"}`
   ({metrics.get("train_seconds") or 0:.1f} s of training){lineage}
-- **Accuracy** (measured by `cifar.bundle {"quantize" if int8 else "build"}` on this cache, test split, once,
+- **Accuracy** (measured by `cifar.promote.bundle {"quantize" if int8 else "build"}` on this cache, test split, once,
   through the saved graph): **{metrics["test_accuracy"]:.2%}** top-1; validation {metrics["val_accuracy"]:.2%}.
 - ONNX Runtime vs PyTorch logits: max |diff| {metrics["onnx_max_abs_diff"]:.1e} on 64 validation images{parity_of}.
 {_int8_lines(metrics)}{_corruption_line(metrics)}
@@ -224,7 +224,7 @@ def _int8_lines(metrics: dict) -> str:
     if not q:
         return ""
     return (
-        f"- **int8** (`python -m cifar.bundle quantize`): ONNX Runtime static quantization calibrated on "
+        f"- **int8** (`python -m cifar bundle quantize`): ONNX Runtime static quantization calibrated on "
         f"{q['calibration_images']} validation images, the contract's head left in float; test accuracy "
         f"{q['float_test_accuracy']:.2%} as float, {metrics['test_accuracy']:.2%} as int8; the two give the same "
         f"label to {q['val_agreement']:.2%} of validation images. How much faster depends on the CPU "
@@ -240,7 +240,7 @@ def _trust_lines(trust: dict) -> str:
         for name in sets
     )
     missing = "".join(f"\n- {name}: {why}" for name, why in trust.get("not_measured", {}).items())
-    return f"""Fitted by `cifar.calibrate` on this cache (training and validation images only) and stored as
+    return f"""Fitted by `cifar.assess.calibrate` on this cache (training and validation images only) and stored as
 constants of the graph:
 - temperature {trust["temperature"]:.3f}: test ECE {m["test_ece_uncalibrated"]:.3f} → {m["test_ece_calibrated"]:.3f},
   NLL {m["test_nll_uncalibrated"]:.3f} → {m["test_nll_calibrated"]:.3f};
@@ -266,7 +266,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
     import yaml
     from mlflow.models import Model
 
-    from cifar.registry import (
+    from cifar.promote.registry import (
         PRODUCTION,
         _client,
         _has_model,
@@ -334,7 +334,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.bundle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar bundle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="weights folder -> models/bundled/")
@@ -352,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dequantize":
         recipe = args.onnx.parent / "recipe.json"
-        from cifar.quantize import dequantize_weights
+        from cifar.assess.quantize import dequantize_weights
 
         out = dequantize_weights(args.onnx, args.out, recipe if recipe.is_file() else None)
-        print(f"float weights in {out}; next: python -m cifar.bundle build --weights {out}")
+        print(f"float weights in {out}; next: python -m cifar bundle build --weights {out}")
         return 0
     if args.command == "quantize":
         metrics = quantize_bundle(args.bundle, args.data_dir, args.robustness_images)

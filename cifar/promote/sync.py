@@ -1,6 +1,6 @@
 """Upload runs that finished while the tracking server was away.
 
-    python -m cifar.sync [--outbox mlflow-outbox] [--tracking-uri URI] [--list]
+    python -m cifar sync [--outbox mlflow-outbox] [--tracking-uri URI] [--list]
 
 Each folder of the outbox (see ``cifar.tracking.outbox``) is one run: its metrics, artifacts,
 model and end status go to the run's own tracking server (recorded when the run started), or to
@@ -44,7 +44,7 @@ def sync_outbox(root: Path | None = None, tracking_uri: str | None = None) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cifar.sync", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cifar sync", description=__doc__.split("\n\n")[0])
     p.add_argument("--outbox", type=Path, help="default $CIFAR_OUTBOX or ./mlflow-outbox")
     p.add_argument("--tracking-uri", help="send to this server instead of the one each run started on")
     p.add_argument("--list", action="store_true", help="only list what is waiting")

@@ -1,4 +1,4 @@
-"""The MLflow model registry: register the chosen run (``cifar.candidates``), promote, roll back.
+"""The MLflow model registry: register the chosen run (``cifar.promote.candidates``), promote, roll back.
 
 Promotion is champion/challenger: the alias ``production`` (MLflow 3's convention; the app
 loads ``models:/cifar10-classifier@production``) moves only when the challenger beats the
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar.candidates import METRIC_ALIASES, Candidate, find_best_run, has_trained_runs  # noqa: F401 (re-exported)
 from cifar.errors import CifarError
-from cifar.registered import MODEL_NAME, PREVIOUS, PRODUCTION, VersionTags, production_uri, registered_version
+from cifar.promote.candidates import METRIC_ALIASES, Candidate, find_best_run, has_trained_runs  # noqa: F401 (re-exported)
+from cifar.serve.registered import MODEL_NAME, PREVIOUS, PRODUCTION, VersionTags, production_uri, registered_version
 
 
 def _client():
@@ -44,9 +44,9 @@ class Assessment:
 
 def assess_model(model_uri: str, data_dir: Path | None = None, robustness_images: int = 500) -> Assessment:
     """Re-evaluate a logged model through the serving path (ONNX Runtime): test split, corruptions."""
+    from cifar.assess.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
     from cifar.data import ensure_cache
-    from cifar.inference import Predictor
-    from cifar.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
+    from cifar.serve.inference import Predictor
 
     data = ensure_cache(data_dir)
     predictor = Predictor.from_uri(model_uri)
@@ -69,7 +69,7 @@ def production_version(name: str = MODEL_NAME):
 
 def registry_lock():
     """Serialise promotions on a local SQLite store."""
-    from cifar.locks import sqlite_lock
+    from cifar.ops.locks import sqlite_lock
 
     return sqlite_lock(_tracking_uri(), "register")
 
@@ -116,7 +116,7 @@ class Decision:
 
 def trust_shortfall(candidate: Candidate, max_ece: float | None, min_ood_auroc: float | None) -> str | None:
     """Why the candidate misses a required trust minimum, or None when it meets them all."""
-    fix = f"measure it with: python -m cifar.calibrate --run-id {candidate.run_id}"
+    fix = f"measure it with: python -m cifar calibrate --run-id {candidate.run_id}"
     if max_ece is not None:
         if candidate.ece is None:
             return f"the run has no calibration error (test_ece_calibrated) for --max-ece; {fix}"
@@ -246,8 +246,8 @@ def register_and_promote(
 
 def describe_registered_model(name: str = MODEL_NAME) -> None:
     """Give the registered model its description (what it is, its input and outputs) if it has none yet."""
-    from cifar import contract
     from cifar.data.sources import CIFAR10_CLASSES
+    from cifar.serve import contract
 
     client = _client()
     if not client.get_registered_model(name).description:

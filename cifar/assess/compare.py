@@ -1,4 +1,4 @@
-"""Compare runs side by side: ``python -m cifar.compare RUN_ID... | --experiment NAME [--top N]``.
+"""Compare runs side by side: ``python -m cifar compare RUN_ID... | --experiment NAME [--top N]``.
 
 Pulls runs with ``mlflow.search_runs`` into a DataFrame, prints the recipe fields that differ
 with validation/test accuracy and training time, plots their validation curves on one figure,
@@ -134,7 +134,7 @@ def _has_tabulate() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_ids", nargs="*", metavar="RUN_ID")
     parser.add_argument("--experiment", help="compare the best runs of this MLflow experiment")

@@ -1,14 +1,14 @@
 """int8 models for serving: ONNX Runtime static quantization, calibrated on the validation split.
 
-    python -m cifar.quantize --run-id RUN_ID                      # logs model_int8 to the run
-    python -m cifar.quantize --model-uri models/bundled --out DIR  # writes an MLflow model folder
+    python -m cifar quantize --run-id RUN_ID                      # logs model_int8 to the run
+    python -m cifar quantize --model-uri models/bundled --out DIR  # writes an MLflow model folder
     python register.py --int8                                      # quantizes the chosen run, registers that
 
 Weights become int8 per output channel (7-bit range, see ``quantize_onnx``), activations uint8
 with ranges taken from validation images (the 99.999th percentile of each tensor: a few extreme
 activations do not widen the range for all the others). The contract's head (temperature, the
 out-of-distribution score and its threshold) stays in float, and its constants are refitted on
-the int8 network's own logits and features (``cifar.calibrate.refit``); its accuracy is measured on validation
+the int8 network's own logits and features (``cifar.assess.calibrate.refit``); its accuracy is measured on validation
 (against the float model's, for ``register.py --max-int8-drop``) and on test, for the record. It
 runs about 2x faster than the float model even on 2 AVX2 cores without VNNI
 (``benchmarks/inference.py``, RESULTS.md).
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from cifar import contract
+from cifar.assess.trust import TrustProfile
 from cifar.cli import run_cli
 from cifar.errors import CifarError
-from cifar.trust import TrustProfile
+from cifar.serve import contract
 
 INT8_ARTIFACT = "model_int8"
 INT8_URI_TAG = "model_int8_uri"
@@ -78,7 +78,7 @@ def whole_batches(images: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> np
 def quantize_onnx(source: Path, calibration: np.ndarray, target: Path, batch_size: int = CALIBRATION_BATCH) -> Path:
     """Quantize ``source`` into ``target``: QDQ, int8 weights per channel (7-bit range), uint8 activations.
 
-    The contract's head (``cifar.contract``) is left in float: its distances and softmax need the range.
+    The contract's head (``cifar.serve.contract``) is left in float: its distances and softmax need the range.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -131,8 +131,8 @@ def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int 
     """Quantize a float served model on ``data``'s validation images; refit its constants; measure it."""
     import onnx
 
-    from cifar.calibration import refit
-    from cifar.inference import Predictor
+    from cifar.assess.calibration import refit
+    from cifar.serve.inference import Predictor
 
     start = time.perf_counter()
     original = Predictor(onnx_path)
@@ -190,7 +190,7 @@ def quantize_run(
     import mlflow
 
     from cifar.data import ensure_cache
-    from cifar.inference import Predictor
+    from cifar.serve.inference import Predictor
     from cifar.tracking import check_tracking_store, log_derived_model
 
     check_tracking_store()
@@ -218,7 +218,7 @@ def quantize_run(
 
 
 def int8_candidate(candidate, data_dir: Path | None = None, calibration_images: int = CALIBRATION_IMAGES):
-    """The registry candidate (``cifar.registry.Candidate``) with its run's model replaced by the int8 one.
+    """The registry candidate (``cifar.promote.registry.Candidate``) with its run's model replaced by the int8 one.
 
     Returns (candidate, QuantizedModel); the int8 model's own trust figures replace the run's, and its
     validation figure is the run's less what int8 loses, so it competes with production as served.
@@ -241,8 +241,8 @@ def int8_shortfall(result: QuantizedModel, max_drop: float) -> str | None:
 
 
 def int8_tags(result: QuantizedModel):
-    """What an int8 version's tags add (``cifar.registered.VersionTags``): its precision and int8 figures."""
-    from cifar.registered import VersionTags
+    """What an int8 version's tags add (``cifar.serve.registered.VersionTags``): its precision and int8 figures."""
+    from cifar.serve.registered import VersionTags
 
     return VersionTags(precision="int8", extra={k: f"{v:.6f}" for k, v in result.metrics().items()})
 
@@ -257,7 +257,7 @@ def save_model_folder(result: QuantizedModel, out: Path, example: np.ndarray) ->
 
 
 def describe(result: QuantizedModel) -> str:
-    from cifar.calibration import describe as describe_trust
+    from cifar.assess.calibration import describe as describe_trust
 
     return (
         f"int8 model: validation accuracy {result.val_accuracy:.4f} (float {result.float_val_accuracy:.4f}, "
@@ -268,7 +268,9 @@ def describe(result: QuantizedModel) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar quantize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="a training run with a logged model: the int8 model is logged to it")
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model-uri needs --out DIR (or use --run-id to log the int8 model to its run)")
     from cifar.data import ensure_cache
     from cifar.errors import writable_dir
-    from cifar.inference import Predictor
+    from cifar.serve.inference import Predictor
 
     if args.out.exists() and any(args.out.iterdir()):
         raise CifarError(f"--out {args.out} is not empty; name a new folder.")
@@ -318,8 +320,8 @@ def dequantize_weights(onnx_path: Path, out: Path, recipe: Path | None = None) -
     import torch
     from onnx import numpy_helper
 
-    from cifar.export import save_weights
     from cifar.models import create_model
+    from cifar.run.export import save_weights
 
     proto = onnx.load(str(onnx_path))
     tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}

@@ -15,15 +15,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cifar.calibration import describe as describe_calibration
-from cifar.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
+from cifar.assess.calibration import describe as describe_calibration
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
 from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
+from cifar.engine.trainstate import TrainingInterrupted, TrainingState
 from cifar.errors import CifarError, Pruned, writable_dir
 from cifar.models import create_model
-from cifar.results import write_results
-from cifar.trainstate import TrainingInterrupted, TrainingState
+from cifar.run.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
+from cifar.run.results import write_results
 
 
 @dataclass
@@ -105,7 +105,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOutcome:
     """Train ``cfg`` (under torchrun: as one rank of DistributedDataParallel) and test it once."""
-    from cifar.distributed import process_group
+    from cifar.run.distributed import process_group
 
     options = options or TrainOptions()
     with process_group(resolve_device(options.device)) as group:
@@ -269,7 +269,7 @@ def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run,
 
 
 def _metadata(cfg: ExperimentConfig, data) -> dict:
-    from cifar.export import model_metadata
+    from cifar.run.export import model_metadata
 
     return model_metadata(
         cfg.model.name, cfg.model.width, data.classes, data.mean, std=data.std,
@@ -279,7 +279,7 @@ def _metadata(cfg: ExperimentConfig, data) -> dict:
 
 def _save_weights_and_results(model, folder: Path, metadata: dict, cfg: ExperimentConfig, result, test) -> None:
     """``--save-dir``: safetensors weights with the recipe and results beside them."""
-    from cifar.export import save_weights
+    from cifar.run.export import save_weights
 
     results = {
         "best_val_accuracy": result.best_val_accuracy,
@@ -309,7 +309,7 @@ def _served_evaluate(model, images, labels, device, t) -> EvalResult:
 
 def _served_model(model, data, test: EvalResult, device, t, metadata, run_id: str, val_accuracy: float):
     """The served graph, its constants fitted on training and validation images, checked against PyTorch."""
-    from cifar.calibration import serve_model
+    from cifar.assess.calibration import serve_model
 
     metadata = {**metadata, "run_id": run_id, "val_accuracy": val_accuracy, "test_accuracy": test.accuracy}
     served = serve_model(

@@ -1,7 +1,7 @@
 """How far to trust a prediction: fitting the temperature and the "none of these" score, and measuring them.
 
 Pure NumPy (scikit-learn for one covariance estimate), no torch. The numbers fitted here become
-constants of the served ONNX graph (``cifar.contract``); the graph, not this module, applies
+constants of the served ONNX graph (``cifar.serve.contract``); the graph, not this module, applies
 them, so what is measured here is measured on the graph's own outputs.
 """
 
@@ -110,7 +110,7 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 class TrustProfile:
     """The record of a served model's calibration and "none of these" score: what was fitted and measured.
 
-    The numbers that act are constants of the ONNX graph (``cifar.contract``); this record travels
+    The numbers that act are constants of the ONNX graph (``cifar.serve.contract``); this record travels
     beside them in the graph's metadata (written by the same call) for display and for the registry.
     """
 

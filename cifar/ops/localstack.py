@@ -4,8 +4,8 @@ Used by the integration tests, the benchmarks and ``make server``/``make postgre
 team set-up on one machine. A real team runs the same two engines as services (README, "Team
 set-up"); nothing here replaces them.
 
-    python -m cifar.localstack postgres --dir .pg --port 5433     # prints the database URL
-    python -m cifar.localstack server --backend-store-uri URL --artifacts-destination DIR --port 5000
+    python -m cifar stack postgres --dir .pg --port 5433     # prints the database URL
+    python -m cifar stack server --backend-store-uri URL --artifacts-destination DIR --port 5000
 
 Servers bind to 127.0.0.1 unless told otherwise; ``stop()`` (or leaving the ``with`` block)
 ends every process they started.
@@ -189,7 +189,7 @@ class MlflowServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cifar.localstack", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cifar stack", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pg = sub.add_parser("postgres", help="start a private PostgreSQL cluster (stays up; stop with pg_ctl)")
     pg.add_argument("--dir", type=Path, default=Path(".pg"))

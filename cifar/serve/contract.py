@@ -42,7 +42,7 @@ VERSION = 2  # 1: float32 N x 3 x 32 x 32 in, logits out (models logged before 2
 NET_LOGITS, FEATURES = "net_logits", "features"  # the network's outputs, inside the graph
 METADATA_KEY = "cifar"  # the ONNX metadata entry: classes, recipe, the trust record
 OPSET = 18
-_P = "contract/"  # name prefix of the head's nodes and constants (cifar.quantize leaves them in float)
+_P = "contract/"  # name prefix of the head's nodes and constants (cifar.assess.quantize leaves them in float)
 
 
 def describe(classes: Sequence[str]) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def model_description(classes: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Constants:
-    """The fitted numbers the head is made of (``cifar.calibrate`` fits them; this module writes them)."""
+    """The fitted numbers the head is made of (``cifar.assess.calibrate`` fits them; this module writes them)."""
 
     temperature: float
     threshold: float  # on ood_score; above it an image is "none of these"

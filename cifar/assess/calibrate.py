@@ -1,13 +1,13 @@
 """Refit the served graph's constants of a logged model, a registered version or a model folder.
 
-    python -m cifar.calibrate --run-id RUN_ID
-    python -m cifar.calibrate --model-uri models:/cifar10-classifier@production
-    python -m cifar.calibrate --model-uri models/bundled
+    python -m cifar calibrate --run-id RUN_ID
+    python -m cifar calibrate --model-uri models:/cifar10-classifier@production
+    python -m cifar calibrate --model-uri models/bundled
 
 rewrites the graph's constants (in the logged model in MLflow, which every registered version
 of it shares) and logs the metrics and figures to the run. A model logged in the old format
 (float N x 3 x 32 x 32 in, logits out) is re-exported from its run's ``weights/`` first. The
-fitting itself is ``cifar.calibration``.
+fitting itself is ``cifar.assess.calibration``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cifar import contract
-from cifar.calibration import (  # noqa: F401 (re-exported: the names users and older code import from here)
+from cifar.assess.calibration import (  # noqa: F401 (re-exported: the names users and older code import from here)
     FIT_IMAGES,
     Calibration,
     ServedModel,
@@ -35,11 +34,12 @@ from cifar.calibration import (  # noqa: F401 (re-exported: the names users and 
 )
 from cifar.cli import run_cli
 from cifar.errors import CifarError
+from cifar.serve import contract
 
 
 def _model_id(model_uri: str) -> str:
     """The MLflow logged-model id behind runs' ``model_uri`` tags and registered versions."""
-    from cifar.registered import logged_model_id
+    from cifar.serve.registered import logged_model_id
 
     model_id = logged_model_id(model_uri)
     if model_id:
@@ -51,13 +51,13 @@ def _reexport(old_metadata: dict[str, Any], weights: Path, data, source: str) ->
     """An old-format model rebuilt in the served format from its safetensors weights."""
     import torch
 
-    from cifar.export import load_weights
+    from cifar.run.export import load_weights
 
     if not (weights / "model.safetensors").is_file():
         raise CifarError(
             f"{source} is in the old format (float N x 3 x 32 x 32 in, logits out) and there are no weights "
             f"(model.safetensors + model_config.json) to re-export it from; retrain it, or rebuild a folder "
-            "with python -m cifar.bundle build --weights DIR."
+            "with python -m cifar bundle build --weights DIR."
         )
     model, _ = load_weights(weights)
     keep = {k: v for k, v in old_metadata.items() if k not in ("input", "trust")}
@@ -132,7 +132,7 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
 
 
 def _onnx_file(folder: Path) -> Path:
-    from cifar.inference import find_onnx
+    from cifar.serve.inference import find_onnx
 
     return find_onnx(folder)
 
@@ -153,7 +153,9 @@ def _download_weights(run_id: str | None, folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar calibrate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="a training run with a logged model")

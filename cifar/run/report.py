@@ -1,7 +1,7 @@
 """The evaluation report: what a model gets right and wrong on labelled images, as figures and tables.
 
 Pure: the served model's probabilities and the labels in, a report and its files out. Every
-training run writes one (``evaluation/``, through ``cifar.results``); ``python -m cifar.evaluate``
+training run writes one (``evaluation/``, through ``cifar.run.results``); ``python -m cifar evaluate``
 makes one for a logged or registered model.
 """
 

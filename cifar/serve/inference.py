@@ -1,9 +1,9 @@
 """The one image -> prediction path: ONNX Runtime on an MLflow ONNX model. Imports no torch.
 
-Used by ``python -m cifar.predict``, the Streamlit app, evaluation and the notebook. Images
-become the model's 32 x 32 uint8 input through ``cifar.preprocess`` (the code that also built
+Used by ``python -m cifar predict``, the Streamlit app, evaluation and the notebook. Images
+become the model's 32 x 32 uint8 input through ``cifar.serve.preprocess`` (the code that also built
 the training cache); everything after that, from normalisation to the calibrated probabilities
-and "none of these", is inside the graph (``cifar.contract``), so this module only reads the
+and "none of these", is inside the graph (``cifar.serve.contract``), so this module only reads the
 graph's outputs: the same answer ``mlflow models serve`` gives.
 """
 
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from cifar import contract
+from cifar.assess.trust import TrustProfile, occlusion_map
 from cifar.errors import CifarError
-from cifar.preprocess import decode_image
-from cifar.registered import PRODUCTION_URI
-from cifar.trust import TrustProfile, occlusion_map
+from cifar.serve import contract
+from cifar.serve.preprocess import decode_image
+from cifar.serve.registered import PRODUCTION_URI
 
 DEFAULT_MODEL_URI = PRODUCTION_URI
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -68,26 +68,26 @@ def find_onnx(folder: Path) -> Path:
 
 
 def _check_contract(session, name: str, classes: list[str]) -> None:
-    """The graph must follow ``cifar.contract``; the old format gets the command that converts it."""
+    """The graph must follow ``cifar.serve.contract``; the old format gets the command that converts it."""
     inputs = session.get_inputs()
     outputs = {o.name: o for o in session.get_outputs()}
     if len(inputs) == 1 and inputs[0].type == "tensor(float)" and list(inputs[0].shape[1:]) == [3, 32, 32]:
         raise CifarError(
             f"{name} is in the old format (float N x 3 x 32 x 32 in, logits out): the calibration and the "
-            f"'none of these' threshold are not in its graph. Convert it: python -m cifar.calibrate --model-uri {name}"
+            f"'none of these' threshold are not in its graph. Convert it: python -m cifar calibrate --model-uri {name}"
         )
     if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape[1:]) != list(contract.IMAGE_SHAPE):
         raise CifarError(f"{name} expects input {inputs[0].type} {inputs[0].shape}, not N x 32 x 32 x 3 uint8 images.")
     missing = [o for o in contract.OUTPUTS if o not in outputs]
     if missing:
-        raise CifarError(f"{name} has no {', '.join(missing)} output; export it with cifar.export.")
+        raise CifarError(f"{name} has no {', '.join(missing)} output; export it with cifar.run.export.")
     width = outputs[contract.PROBABILITIES].shape[-1]
     if width != len(classes):
         raise CifarError(f"{name} outputs {width} classes but its metadata names {len(classes)}.")
 
 
 class Predictor:
-    """A loaded served model (``cifar.contract``), safe to share between threads.
+    """A loaded served model (``cifar.serve.contract``), safe to share between threads.
 
     ONNX Runtime sessions allow concurrent ``run``, but each concurrent run keeps its own activation
     buffers in the session's memory arena; its intra-op pool already uses every core, so more runs at
@@ -113,13 +113,15 @@ class Predictor:
             self.metadata: dict[str, Any] = json.loads(meta[contract.METADATA_KEY])
             self.classes: list[str] = list(self.metadata["classes"])
         except (KeyError, ValueError):
-            raise CifarError(f"{onnx_path} has no cifar metadata (class names); export it with cifar.export.") from None
+            raise CifarError(
+                f"{onnx_path} has no cifar metadata (class names); export it with cifar.run.export."
+            ) from None
         _check_contract(self.session, source or str(onnx_path), self.classes)
         try:  # the record of the graph's constants (written with them), for display
             self.trust = TrustProfile.from_dict(self.metadata.get("trust"))
         except (TypeError, ValueError) as exc:
             raise CifarError(
-                f"the trust record in {onnx_path}'s metadata is unusable ({exc}); rerun python -m cifar.calibrate."
+                f"the trust record in {onnx_path}'s metadata is unusable ({exc}); rerun python -m cifar calibrate."
             ) from None
         self.onnx_path = Path(onnx_path)
         self._slots = threading.BoundedSemaphore(min(8, os.cpu_count() or 2))
@@ -129,14 +131,14 @@ class Predictor:
         """``models:/name@alias``, ``models:/name/N``, ``runs:/id/model``, a model folder or an .onnx file.
 
         A registry model is copied once and reused while the local SQLite store is unchanged
-        (``cifar.modelcache``); ``description`` names the version an alias resolved to.
+        (``cifar.serve.modelcache``); ``description`` names the version an alias resolved to.
         """
         path = Path(uri).expanduser()
         if path.exists():
             return cls(find_onnx(path) if path.is_dir() else path, description=str(path), source=uri)
         if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")):
             raise CifarError(f"model '{uri}' is neither a local path nor a models:/ or runs:/ URI.")
-        from cifar import modelcache
+        from cifar.serve import modelcache
 
         found = modelcache.cached_copy(uri)
         if found is None:
@@ -154,7 +156,7 @@ class Predictor:
         return cls(find_onnx(local) if local.is_dir() else local, description=description, source=uri)
 
     def run(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
-        """The graph's outputs (``cifar.contract.OUTPUTS``) for N x 32 x 32 x 3 uint8 images."""
+        """The graph's outputs (``cifar.serve.contract.OUTPUTS``) for N x 32 x 32 x 3 uint8 images."""
         images = np.asarray(images, np.uint8)
         parts = []
         for start in range(0, len(images), batch_size):
@@ -182,7 +184,7 @@ class Predictor:
         return np.array([index[str(label)] for label in self.run(images)[contract.LABEL]], np.int64)
 
     def predict_arrays(self, images: list[np.ndarray] | np.ndarray, top_k: int = 5) -> list[Prediction]:
-        """Predict a batch of 32x32x3 uint8 images (see ``cifar.preprocess``)."""
+        """Predict a batch of 32x32x3 uint8 images (see ``cifar.serve.preprocess``)."""
         if len(images) == 0:
             return []
         out = self.run(np.stack(list(images)))

@@ -1,4 +1,4 @@
-"""``python -m cifar.predict IMAGE_OR_DIR... [--model-uri URI] [--top-k K] [--json] [--explain DIR]``.
+"""``python -m cifar predict IMAGE_OR_DIR... [--model-uri URI] [--top-k K] [--json] [--explain DIR]``.
 
 Classifies image files (folders are searched recursively) with a logged or registered model.
 Confidences are calibrated (the model's temperature); an image whose out-of-distribution score
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cifar.cli import run_cli
 from cifar.errors import CifarError
-from cifar.inference import DEFAULT_MODEL_URI, NOT_ONE_OF_THE_CLASSES, Predictor
-from cifar.preprocess import decode_image
+from cifar.serve.inference import DEFAULT_MODEL_URI, NOT_ONE_OF_THE_CLASSES, Predictor
+from cifar.serve.preprocess import decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 
@@ -37,7 +37,7 @@ def collect(paths: list[str]) -> list[Path]:
 
 def write_explanation(predictor: Predictor, path: Path, folder: Path, number: int) -> Path:
     """The occlusion map of one image as ``folder/NNNN_<name>.png`` (numbered: names may repeat)."""
-    from cifar.trust import heatmap_overlay
+    from cifar.assess.trust import heatmap_overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     array = decode_image(path, str(path))
@@ -48,7 +48,7 @@ def write_explanation(predictor: Predictor, path: Path, folder: Path, number: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument(

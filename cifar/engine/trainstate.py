@@ -2,7 +2,7 @@
 
 Model, optimizer (momentum buffers and groups), scheduler, EMA, Lookahead's slow weights, the best
 epoch's weights so far, the partial epoch's running sums, history and RNG states.
-``cifar.checkpoint`` writes it to disk; this module never touches files.
+``cifar.run.checkpoint`` writes it to disk; this module never touches files.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar.errors import CifarError
-from cifar.inference import Predictor
-from cifar.registered import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
+from cifar.serve.inference import Predictor
+from cifar.serve.registered import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ModelInfo:
     source: str
     tracking_uri: str
     trust: dict[str, str] = field(default_factory=dict)  # test_ece, ood_auroc, mean_corruption_accuracy, ...
-    precision: str = "float32"  # or int8 (cifar.quantize)
+    precision: str = "float32"  # or int8 (cifar.assess.quantize)
 
     @property
     def uri(self) -> str:
@@ -112,7 +112,7 @@ def run_report(run_id: str) -> RunReport:
 
 def time_one_prediction(predictor: Predictor, image_bytes: bytes, repeats: int = 20) -> float:
     """Median milliseconds for one image: decode, resize, predict."""
-    from cifar.preprocess import decode_image
+    from cifar.serve.preprocess import decode_image
 
     times = []
     for _ in range(repeats):
@@ -133,7 +133,7 @@ def thumbnail(array, size: int = 128) -> bytes:
 
 def explanation_png(predictor: Predictor, array, size: int = 160, stride: int = 4) -> bytes:
     """Occlusion map of the predicted class over the 32x32 input, as PNG bytes."""
-    from cifar.trust import heatmap_overlay
+    from cifar.assess.trust import heatmap_overlay
 
     buf = io.BytesIO()
     heatmap_overlay(array, predictor.explain(array, stride=stride), size).save(buf, format="PNG")

@@ -1,7 +1,7 @@
 """Trained model -> files that are data, not code: safetensors weights + JSON, and the served ONNX graph.
 
 The served graph takes uint8 images as PIL and NumPy hold them (N x 32 x 32 x 3) and answers with
-a label, calibrated probabilities and "none of these" (``cifar.contract``). This module exports
+a label, calibrated probabilities and "none of these" (``cifar.serve.contract``). This module exports
 its network part from PyTorch, ``image -> (net_logits, features)``, and attaches the head.
 """
 
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cifar import contract
+from cifar.serve import contract
 
 
 def model_metadata(model_name: str, width: float, classes: Sequence[str], mean, std, **extra: Any) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def _export_dynamo(net: nn.Module, example: torch.Tensor):
 
 
 def export_served(model: nn.Module, metadata: dict[str, Any], constants: contract.Constants):
-    """The served graph (``cifar.contract``): the network exported from PyTorch, then the fitted head."""
+    """The served graph (``cifar.serve.contract``): the network exported from PyTorch, then the fitted head."""
     return contract.attach_head(
         export_network(model, bool(metadata.get("tta"))), metadata["classes"], constants, metadata
     )

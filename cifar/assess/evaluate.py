@@ -1,8 +1,8 @@
 """Score a logged or registered model on the test split, as a run linked to its model version.
 
-    python -m cifar.evaluate --model-uri models:/cifar10-classifier@production
+    python -m cifar evaluate --model-uri models:/cifar10-classifier@production
 
-The report itself (figures and tables) is ``cifar.report``.
+The report itself (figures and tables) is ``cifar.run.report``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cifar.cli import run_cli
-from cifar.registered import PRODUCTION_URI, VersionTags, registered_version
-from cifar.report import EvaluationReport, build_report, report_figures, write_report  # noqa: F401 (re-exported)
+from cifar.run.report import EvaluationReport, build_report, report_figures, write_report  # noqa: F401 (re-exported)
+from cifar.serve.registered import PRODUCTION_URI, VersionTags, registered_version
 from cifar.tracking.names import mlflow_metrics
 
 
@@ -33,7 +33,7 @@ def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment:
     import mlflow
 
     from cifar.data import ensure_cache
-    from cifar.inference import Predictor
+    from cifar.serve.inference import Predictor
     from cifar.tracking import check_tracking_store
 
     check_tracking_store()
@@ -57,7 +57,9 @@ def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cifar evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-uri", default=PRODUCTION_URI)
     parser.add_argument("--data-dir", type=Path)
