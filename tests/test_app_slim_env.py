@@ -53,7 +53,7 @@ def test_slim_app_environment(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CIFAR_MODEL_CACHE": str(tmp_path / "cache")}
     assert run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path).returncode == 0
     code = (
-        "import sys; from cifar import serving; import streamlit;"
+        "import sys; from cifar.serve import serving; import streamlit;"
         "info = serving.production_model(); p = serving.Predictor.from_uri(info.uri);"
         f"r = p.predict_files([{str(ROOT / 'streamlit_app' / 'samples' / 'ship_0.png')!r}])[0];"
         "assert r.label == 'ship' and r.in_distribution, r; assert 'torch' not in sys.modules, 'torch imported';"
