@@ -182,7 +182,7 @@ def test_training_survives_the_server_going_away(stack, prepared_dir, tmp_path, 
     if back_before_the_end:
         assert run_id is None, "everything went up when the server came back: the outbox is empty"
     else:
-        assert "warning: cannot reach the tracking server" in out and "python -m cifar.promote.sync" in out
+        assert "warning: cannot reach the tracking server" in out and "python -m cifar sync" in out
         synced = run_cli(["-m", "cifar.promote.sync", "--outbox", str(tmp_path)], env={"CIFAR_DATA": str(prepared_dir)})
         assert synced.returncode == 0 and f"uploaded {run_id}" in synced.stdout, synced.stdout + synced.stderr
         assert not (tmp_path / run_id).exists()

@@ -285,16 +285,16 @@ def tracking_env_path(uri: str):
 def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old_run):
     run_id, model_uri, env = old_run
     cwd = tracking_env_path(env["MLFLOW_TRACKING_URI"])
-    with pytest.raises(CifarError, match=f"old format .* python -m cifar.assess.calibrate --model-uri {model_uri}"):
+    with pytest.raises(CifarError, match=f"old format .* python -m cifar calibrate --model-uri {model_uri}"):
         Predictor.from_uri(model_uri)
     image = str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg")
     refused = run_cli(["-m", "cifar.serve.predict", image, "--model-uri", model_uri], env=env, cwd=cwd)
-    assert refused.returncode == 2 and "Convert it: python -m cifar.assess.calibrate" in refused.stderr
+    assert refused.returncode == 2 and "Convert it: python -m cifar calibrate" in refused.stderr
     assert "Traceback" not in refused.stderr
 
     gated = run_cli([str(ROOT / "register.py"), "--max-ece", "0.5", "--robustness-images", "40"], env=env, cwd=cwd)
     assert gated.returncode == 1 and "Not registered" in gated.stderr and "Traceback" not in gated.stderr
-    assert "KEEP production" in gated.stdout and f"python -m cifar.assess.calibrate --run-id {run_id}" in gated.stdout
+    assert "KEEP production" in gated.stdout and f"python -m cifar calibrate --run-id {run_id}" in gated.stdout
     assert registry.production_version() is None and not registry.list_versions()
 
     converted = run_cli(["-m", "cifar.assess.calibrate", "--run-id", run_id], env=env, cwd=cwd)
@@ -351,5 +351,5 @@ def test_an_old_format_folder_without_weights_says_how_to_rebuild(tmp_path, prep
     result = run_cli(
         ["-m", "cifar.assess.calibrate", "--model-uri", str(tmp_path / "old")], env={"CIFAR_DATA": str(prepared_dir)}
     )
-    assert result.returncode == 2 and "no weights" in result.stderr and "cifar.promote.bundle build" in result.stderr
+    assert result.returncode == 2 and "no weights" in result.stderr and "python -m cifar bundle build" in result.stderr
     assert "Traceback" not in result.stderr
