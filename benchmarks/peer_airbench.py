@@ -217,10 +217,12 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
-    pairs = [pair.split("=", 1) for pair in args.pair or (GPU_PAIRS if device.type == "cuda" else CPU_PAIRS)]
-    for peer, _ in pairs:
-        if peer not in PEERS:
-            p.error(f"--pair {peer}=...: the peer is one of {', '.join(PEERS)} (airbench94 or airbench96)")
+    pairs = []
+    for pair in args.pair or (GPU_PAIRS if device.type == "cuda" else CPU_PAIRS):
+        peer, _, experiment = pair.partition("=")
+        if peer not in PEERS or not experiment:
+            p.error(f"--pair expects PEER=EXPERIMENT, PEER one of {', '.join(PEERS)} (e.g. 94=cpu); got '{pair}'")
+        pairs.append((peer, experiment))
     data = ensure_cache(args.data_dir)
     if args.quick:
         data = data.subset(4000)
