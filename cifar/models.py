@@ -96,6 +96,12 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 # --- airbench-style residual-free fast net -------------------------------------------------
+def _global_max(x: torch.Tensor) -> torch.Tensor:
+    # adaptive_max_pool2d, not torch.amax: compiled for CPU under bf16 autocast, amax's backward
+    # gives NaN gradients (torch 2.14.1 inductor); this one compiles exactly. N,C,H,W -> N,C.
+    return nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
+
+
 class _ConvGroup(nn.Module):
     """conv -> pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the cost)."""
 
@@ -140,8 +146,7 @@ class FastNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(nn.functional.gelu(self.whiten(x)))
-        x = torch.amax(x, dim=(2, 3))
-        return self.head(x) * self.head_scale
+        return self.head(_global_max(x)) * self.head_scale
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = nn.functional.gelu(self.whiten(x))
@@ -149,7 +154,7 @@ class FastNet(nn.Module):
         for group in self.layers:
             x = group(x)
             taps.append(x.mean(dim=(2, 3)))
-        pooled = torch.amax(x, dim=(2, 3))
+        pooled = _global_max(x)
         return self.head(pooled) * self.head_scale, torch.cat([*taps, pooled], dim=1)
 
     def freeze_stem(self) -> bool:

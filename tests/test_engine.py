@@ -10,6 +10,7 @@ from conftest import train_small_model
 from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import evaluate, fit, seed_everything
+from cifar.engine.loop import compiled_graphs, prepare_training, warm_up_compile
 from cifar.engine.trainstate import TrainingInterrupted
 from cifar.errors import CifarError
 from cifar.models import create_model
@@ -182,3 +183,39 @@ def test_a_budget_plan_times_the_low_resolution_epochs_as_they_will_run(prepared
     )
     assert "low-resolution ones at" in plan.reason
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was probed
+
+
+def test_the_compile_warm_up_leaves_the_run_as_it_found_it(prepared_dir):
+    """The warm-up's steps are not training: weights, optimizer, schedule and the stem come back."""
+    data = load_cache(prepared_dir)
+    cfg = load_experiment("smoke", ["model.name=fastnet", "model.width=0.25", "train.batch_size=50", "train.epochs=3",
+                                    "train.low_res_epochs=1", "train.whiten_bias_epochs=1", "train.ema_decay=0.9",
+                                    "train.lookahead=true"])  # fmt: skip
+    model = create_model("fastnet", width=0.25, mean=data.mean, std=data.std)
+    run = prepare_training(model, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"],
+                           cfg, CPU)  # fmt: skip
+    run.wrap()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    averaged = {k: v.clone() for k, v in run.ema.state_dict().items()}
+    visited = []
+    stem = model.body.whiten.bias
+    model.register_forward_pre_hook(lambda module, args: visited.append((args[0].shape[-1], stem.requires_grad)))
+    warm_up_compile(run, force=True)
+    assert visited == [(cfg.train.low_res, True), (32, False)], "one step at low resolution, one with the stem frozen"
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, averaged[k]) for k, v in run.ema.state_dict().items())
+    assert run.optimizer.state_dict()["state"] == {} and run.scheduler.last_epoch == 0
+    assert model.body.whiten.bias.requires_grad and run.step_model is model
+
+
+@pytest.mark.slow
+def test_compiled_training_compiles_before_the_clock_and_never_inside_it(prepared_dir):
+    """torch.compile on the low-resolution epoch, the full-size ones and after the stem freezes:
+    every graph is built by the warm-up, none inside the timed loop."""
+    model, run = fastnet_run(prepared_dir, ["train.epochs=3", "train.low_res_epochs=1", "train.low_res=24",
+                                            "train.whiten_bias_epochs=2", "train.compile=true"])  # fmt: skip
+    before = compiled_graphs()
+    result = run()
+    assert compiled_graphs() - before >= 3, "the warm-up compiled each of the three states"
+    assert result.recompiles == 0 and result.compile_seconds > 0
+    assert result.history[-1].train_loss < result.history[0].train_loss

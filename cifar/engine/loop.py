@@ -57,6 +57,7 @@ class Training:
     rank: int = 0
     world: int = 1
     step_model: nn.Module | None = None  # the model as trained: DDP-wrapped and compiled where asked
+    wrappers: dict[tuple[bool, ...], nn.Module] = field(default_factory=dict)  # one per trainable set
     result: FitResult = field(default_factory=FitResult)
     best_state: dict[str, torch.Tensor] | None = None
     started: float = 0.0
@@ -70,14 +71,18 @@ class Training:
         return self.ema.module if self.ema is not None else self.model
 
     def wrap(self) -> None:
-        """DDP across ranks, then torch.compile if asked (again whenever the trainable set changes)."""
-        step_model = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        """DDP across ranks, then torch.compile if asked: one wrapper per trainable set (the stem
+        learning or frozen), built when first needed and kept, so its compiled graphs are too."""
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable not in self.wrappers:
+            step_model = self.model
+            if self.world > 1:  # DDP fixes at construction which parameters send gradients
+                from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            step_model = DistributedDataParallel(self.model, device_ids=ids)
-        self.step_model = torch.compile(step_model) if self.cfg.train.compile else step_model
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                step_model = DistributedDataParallel(self.model, device_ids=ids)
+            self.wrappers[trainable] = torch.compile(step_model) if self.cfg.train.compile else step_model
+        self.step_model = self.wrappers[trainable]
 
     def train_on(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on this rank's rows of a global batch: (loss, logits, labels used).
@@ -152,6 +157,39 @@ def prepare_training(
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / total_steps)), ema,
         Lookahead(model) if t.lookahead else None, rank, world,
     )  # fmt: skip
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (each first compile and recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up_compile(run: Training, first_epoch: int = 1, *, force: bool = False) -> None:
+    """Compile before the clock starts. torch.compile builds a graph at first use and again for
+    each new input size and trainable set, so one step runs in every state the epochs from
+    ``first_epoch`` will visit (low resolution, full resolution, stem frozen); then the weights,
+    optimizer, schedule, averages and the stem's trainability are put back as they were
+    (``force``: the same without train.compile)."""
+    t = run.cfg.train
+    if not (t.compile or force):
+        return
+    parts = {"model": run.model, "optimizer": run.optimizer, "scheduler": run.scheduler, "ema": run.ema,
+             "lookahead": run.lookahead}  # fmt: skip
+    saved = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items() if part is not None}
+    trainable = [p.requires_grad for p in run.model.parameters()]
+    states = {first_epoch, max(first_epoch, t.low_res_epochs + 1), max(first_epoch, t.whiten_bias_epochs + 1)}
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        for epoch in sorted(e for e in states if e <= t.epochs):
+            begin_epoch(run, epoch)
+            x, y = next(iter(run.loader))
+            run.train_on(x, y)[0].item()
+    for name, state in saved.items():
+        parts[name].load_state_dict(state)
+    for p, grad in zip(run.model.parameters(), trainable, strict=True):
+        p.requires_grad_(grad)
+    run.wrap()
 
 
 def resume_training(run: Training, state: TrainingState) -> tuple[int, int, EpochSums | None]:
@@ -302,6 +340,9 @@ def fit(
     if resume is not None:
         start_epoch, skip, partial = resume_training(run, resume)
     run.wrap()
+    tick = time.perf_counter()
+    warm_up_compile(run, start_epoch)
+    run.result.compile_seconds, graphs = time.perf_counter() - tick, compiled_graphs()
     run.started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         begin_epoch(run, epoch)
@@ -328,6 +369,7 @@ def fit(
         if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
             on_checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
     run.result.train_seconds = time.perf_counter() - run.started
+    run.result.recompiles = compiled_graphs() - graphs  # inside the timed loop: 0 when the warm-up saw every state
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     return run.result

@@ -81,6 +81,7 @@ def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model
         "best_epoch": fit.best_epoch,
         "test_loss": test.loss,
         "train_seconds": fit.train_seconds,
+        **({"compile_seconds": fit.compile_seconds, "recompiles": fit.recompiles} if cfg.train.compile else {}),
         "onnx_max_abs_diff": served.parity,
         **report.metrics(),
         **calibration.profile.metrics,
