@@ -11,7 +11,8 @@ Both feed the same model, optimizer, batch size, precision and device through
 the model (training throughput) and without it (what the input pipeline alone can deliver).
 For ``fastnet`` the full mode also times the project's steps once the whitening stem is frozen (after
 ``train.whiten_bias_epochs``: backward then skips the first conv's input gradient), alternating
-rounds of both so that a drifting machine speed affects them alike.
+rounds of both so that a drifting machine speed affects them alike. ``--compile`` adds the same
+alternating comparison of the eager steps against ``torch.compile``'d ones (compiled first, untimed).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer steps and images (under 2 minutes on 2 cores)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps against eager ones")
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
 
@@ -134,6 +136,14 @@ def main() -> None:
         def frozen_step(x, y):
             train_step(frozen_model, frozen_optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
 
+    compiled_step = None
+    if args.compile:
+        compiled_model = copy.deepcopy(model)
+        compiled_optimizer, compiled = build_optimizer(compiled_model, cfg, device), torch.compile(compiled_model)
+
+        def compiled_step(x, y):
+            train_step(compiled, compiled_optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
+
     figures = {}
     for pipeline, make in (("project", lambda: iter(project)), ("conventional", lambda: to_device(conventional))):
         figures[pipeline, "input only"] = timed_steps(forever(make), steps, warmup, no_model)
@@ -145,6 +155,17 @@ def main() -> None:
             learning.append(timed_steps(forever(lambda: iter(project)), steps // 2 // rounds, 1, step))
             frozen.append(timed_steps(forever(lambda: iter(project)), steps // 2 // rounds, 1, frozen_step))
         figures["stem learning"], figures["stem frozen"] = sum(learning) / rounds, sum(frozen) / rounds
+
+    if compiled_step is not None:
+        tick = time.perf_counter()
+        timed_steps(forever(lambda: iter(project)), 1, 2, compiled_step)  # builds the graphs
+        figures["compile seconds"] = time.perf_counter() - tick
+        rounds, eager, compiled_rates = 4, [], []
+        per_round = max(1, steps // 2 // rounds)
+        for _ in range(rounds):
+            eager.append(timed_steps(forever(lambda: iter(project)), per_round, 1, step))
+            compiled_rates.append(timed_steps(forever(lambda: iter(project)), per_round, 1, compiled_step))
+        figures["eager"], figures["compiled"] = sum(eager) / rounds, sum(compiled_rates) / rounds
 
     machine = machine_name(str(device))
     setting = (
@@ -161,6 +182,12 @@ def main() -> None:
         lines.append(
             f"project training once the whitening stem is frozen: {a:,.0f} img/s vs {b:,.0f} img/s while it "
             f"learns (ratio {a / b:.2f}x, alternating rounds)"
+        )
+    if "compiled" in figures:
+        a, b = figures["compiled"], figures["eager"]
+        lines.append(
+            f"torch.compile'd training steps: {a:,.0f} img/s vs {b:,.0f} img/s eager (ratio {a / b:.2f}x, "
+            f"alternating rounds; compiling took {figures['compile seconds']:.0f} s first)"
         )
     record("train_throughput" + (" (quick)" if args.quick else ""), lines, write=not args.no_results)
 
