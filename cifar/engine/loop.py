@@ -342,7 +342,8 @@ def fit(
     run.wrap()
     tick = time.perf_counter()
     warm_up_compile(run, start_epoch)
-    run.result.compile_seconds, graphs = time.perf_counter() - tick, compiled_graphs()
+    run.result.compile_seconds = time.perf_counter() - tick
+    graphs = compiled_graphs() if t.compile else 0  # torch._dynamo takes seconds to import: only when compiling
     run.started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         begin_epoch(run, epoch)
@@ -369,7 +370,8 @@ def fit(
         if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
             on_checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
     run.result.train_seconds = time.perf_counter() - run.started
-    run.result.recompiles = compiled_graphs() - graphs  # inside the timed loop: 0 when the warm-up saw every state
+    if t.compile:  # graphs built inside the timed loop: 0 when the warm-up saw every state
+        run.result.recompiles = compiled_graphs() - graphs
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     return run.result
