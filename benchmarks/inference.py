@@ -90,12 +90,12 @@ def main() -> None:
 
     import torch
 
-    from cifar.run.export import ServedNet
+    from cifar.run.export import ServedNet, tta_of
 
     scratch = tempfile.TemporaryDirectory()
     predictor = Predictor.from_uri(args.model)
     raw_model, meta = torch_model(predictor, args.weights)
-    model = ServedNet(raw_model, bool(meta.get("tta"))).eval()  # eager: the network part of the served graph
+    model = ServedNet(raw_model, *tta_of(meta)).eval()  # eager: the network part of the served graph
     float_path = float_onnx(raw_model, {**predictor.metadata, **meta}, predictor.onnx_path, Path(scratch.name))
     float_predictor = Predictor(float_path)
     precision = predictor.metadata.get("precision", "float32")

@@ -85,6 +85,10 @@ class TrainConfig:
     low_res_epochs: int = 0
     low_res: int = 24
     tta: bool = True  # flip test-time augmentation at evaluation
+    # With tta, also score the image shifted this many pixels up-left and down-right (reflect-padded),
+    # each with its mirror (airbench's mirror + translate TTA): 6 passes instead of 2 (0 = flip only;
+    # without tta, no TTA at all, so `--set train.tta=false` turns off both).
+    tta_translate: int = 0
     seed: int = 0
     amp: bool = True  # bf16 autocast where native: GPUs, CPUs with AMX/AVX512-BF16 (engine.native_bf16)
     channels_last: bool = True
@@ -99,6 +103,7 @@ class TrainConfig:
     time_budget: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(0 <= self.tta_translate <= 4, f"train.tta_translate must be 0 to 4 pixels, got {self.tta_translate}.")
         _require(self.time_budget >= 0, f"train.time_budget must be 0 (off) or seconds, got {self.time_budget}.")
         _require(
             self.eval_every >= 0, f"train.eval_every must be 0 (only the last epoch) or more, got {self.eval_every}."

@@ -105,11 +105,12 @@ def test_flat_params():
         ("schedule.name=step", "unknown schedule.name 'step': use onecycle, cosine or constant"),
         ("train.whiten_bias_epochs=-1", "train.whiten_bias_epochs must be 0"),
         ("train.low_res=8", "train.low_res between 16 and 32 pixels \\(got 8\\)"),
+        ("train.tta_translate=5", "train.tta_translate must be 0 to 4 pixels"),
     ],
 )
 def test_bad_overrides(override, message):
     with pytest.raises(CifarError, match=message):
-        load_experiment("cpu", [override])
+        load_experiment("cpu", override.split(" "))
 
 
 def test_unknown_experiment_lists_the_available_ones():

@@ -11,6 +11,7 @@ from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import evaluate, fit, seed_everything
 from cifar.engine.loop import compiled_graphs, prepare_training, warm_up_compile
+from cifar.engine.steps import tta_views
 from cifar.engine.trainstate import TrainingInterrupted
 from cifar.errors import CifarError
 from cifar.models import create_model
@@ -43,6 +44,39 @@ def test_eval_every_validates_only_the_epochs_asked_and_the_last(prepared_dir, e
     assert result.best_val_accuracy == max(m.val_accuracy for m in result.history if m.epoch in validated)
     val = evaluate(model, data.images["val"], data.labels["val"], device=CPU, tta=cfg.train.tta)
     assert val.accuracy == pytest.approx(result.best_val_accuracy)  # the chosen epoch's weights
+
+
+def test_tta_views_are_the_mirror_and_the_shifts_each_weighted_to_sum_to_one():
+    x = torch.rand(3, 3, 32, 32)
+    assert [w for w, _ in tta_views(x, False)] == [1.0]
+    (_, plain), (_, mirror) = tta_views(x, True)
+    assert torch.equal(plain, x) and torch.equal(mirror, x.flip(3))
+    for t in (1, 2):
+        views = tta_views(x, True, t)
+        assert len(views) == 6 and sum(w for w, _ in views) == pytest.approx(1.0)
+        assert all(view.shape == x.shape for _, view in views)
+        (_, up_left), (_, up_left_mirror), (_, down_right), _ = views[2:]
+        assert torch.equal(up_left[..., t:, t:], x[..., :-t, :-t])  # content moved t pixels down-right
+        assert torch.equal(down_right[..., :-t, :-t], x[..., t:, t:])
+        assert torch.equal(up_left_mirror, up_left.flip(3))
+        assert torch.equal(up_left[..., 0, t:], x[..., t, :-t])  # the border row reflects, never zeros
+
+
+def test_evaluate_scores_the_average_over_the_tta_views(prepared_dir):
+    data = load_cache(prepared_dir)
+    torch.manual_seed(0)
+    model = create_model("fastnet", num_classes=10, width=0.25, mean=data.mean, std=data.std).eval()
+    images = data.images["val"][:50]
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
+    labels = data.labels["val"][:50]
+    results = {}
+    for tta, t in ((False, 0), (True, 0), (True, 1)):
+        got = evaluate(model, images, labels, device=CPU, tta=tta, tta_translate=t, amp=False).logits
+        with torch.no_grad():
+            expected = sum(w * model(view) for w, view in tta_views(x, tta, t))
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+        results[tta, t] = got
+    assert not np.allclose(results[True, 0], results[True, 1], atol=1e-4)  # the shifts change the scores
 
 
 def test_eval_every_below_zero_is_refused():

@@ -29,8 +29,8 @@ def _model(name: str, data) -> torch.nn.Module:
     return model.eval()
 
 
-def _constants(model, data, tta: bool) -> contract.Constants:
-    net = export.torch_network(model, torch.device("cpu"), tta=tta)
+def _constants(model, data, tta: bool, translate: int = 0) -> contract.Constants:
+    net = export.torch_network(model, torch.device("cpu"), tta=tta, tta_translate=translate)
     logits, features = net(np.asarray(data.images["train"]))
     whitening, means = fit_density(features, data.labels["train"], 10)
     return contract.Constants(fit_temperature(logits, data.labels["train"]), 1.5, whitening, means)
@@ -47,19 +47,19 @@ def test_served_graph_matches_pytorch_at_any_batch_size(name, exporter, data, mo
         monkeypatch.setattr(export, "_export_torchscript", _removed)
     model = _model(name, data)
     images = np.asarray(data.images["test"][:9])
-    for tta in (False, True):
-        meta = export.model_metadata(name, 0.5, data.classes, data.mean, data.std, tta=tta)
-        proto = export.export_served(model, meta, _constants(model, data, tta))
-        assert contract.is_served(proto) and contract.metadata_of(proto)["tta"] is tta
+    for tta, translate in ((False, 0), (True, 0), (True, 1)):  # none, mirror, mirror + translate
+        meta = export.model_metadata(name, 0.5, data.classes, data.mean, data.std, tta=tta, tta_translate=translate)
+        proto = export.export_served(model, meta, _constants(model, data, tta, translate))
+        assert contract.is_served(proto) and export.tta_of(contract.metadata_of(proto)) == (tta, translate)
         session = _session(proto)
-        reference = export.torch_network(model, torch.device("cpu"), tta=tta)
+        reference = export.torch_network(model, torch.device("cpu"), tta=tta, tta_translate=translate)
         for batch in (images[:1], images):  # the batch axis is dynamic
             expected_logits, _ = reference(batch)
             logits, labels = session.run([contract.LOGITS, contract.LABEL], {contract.INPUT: batch})
             assert logits.shape == (len(batch), 10)
             np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=1e-4)
             assert list(labels) == [data.classes[i] for i in expected_logits.argmax(1)]
-        assert export.served_parity(model, proto, images, tta) < 1e-4
+        assert export.served_parity(model, proto, images, tta, translate) < 1e-4
 
 
 def test_the_head_computes_calibration_and_the_mahalanobis_score(data):

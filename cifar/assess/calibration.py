@@ -119,15 +119,17 @@ def serve_model(
     test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ServedModel:
     """A trained PyTorch model -> its served graph, constants fitted on this data (training, bundle build)."""
-    from cifar.run.export import export_served, feature_layout, served_parity, torch_network
+    from cifar.run.export import export_served, feature_layout, served_parity, torch_network, tta_of
 
-    tta = bool(metadata.get("tta"))
-    net = torch_network(model, device, tta=tta, batch_size=batch_size, channels_last=channels_last)
+    tta, translate = tta_of(metadata)
+    net = torch_network(
+        model, device, tta=tta, tta_translate=translate, batch_size=batch_size, channels_last=channels_last
+    )
     calibration = calibrate_network(net, data, test)
     layout = feature_layout(model, len(calibration.constants.whitening))
     metadata = {**metadata, "features": layout, "trust": calibration.profile.to_dict()}
     proto = export_served(model, metadata, calibration.constants)
-    parity = served_parity(model, proto, np.asarray(data.images["val"][:64]), tta)
+    parity = served_parity(model, proto, np.asarray(data.images["val"][:64]), tta, translate)
     return ServedModel(proto, metadata, calibration, parity)
 
 

@@ -111,7 +111,7 @@ def plan_budget(
         step_seconds = _step_seconds(run, max(t.low_res_epochs, t.whiten_bias_epochs) + 1, TIMED_STEPS)
         tick = time.perf_counter()
         evaluate(run.eval_model, run.val_images, run.val_labels, device=device, batch_size=t.eval_batch_size,
-                 tta=t.tta, amp=t.amp, channels_last=t.channels_last)  # fmt: skip
+                 tta=t.tta, tta_translate=t.tta_translate, amp=t.amp, channels_last=t.channels_last)  # fmt: skip
         val_seconds = time.perf_counter() - tick
     probe = time.perf_counter() - started
     steps = len(run.loader)

@@ -290,7 +290,7 @@ def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) ->
     if epoch == t.epochs or (t.eval_every and epoch % t.eval_every == 0):
         val = evaluate(
             run.eval_model, run.val_images, run.val_labels, device=run.device, batch_size=t.eval_batch_size,
-            tta=t.tta, amp=t.amp, channels_last=t.channels_last,
+            tta=t.tta, tta_translate=t.tta_translate, amp=t.amp, channels_last=t.channels_last,
         )  # fmt: skip
     metrics = EpochMetrics(
         epoch=epoch,

@@ -132,6 +132,35 @@ def train_step(
     return loss, logits
 
 
+def tta_views(x: torch.Tensor, tta: bool, translate: int = 0) -> list[tuple[float, torch.Tensor]]:
+    """The views a float batch (B x C x H x W) is scored on, with the weight of each in the average.
+
+    No TTA: the batch. ``tta``: the batch and its mirror, half each. ``translate`` pixels as well
+    (airbench's mirror + translate): that pair weighs half, and the batch shifted up-left and
+    down-right by ``translate`` (reflect-padded), each with its mirror, the other half.
+    Evaluation and the exported graph both score through this, so they agree by construction.
+    """
+    if not tta:
+        return [(1.0, x)]
+    if not translate:
+        return [(0.5, x), (0.5, x.flip(3))]
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (translate,) * 4, mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2 * translate :, 2 * translate :]]
+    return [(0.25, x), (0.25, x.flip(3))] + [(0.125, view) for s in shifted for view in (s, s.flip(3))]
+
+
+def tta_average(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor, tta: bool, translate: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """``forward``'s outputs (a tuple of tensors) averaged over ``tta_views``."""
+    total: list[torch.Tensor] | None = None
+    for weight, view in tta_views(x, tta, translate):
+        outputs = [out if weight == 1.0 else weight * out for out in forward(view)]
+        total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
+    return tuple(total)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -141,23 +170,24 @@ def evaluate(
     device: torch.device,
     batch_size: int = 1000,
     tta: bool = False,
+    tta_translate: int = 0,
     amp: bool = True,
     channels_last: bool = False,
     with_features: bool = False,
 ) -> EvalResult:
-    """Loss, accuracy and logits over a whole split (optionally averaging a horizontal flip).
+    """Loss, accuracy and logits over a whole split, averaged over ``tta_views`` with TTA.
 
-    ``with_features`` also returns the features ``forward_features`` gives (flip-averaged with TTA),
+    ``with_features`` also returns the features ``forward_features`` gives (averaged the same way),
     as the served graph computes them.
     """
     model.eval()
     data = images if isinstance(images, torch.Tensor) else images_to_tensor(images, device)
 
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if with_features:
             logits, features = model.forward_features(x)
             return logits.float(), features.float()
-        return model(x).float(), None
+        return (model(x).float(),)
 
     outputs, feature_batches = [], []
     for start in range(0, len(data), batch_size):
@@ -165,13 +195,9 @@ def evaluate(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
-            logits, features = forward(x)
-            if tta:
-                mirror_logits, mirror_features = forward(x.flip(3))
-                logits = 0.5 * (logits + mirror_logits)
-                features = None if features is None else 0.5 * (features + mirror_features)
+            logits, *features = tta_average(forward, x, tta, tta_translate)
         outputs.append(logits)
-        feature_batches.append(features)
+        feature_batches.extend(features)
     logits = torch.cat(outputs) if outputs else torch.zeros(0, 10, device=device)
     target = torch.as_tensor(np.asarray(labels), device=device)
     loss = F.cross_entropy(logits, target).item() if len(target) else float("nan")

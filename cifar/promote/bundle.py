@@ -170,6 +170,8 @@ def model_card(meta: dict, metrics: dict, report, recipe: dict) -> str:
         f"| {r['class']} | {r['recall']:.1%} | {r['precision']:.1%} | {r['f1']:.3f} |"
         for r in report.to_dict(orient="records")
     )
+    translate = meta.get("tta_translate")
+    tta = f"flip + {translate}-pixel translate TTA" if translate else "flip TTA" if meta.get("tta") else "no TTA"
     recovered = metrics.get("recovered_from")
     lineage = (
         "\n- **Weights**: the float weights of that training were not kept; `python -m cifar bundle dequantize` "
@@ -189,7 +191,7 @@ calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`ci
   45,000 training / 5,000 validation (stratified, seed 0) / 10,000 test images.
 - **Recipe**: `experiments/{recipe.get("name", "?")}.yaml` with model.width={meta["width"]}, {metrics["epochs"]} epochs
   (full recipe in `recipe.json`): {recipe.get("model", {})}, {recipe.get("optim", {})},
-  {recipe.get("augment", {})}, label smoothing {recipe.get("train", {}).get("label_smoothing")}, flip TTA in the graph.
+  {recipe.get("augment", {})}, label smoothing {recipe.get("train", {}).get("label_smoothing")}, {tta} in the graph.
 - **Trained with**: `{metrics.get("trained_with") or "python train.py --experiment NAME --save-dir DIR"}`
   ({metrics.get("train_seconds") or 0:.1f} s of training){lineage}
 - **Accuracy** (measured by `cifar.promote.bundle {"quantize" if int8 else "build"}` on this cache, test split, once,

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from cifar.engine.steps import tta_average
 from cifar.serve import contract
 
 
@@ -63,29 +64,33 @@ def load_weights(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), metadata
 
 
-class ServedNet(nn.Module):
-    """uint8 N x 32 x 32 x 3 -> (logits, features): the input conversion and flip TTA, as the graph runs them."""
+def tta_of(metadata: dict[str, Any]) -> tuple[bool, int]:
+    """The test-time augmentation a model was evaluated with, hence served with: (flip, translate pixels)."""
+    tta = bool(metadata.get("tta"))
+    return tta, int(metadata.get("tta_translate") or 0) if tta else 0
 
-    def __init__(self, model: nn.Module, tta: bool) -> None:
+
+class ServedNet(nn.Module):
+    """uint8 N x 32 x 32 x 3 -> (logits, features): the input conversion and the TTA, as the graph runs them."""
+
+    def __init__(self, model: nn.Module, tta: bool, translate: int = 0) -> None:
         super().__init__()
-        self.model, self.tta = model, tta
+        self.model, self.tta, self.translate = model, tta, translate
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = image.permute(0, 3, 1, 2).float() / 255
-        logits, features = self.model.forward_features(x)
-        if self.tta:  # the mirror's logits and features, averaged: the served model scores as evaluated
-            mirror_logits, mirror_features = self.model.forward_features(x.flip(3))
-            logits, features = 0.5 * (logits + mirror_logits), 0.5 * (features + mirror_features)
+        # the views evaluation averages (engine.tta_views): the served model scores as evaluated
+        logits, features = tta_average(self.model.forward_features, x, self.tta, self.translate)
         return logits, features
 
 
-def _served_net(model: nn.Module, tta: bool) -> ServedNet:
+def _served_net(model: nn.Module, tta: bool, translate: int = 0) -> ServedNet:
     """A float32 CPU copy in eval mode."""
     cpu_model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    return ServedNet(cpu_model, tta).eval()
+    return ServedNet(cpu_model, tta, translate).eval()
 
 
-def export_network(model: nn.Module, tta: bool):
+def export_network(model: nn.Module, tta: bool, translate: int = 0):
     """The network part of the served graph (``image -> net_logits, features``) as an ``onnx.ModelProto``.
 
     The TorchScript exporter traces this static graph in about 0.1 s; the ``torch.export``-based
@@ -93,7 +98,7 @@ def export_network(model: nn.Module, tta: bool):
     exporter is used when the older is gone (PyTorch deprecates it). Either way the served graph
     is checked against PyTorch (``served_parity``) before it is logged.
     """
-    net = _served_net(model, tta)
+    net = _served_net(model, tta, translate)
     example = torch.randint(0, 256, (2, *contract.IMAGE_SHAPE), dtype=torch.uint8)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -139,9 +144,7 @@ def _export_dynamo(net: nn.Module, example: torch.Tensor):
 
 def export_served(model: nn.Module, metadata: dict[str, Any], constants: contract.Constants):
     """The served graph (``cifar.serve.contract``): the network exported from PyTorch, then the fitted head."""
-    return contract.attach_head(
-        export_network(model, bool(metadata.get("tta"))), metadata["classes"], constants, metadata
-    )
+    return contract.attach_head(export_network(model, *tta_of(metadata)), metadata["classes"], constants, metadata)
 
 
 def feature_layout(model: nn.Module, dim: int) -> dict[str, Any]:
@@ -151,7 +154,13 @@ def feature_layout(model: nn.Module, dim: int) -> dict[str, Any]:
 
 
 def torch_network(
-    model: nn.Module, device: torch.device, *, tta: bool, batch_size: int = 1000, channels_last: bool = False
+    model: nn.Module,
+    device: torch.device,
+    *,
+    tta: bool,
+    tta_translate: int = 0,
+    batch_size: int = 1000,
+    channels_last: bool = False,
 ) -> contract.NetOutputs:
     """The model as the graph's network part, on ``device`` in fp32: uint8 images -> (logits, features)."""
     from cifar.engine import evaluate
@@ -164,6 +173,7 @@ def torch_network(
             device=device,
             batch_size=batch_size,
             tta=tta,
+            tta_translate=tta_translate,
             amp=False,
             channels_last=channels_last,
             with_features=True,
@@ -173,12 +183,12 @@ def torch_network(
     return outputs
 
 
-def served_parity(model: nn.Module, proto, images: np.ndarray, tta: bool) -> float:
+def served_parity(model: nn.Module, proto, images: np.ndarray, tta: bool, translate: int = 0) -> float:
     """Largest |difference| between the served graph's logits (ONNX Runtime) and PyTorch's, on uint8 ``images``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected = _served_net(model, tta)(torch.from_numpy(np.array(images, np.uint8)))[0].numpy()
+        expected = _served_net(model, tta, translate)(torch.from_numpy(np.array(images, np.uint8)))[0].numpy()
     (actual,) = session.run([contract.LOGITS], {contract.INPUT: np.ascontiguousarray(images, np.uint8)})
     return float(np.abs(actual - expected).max())

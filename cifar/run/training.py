@@ -274,6 +274,7 @@ def _metadata(cfg: ExperimentConfig, data) -> dict:
     return model_metadata(
         cfg.model.name, cfg.model.width, data.classes, data.mean, std=data.std,
         experiment=cfg.name, data_digest=data.digest, tta=cfg.train.tta,
+        tta_translate=cfg.train.tta_translate if cfg.train.tta else 0,  # without flip TTA, none
     )  # fmt: skip
 
 
@@ -301,6 +302,7 @@ def _served_evaluate(model, images, labels, device, t) -> EvalResult:
         device=device,
         batch_size=t.eval_batch_size,
         tta=t.tta,
+        tta_translate=t.tta_translate,
         amp=False,
         channels_last=t.channels_last,
         with_features=True,

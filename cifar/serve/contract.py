@@ -9,9 +9,10 @@
             logits           float32  N x C             before the temperature
 
 Everything in between is a node or a constant of the graph: the conversion to floats in [0, 1],
-the training split's normalisation, flip TTA, the network, the temperature, the
-out-of-distribution score and its threshold. ``mlflow models serve``, ``mlflow.pyfunc``, plain
-ONNX Runtime and this project's ``Predictor`` therefore give the same answer.
+the training split's normalisation, the TTA the run evaluated with (flip, or flip + translate),
+the network, the temperature, the out-of-distribution score and its threshold. ``mlflow models
+serve``, ``mlflow.pyfunc``, plain ONNX Runtime and this project's ``Predictor`` therefore give the
+same answer.
 
 The network part of the graph ends in two tensors, ``net_logits`` and ``features`` (every
 stage's mean activation and the penultimate vector, ``cifar.models``); the head below reads
@@ -61,7 +62,7 @@ def describe(classes: Sequence[str]) -> dict[str, Any]:
         "in_graph": [
             "uint8 NHWC -> float32 NCHW in [0, 1]",
             "normalisation by the training split's mean and std",
-            "flip TTA when the run evaluated with it",
+            "the TTA the run evaluated with (flip, or flip + translate)",
             "temperature scaling (fitted on the validation split)",
             "out-of-distribution score (fitted on training images) and its threshold (validation split)",
             "class names",
