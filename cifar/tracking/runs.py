@@ -75,7 +75,10 @@ class TrainingRun:
         if self.parent_run_id:  # a child lives in its parent's experiment, whoever created the parent
             mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(self.parent_run_id).info.experiment_id)
         elif not os.environ.get("MLFLOW_RUN_ID"):
-            mlflow.set_experiment(self.experiment_name)
+            experiment = mlflow.set_experiment(self.experiment_name)
+            # MLflow 3.17's set_experiment, when another process creates the experiment first,
+            # returns it without making it active, and the run would land in Default: set it by id.
+            mlflow.set_experiment(experiment_id=experiment.experiment_id)
         run = mlflow.start_run(
             run_name=self.run_name,
             nested=self.nested,
