@@ -127,6 +127,21 @@ def test_each_rank_trains_on_its_own_share_of_every_batch(tmp_path, prepared_dir
         assert sorted(mine + theirs) == sorted(whole), f"step {step}: the halves are not the global batch"
 
 
+def test_ranks_with_different_deadlines_end_at_rank_0s_epoch(tmp_path, prepared_dir):
+    """A time budget's mid-run move of the last epoch: rank 0 decides for all (a rank going on alone would hang)."""
+    result = run_cli(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_deadline.py")],
+        env={"CIFAR_DATA": str(prepared_dir), "OUT": str(tmp_path)},
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Rank 0's deadline had passed: one more epoch after the first, then stop; rank 1 (a day to go) follows.
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] == [1, 2]
+    assert ranks[0]["replans"] == ranks[1]["replans"] and "4 -> 2 epochs" in ranks[1]["replans"][0]
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, prepared_dir):
     """Rank 1 alone gets SIGTERM; the ranks vote, both stop after the same step, rank 0 saves the checkpoint."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -28,14 +28,14 @@ def test_lookahead_pull_grows_with_progress_and_finish_hands_over_the_slow_weigh
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
     moved(model, 1.0)
-    lookahead.step(1, 100)  # not a multiple of `every`: nothing happens
+    lookahead.step(1, 0.01)  # not a multiple of `every`: nothing happens
     assert torch.equal(model[0].weight, start["0.weight"] + 1)
-    lookahead.step(2, 100)  # 2% into training: keep = 0.81 * 0.02**3, almost no pull
+    lookahead.step(2, 0.02)  # 2% into training: keep = 0.81 * 0.02**3, almost no pull
     assert torch.allclose(model[0].weight, start["0.weight"] + 1, atol=1e-5)
 
     synced = {k: v.clone() for k, v in model.state_dict().items()}
     moved(model, 1.0)
-    lookahead.step(100, 100)  # the end: keep = 0.81, the model is pulled most of the way back
+    lookahead.step(100, 1.0)  # the end: keep = 0.81, the model is pulled most of the way back
     assert torch.allclose(model[0].weight, synced["0.weight"] + (1 - 0.81), atol=1e-6)
     assert torch.equal(model[1].num_batches_tracked, start["1.num_batches_tracked"]), "counters are not averaged"
 

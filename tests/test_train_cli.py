@@ -102,7 +102,12 @@ def test_a_time_budget_chooses_the_epochs_here_and_training_ends_within_it(tmp_p
     tags, params = run.data.tags, run.data.params
     epochs = int(tags["budget.epochs"])
     assert params["train.epochs"] == str(epochs) and params["train.time_budget"] == "12.0"  # the plan, not --epochs
-    assert epochs > 2 and len(client.get_metric_history(run.info.run_id, "train/loss")) == epochs
+    # The deadline may move the last epoch mid-run (here per-epoch costs outside the steps, which the
+    # probe does not see, are most of an epoch): the run then says so, and ran that many.
+    ran = int(tags.get("budget.epochs_run", epochs))
+    assert ran == epochs or "budget.replans" in tags
+    assert epochs > 2 and len(client.get_metric_history(run.info.run_id, "train/loss")) == ran
+    assert f"of {ran})" in tags["mlflow.note.content"]  # the description names the epochs that ran
     probe = float(tags["budget.reason"].split(": ")[1].split(" s ")[0])
     steps = int(tags["budget.steps"]) // epochs
     step_s = float(tags["budget.step_ms"]) / 1000

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cifar.config import ExperimentConfig
+from cifar.engine.horizon import Deadline
 from cifar.engine.loop import begin_epoch, prepare_training
 from cifar.engine.steps import evaluate
 
@@ -37,6 +38,12 @@ class BudgetPlan:
     val_seconds: float
     steps_per_epoch: int
     epochs: int
+    started: float = 0.0  # time.perf_counter() when planning began: the budget's clock
+
+    @property
+    def deadline(self) -> Deadline:
+        """When training must end; ``fit`` moves the last epoch to keep it."""
+        return Deadline(self.started + self.budget_seconds, self.val_seconds)
 
     @property
     def reason(self) -> str:
@@ -125,5 +132,5 @@ def plan_budget(
         shared = [epochs]
         dist.broadcast_object_list(shared, src=0)
         epochs = shared[0]
-    plan = BudgetPlan(t.time_budget, probe, step_seconds, low_res_step, val_seconds, steps, epochs)
+    plan = BudgetPlan(t.time_budget, probe, step_seconds, low_res_step, val_seconds, steps, epochs, started)
     return replace(cfg, train=replace(t, epochs=epochs)), plan

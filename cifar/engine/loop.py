@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cifar.config import ExperimentConfig
 from cifar.data.loader import Augmentation, DeviceLoader, images_to_tensor
+from cifar.engine.horizon import Deadline, Horizon, keep_deadline
 from cifar.engine.optim import Lookahead, build_optimizer, lr_factor
 from cifar.engine.steps import (
     EpochCallback,
@@ -54,6 +55,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: torch.optim.swa_utils.AveragedModel | None
     lookahead: Lookahead | None
+    horizon: Horizon  # the schedule's length, which a deadline can move
     rank: int = 0
     world: int = 1
     step_model: nn.Module | None = None  # the model as trained: DDP-wrapped and compiled where asked
@@ -61,10 +63,6 @@ class Training:
     result: FitResult = field(default_factory=FitResult)
     best_state: dict[str, torch.Tensor] | None = None
     started: float = 0.0
-
-    @property
-    def total_steps(self) -> int:
-        return max(1, self.cfg.train.epochs * len(self.loader))
 
     @property
     def eval_model(self) -> nn.Module:
@@ -98,11 +96,18 @@ class Training:
 
     def snapshot(self, epoch: int, step: int, sums: torch.Tensor, seen: int) -> TrainingState:
         self.result.train_seconds = time.perf_counter() - self.started
-        return capture_state(
+        state = capture_state(
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
             lookahead=self.lookahead, best_state=self.best_state, result=self.result,
             epoch=epoch, step=step, sums=sums, seen=seen,
         )  # fmt: skip
+        state.info["horizon"] = self.horizon.as_dict()  # a moved end stays moved when resumed
+        return state
+
+    def set_epochs(self, epochs: int) -> None:
+        """End after ``epochs`` instead, from the step reached (the schedule does not jump)."""
+        self.horizon.move(self.scheduler.last_epoch, max(1, epochs * len(self.loader)))
+        self.cfg = replace(self.cfg, train=replace(self.cfg.train, epochs=epochs))
 
 
 @dataclass
@@ -145,7 +150,7 @@ def prepare_training(
     if t.batch_size % world:
         raise CifarError(f"train.batch_size {t.batch_size} must divide among {world} processes; pick a multiple.")
     optimizer = build_optimizer(model, cfg, device)
-    total_steps = max(1, t.epochs * len(loader))
+    horizon = Horizon(max(1, t.epochs * len(loader)))
     factor = lr_factor(cfg.schedule.name, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_fraction)
     ema = None
     if t.ema_decay > 0:
@@ -154,8 +159,8 @@ def prepare_training(
         )
     return Training(
         cfg, device, model, loader, images_to_tensor(val_images, device), np.asarray(val_labels), optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / total_steps)), ema,
-        Lookahead(model) if t.lookahead else None, rank, world,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(horizon.progress(step))), ema,
+        Lookahead(model) if t.lookahead else None, horizon, rank, world,
     )  # fmt: skip
 
 
@@ -199,6 +204,9 @@ def resume_training(run: Training, state: TrainingState) -> tuple[int, int, Epoc
         lookahead=run.lookahead, device=run.device,
     )  # fmt: skip
     run.best_state = restored["best_state"]
+    if "horizon" in state.info:
+        run.horizon.load(state.info["horizon"])
+        run.cfg = replace(run.cfg, train=replace(run.cfg.train, epochs=run.horizon.total_steps // len(run.loader)))
     run.result.history = [EpochMetrics(**m) for m in state.info["history"]]
     run.result.best_epoch, run.result.best_val_accuracy = state.info["best_epoch"], state.info["best_val_accuracy"]
     sums = restored["sums"]
@@ -237,7 +245,8 @@ def train_one_epoch(
         loss, logits, y = run.train_on(x, y)
         run.scheduler.step()
         if run.lookahead is not None:
-            run.lookahead.step((epoch - 1) * len(run.loader) + step + 1, run.total_steps)
+            done = (epoch - 1) * len(run.loader) + step + 1
+            run.lookahead.step(done, run.horizon.progress(done))
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         sums.loss += loss.detach() * len(y)
@@ -324,6 +333,7 @@ def fit(
     resume: TrainingState | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
+    deadline: Deadline | None = None,
 ) -> FitResult:
     """Train ``model`` in place; leave it holding the weights of the best validation epoch.
 
@@ -333,8 +343,9 @@ def fit(
     ``should_stop`` is polled after every step; when it answers True, fit raises
     ``TrainingInterrupted`` carrying the state. ``on_checkpoint`` gets the state every
     ``train.checkpoint_every`` epochs (only after a finite epoch: the last one is always good).
+    ``deadline`` (a time budget's): the last epoch moves, after each epoch, so that training ends
+    by it; ``FitResult.replans`` says when and why.
     """
-    t = cfg.train
     run = prepare_training(model, train_images, train_labels, val_images, val_labels, cfg, device, fresh=resume is None)
     start_epoch, skip, partial = 1, 0, None
     if resume is not None:
@@ -343,9 +354,10 @@ def fit(
     tick = time.perf_counter()
     warm_up_compile(run, start_epoch)
     run.result.compile_seconds = time.perf_counter() - tick
-    graphs = compiled_graphs() if t.compile else 0  # torch._dynamo takes seconds to import: only when compiling
+    graphs = compiled_graphs() if cfg.train.compile else 0  # torch._dynamo takes seconds to import: only when compiling
     run.started = time.perf_counter()
-    for epoch in range(start_epoch, t.epochs + 1):
+    epoch = start_epoch
+    while epoch <= run.cfg.train.epochs:  # a deadline can move the last epoch
         begin_epoch(run, epoch)
         epoch_start = time.perf_counter()
         resuming = epoch == start_epoch and skip > 0
@@ -358,6 +370,7 @@ def fit(
             should_stop=should_stop,
         )
         metrics = end_epoch(run, epoch, sums, epoch_start)
+        t = run.cfg.train
         if progress:
             val = "" if metrics.val_loss is None else f"val loss {metrics.val_loss:.4f} "
             val += "" if metrics.val_accuracy is None else f"acc {metrics.val_accuracy:.4f}  "
@@ -367,10 +380,14 @@ def fit(
             )
         if on_epoch_end is not None:
             on_epoch_end(metrics)
+        if deadline is not None and keep_deadline(run, epoch, deadline) and progress:
+            tqdm.write(f"Time budget: {run.result.replans[-1]}")
+            t = run.cfg.train
         if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
             on_checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
+        epoch += 1
     run.result.train_seconds = time.perf_counter() - run.started
-    if t.compile:  # graphs built inside the timed loop: 0 when the warm-up saw every state
+    if cfg.train.compile:  # graphs built inside the timed loop: 0 when the warm-up saw every state
         run.result.recompiles = compiled_graphs() - graphs
     if run.best_state is not None:
         model.load_state_dict(run.best_state)

@@ -136,11 +136,11 @@ class Lookahead:
         return {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
-    def step(self, step: int, total_steps: int) -> None:
-        """Call after optimizer step ``step`` (1-based) of ``total_steps``."""
+    def step(self, step: int, progress: float) -> None:
+        """Call after optimizer step ``step`` (1-based), ``progress`` (0-1) through the schedule."""
         if step % self.every:
             return
-        keep = self.decay**self.every * (step / total_steps) ** 3
+        keep = self.decay**self.every * progress**3
         for name, fast in self._fast().items():
             slow = self.slow[name]
             slow.lerp_(fast, 1 - keep)

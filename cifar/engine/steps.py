@@ -41,6 +41,7 @@ class FitResult:
     train_seconds: float = 0.0  # the timed loop, from the first step to the last epoch's end
     compile_seconds: float = 0.0  # train.compile: the warm-up that compiles before the clock starts
     recompiles: int = 0  # graphs torch.compile built inside the timed loop
+    replans: list[str] = field(default_factory=list)  # each move of the last epoch against a deadline, and why
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,9 @@ def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model
     tags = {"mlflow.note.content": run_description(cfg, metrics, not_measured)}
     if not_measured:  # visible on the run: a set that could not be measured
         tags["ood_not_measured"] = ",".join(sorted(not_measured))
+    if fit.replans:  # a time budget's deadline moved the last epoch (the params hold the first plan)
+        tags["budget.epochs_run"] = str(fit.history[-1].epoch)
+        tags["budget.replans"] = "; ".join(fit.replans)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (folder / "tags.json").write_text(json.dumps(tags, indent=1))
     return Results(folder, metrics, tags)

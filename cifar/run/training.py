@@ -136,13 +136,13 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
     device = group.device
     _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
     data, source, model = _prepare(cfg, options)
-    budget = {}
+    budget, deadline = {}, None
     if cfg.train.time_budget and options.resume is None:  # a resumed run keeps the epochs it planned
         from cifar.engine.budget import plan_budget
 
         splits = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
         cfg, plan = plan_budget(model, *splits, cfg, device)
-        budget = plan.as_tags()
+        budget, deadline = plan.as_tags(), plan.deadline
         if options.progress:
             print(f"Time budget: {plan.reason}.", flush=True)
     run = (
@@ -164,7 +164,11 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
                 options.on_run_start(run.run_id)
             if options.resume is None:
                 run.log_data(data, source)
-        result, checkpoint = _fit(model, data, cfg, device, options, run if options.track else None, should_stop)
+        result, checkpoint = _fit(
+            model, data, cfg, device, options, run if options.track else None, should_stop, deadline
+        )
+        if result.replans:  # the deadline moved the last epoch: the recipe as it ran
+            cfg = replace(cfg, train=replace(cfg.train, epochs=result.history[-1].epoch))
         if not group.is_main:  # the test pass and calibration are rank 0's, once
             return TrainOutcome(result, None, None, None)
         test = _served_evaluate(model, data.images["test"], data.labels["test"], device, cfg.train)
@@ -229,7 +233,7 @@ def _run_tags(options: TrainOptions, device, world_size: int) -> dict[str, str]:
     }
 
 
-def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run, should_stop):
+def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run, should_stop, deadline=None):
     """``engine.fit`` with the run's hooks: epoch metrics, checkpoints, a checkpoint when stopped.
 
     Returns (fit result, the checkpoint path or None). A pruned trial's checkpoint is removed
@@ -250,6 +254,7 @@ def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run,
             model, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"], cfg, device,
             on_epoch_end=on_epoch_end, progress=options.progress, progress_bar=options.progress_bar,
             resume=options.resume, should_stop=should_stop, on_checkpoint=on_checkpoint if checkpoint else None,
+            deadline=deadline,
         )  # fmt: skip
     except Pruned:
         if checkpoint is not None:

@@ -1,0 +1,101 @@
+"""The schedule's horizon, and moving it while training runs against a deadline.
+
+A budget's plan (``cifar.engine.budget``) times a few steps; real epochs can run slower (a busy
+machine, per-epoch costs the probe does not see) or faster. After each epoch the run compares
+what the epochs it has planned will cost, at the rate its own epochs ran, with the time left,
+and moves its last epoch. The schedule keeps the progress it has reached and spreads the rest
+over the new number of steps, so the learning rate does not jump. The arithmetic is pure;
+``keep_deadline`` applies it to a running ``Training``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cifar.engine.loop import Training
+
+# Lengthening needs the extra epoch to fit in this share of the time left: a run that just
+# shortened does not lengthen again on the next epoch's noise.
+LENGTHEN_MARGIN = 0.97
+
+
+@dataclass
+class Horizon:
+    """Schedule progress (0 at the first step, 1 at ``total_steps``), movable mid-run."""
+
+    total_steps: int
+    from_step: int = 0  # where the horizon last moved, and the progress reached there
+    from_progress: float = 0.0
+
+    def progress(self, step: int) -> float:
+        span = max(1, self.total_steps - self.from_step)
+        return min(1.0, self.from_progress + (step - self.from_step) * (1.0 - self.from_progress) / span)
+
+    def move(self, step: int, total_steps: int) -> None:
+        """End at ``total_steps`` instead; steps from ``step`` on cover the progress left."""
+        self.from_progress, self.from_step, self.total_steps = self.progress(step), step, total_steps
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def load(self, saved: dict) -> None:
+        """In place: the schedule's lambda holds this object."""
+        self.total_steps, self.from_step = saved["total_steps"], saved["from_step"]
+        self.from_progress = saved["from_progress"]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When training must end (a ``time.perf_counter()`` value) and what the last validation costs."""
+
+    at: float
+    val_seconds: float
+
+
+def epochs_before_deadline(seconds_left: float, done: int, planned: int, epoch_seconds: float,
+                           val_seconds: float) -> int:  # fmt: skip
+    """The last epoch to plan for after ``done`` epochs: ``planned`` while it still fits.
+
+    ``epoch_seconds`` is what an epoch has cost here so far; the last epoch is followed by a
+    validation pass of ``val_seconds``. Shortens when the planned epochs would overrun the time
+    left; lengthens only when at least one more whole epoch fits with a margin; never below one
+    more epoch (the run ends on a trained, validated epoch).
+    """
+    if epoch_seconds <= 0:
+        return planned
+    fits = math.floor((seconds_left - val_seconds) / epoch_seconds)
+    if (planned - done) * epoch_seconds + val_seconds > seconds_left:
+        return done + max(1, fits)
+    roomy = math.floor((LENGTHEN_MARGIN * seconds_left - val_seconds) / epoch_seconds)
+    return max(planned, done + roomy)
+
+
+def keep_deadline(run: Training, epoch: int, deadline: Deadline) -> bool:
+    """After ``epoch``: move the last epoch so that training ends by the deadline, at the rate the
+    run's own recent epochs ran (timed once the resolution and the stem have settled). Under DDP
+    rank 0 decides for all: ranks with different last epochs would hang in a collective. True when it moved."""
+    t = run.cfg.train
+    settled = [m.epoch_seconds for m in run.result.history if m.epoch > max(t.low_res_epochs, t.whiten_bias_epochs)]
+    if epoch >= t.epochs or not settled:
+        return False
+    left = deadline.at - time.perf_counter()
+    per_epoch = float(np.mean(settled[-3:]))  # recent epochs: a machine that slows down is followed
+    epochs = epochs_before_deadline(left, epoch, t.epochs, per_epoch, deadline.val_seconds)
+    note = f"after epoch {epoch}: {t.epochs} -> {epochs} epochs ({left:.0f} s left, epochs taking {per_epoch:.1f} s)"
+    if run.world > 1:
+        import torch.distributed as dist
+
+        shared = [epochs, note]
+        dist.broadcast_object_list(shared, src=0)
+        epochs, note = shared
+    if epochs == t.epochs:
+        return False
+    run.result.replans.append(note)
+    run.set_epochs(epochs)
+    return True

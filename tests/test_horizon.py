@@ -1,0 +1,101 @@
+"""A time budget's deadline moves the last epoch mid-run: the schedule bends, never jumps, and resumes as moved."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+
+from cifar.config import load_experiment
+from cifar.data import load_cache
+from cifar.engine import fit, seed_everything
+from cifar.engine.horizon import Deadline, Horizon, epochs_before_deadline
+from cifar.engine.optim import lr_factor
+from cifar.models import create_model
+
+CPU = torch.device("cpu")
+
+
+def test_a_moved_horizon_keeps_the_progress_reached_and_ends_at_the_new_step():
+    horizon = Horizon(100)
+    assert [horizon.progress(s) for s in (0, 50, 100, 120)] == [0.0, 0.5, 1.0, 1.0]
+    horizon.move(40, 60)  # shortened at 40% progress: the 20 steps left cover the other 60%
+    assert horizon.progress(40) == pytest.approx(0.4) and horizon.progress(50) == pytest.approx(0.7)
+    assert horizon.progress(60) == pytest.approx(1.0)
+    horizon.move(50, 110)  # lengthened at 70%: 60 steps for the last 30%
+    assert horizon.progress(50) == pytest.approx(0.7) and horizon.progress(110) == pytest.approx(1.0)
+    again = Horizon(1)
+    again.load(horizon.as_dict())
+    assert again == horizon
+
+
+@pytest.mark.parametrize(
+    ("left", "done", "planned", "expected"),
+    [
+        (90.0, 2, 10, 10),  # 8 epochs of 10 s + 2 s validation = 82 s: fits; a 9th not within 97% of 90 s
+        (60.0, 2, 10, 7),  # overruns: the 5 epochs that fit before the last validation
+        (5.0, 2, 10, 3),  # not even one fits: one more epoch all the same, never none
+        (150.0, 2, 10, 16),  # 14 more fit in 97% of 150 s: lengthened
+        (84.0, 2, 10, 10),  # a 9th would fit in 84 s but not in its 97%: no lengthening on noise
+    ],
+)
+def test_epochs_before_deadline_shortens_on_an_overrun_and_lengthens_only_with_room(left, done, planned, expected):
+    assert epochs_before_deadline(left, done, planned, epoch_seconds=10.0, val_seconds=2.0) == expected
+
+
+def _fit_against(prepared_dir, epochs: int, seconds: float, **kwargs):
+    """The smoke recipe with ``epochs`` planned and ``seconds`` until the deadline (0: none), deterministic on CPU."""
+    data = load_cache(prepared_dir)
+    cfg = load_experiment("smoke", [f"train.epochs={epochs}", "train.batch_size=10", "optim.lr=0.02",
+                                    "train.eval_every=0", "train.checkpoint_every=1",
+                                    "schedule.warmup_fraction=0"])  # fmt: skip
+    seed_everything(cfg.train.seed, deterministic=True)
+    model = create_model(cfg.model.name, mean=data.mean, std=data.std)
+    split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
+    deadline = Deadline(time.perf_counter() + seconds, val_seconds=0.0) if seconds else None
+    result = fit(model, *split, cfg, CPU, progress=False, deadline=deadline, **kwargs)
+    return cfg, model, result, deadline
+
+
+@pytest.fixture(scope="module")
+def epoch_seconds(prepared_dir) -> float:
+    """What one smoke epoch costs on this machine now (the deadlines below are in these units)."""
+    result = _fit_against(prepared_dir, 4, 0)[2]
+    return statistics.median(m.epoch_seconds for m in result.history[1:])  # the first pays for warm-up
+
+
+def test_a_deadline_too_close_for_the_plan_shortens_the_run_and_the_rate_still_ends_at_its_floor(
+    prepared_dir, epoch_seconds
+):
+    states = []
+    cfg, model, result, deadline = _fit_against(
+        prepared_dir, 8, 3.5 * epoch_seconds, on_checkpoint=lambda state: states.append(copy.deepcopy(state))
+    )
+    last = result.history[-1].epoch
+    assert 2 <= last < 8 and result.replans, result.replans
+    assert result.replans[0].startswith("after epoch ") and "8 -> " in result.replans[0]
+    assert result.history[-1].val_accuracy is not None, "the moved last epoch is validated"
+    assert time.perf_counter() < deadline.at + 2 * epoch_seconds  # no longer the 8 planned epochs
+    # The schedule bent: decaying at every epoch's end, never a jump back up, and the floor reached at the new end.
+    rates = [m.learning_rate for m in result.history]
+    assert all(b < a for a, b in zip(rates, rates[1:], strict=False)), rates
+    floor = cfg.optim.lr * lr_factor(cfg.schedule.name, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_fraction)(1)
+    assert rates[-1] == pytest.approx(floor, abs=1e-9)
+
+    # A run resumed from a checkpoint taken after the move ends where the moved run ended, with its weights.
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = states[-1].info["horizon"]
+    state = next(s for s in states if s.info["horizon"] == moved and s.epoch <= last)
+    _, resumed_model, resumed, _ = _fit_against(prepared_dir, 8, 0, resume=state)
+    assert resumed.history[-1].epoch == last and not resumed.replans
+    for name, value in resumed_model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_deadline_with_room_to_spare_lengthens_the_run(prepared_dir, epoch_seconds):
+    _, _, result, deadline = _fit_against(prepared_dir, 3, 7 * epoch_seconds)
+    assert result.history[-1].epoch > 3 and "3 -> " in result.replans[0], result.replans
+    assert time.perf_counter() < deadline.at + epoch_seconds
