@@ -13,7 +13,8 @@ one after the other in this process, seed by seed:
 - the project: the engine's training clock (``fit.train_seconds``) with ``train.eval_every=0``, so
   the one validation pass that picks the kept epoch is on it and no other.
 Test accuracy is on the same 10,000 test images, each side with its own test-time augmentation
-(airbench: ``tta_level`` 2, mirror + translate; the recipes: flip).
+(airbench: ``tta_level`` 2, mirror + translate; a recipe: its own ``train.tta``/``train.tta_translate``,
+for ``cpu`` the same mirror + translate 1 pixel).
 
 On CUDA airbench runs unchanged. On a CPU it gets the smallest change that runs there, all of it
 in ``cpu_adaptation``: modules stay on the CPU in fp32 (its ``.cuda()``/``.half()`` do nothing),
