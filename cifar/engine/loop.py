@@ -380,9 +380,10 @@ def fit(
             )
         if on_epoch_end is not None:
             on_epoch_end(metrics)
-        if deadline is not None and keep_deadline(run, epoch, deadline) and progress:
-            tqdm.write(f"Time budget: {run.result.replans[-1]}")
+        if deadline is not None and keep_deadline(run, epoch, deadline):
             t = run.cfg.train
+            if progress:
+                tqdm.write(f"Time budget: {run.result.replans[-1]}")
         if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
             on_checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
         epoch += 1
