@@ -40,7 +40,8 @@ def machine_name(device: str = "cpu") -> str:
 
     model, flags = _cpu_model_and_flags()
     vnni = "VNNI" if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else "no VNNI"
-    isa = f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {vnni}"
+    matrix = ", AMX" if "amx_bf16" in flags else ""  # the two native-bf16 kinds differ in speed
+    isa = f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {vnni}{matrix}"
     precision = "native bf16" if native_bf16(torch.device("cpu")) else "fp32"
     return f"{model} ({isa}), {os.cpu_count()} cores, {torch.get_num_threads()} threads, {precision}"
 
