@@ -23,7 +23,10 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
         return platform.processor() or platform.machine(), set()
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return fields.get("model name", platform.machine()), set(fields.get("flags", "").split())
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields:  # "AMD EPYC" alone names Zen 4 (family 25) and Zen 5 (26), whose bf16 speeds differ
+        name += f" family {fields['cpu family']} model {fields.get('model', '?')}"
+    return name, set(fields.get("flags", "").split())
 
 
 def machine_name(device: str = "cpu") -> str:
