@@ -219,6 +219,44 @@ def test_a_budget_plan_times_the_low_resolution_epochs_as_they_will_run(prepared
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was probed
 
 
+class _SlowInput:
+    """The real loader with 50 ms more per batch: an input pipeline as costly as a heavy augmentation."""
+
+    def __init__(self, loader) -> None:
+        self.__dict__["inner"] = loader
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value) -> None:
+        setattr(self.inner, name, value)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        import time
+
+        for batch in self.inner:
+            time.sleep(0.05)
+            yield batch
+
+
+def test_the_budget_times_a_step_with_the_batch_it_draws(prepared_dir):
+    """On a CPU the loader's gather and augmentation share the cores with the step: the probe counts them."""
+    from cifar.engine.budget import _step_seconds
+
+    data = load_cache(prepared_dir)
+    cfg = load_experiment("smoke", [])
+    model = create_model(cfg.model.name, mean=data.mean, std=data.std)
+    run = prepare_training(model, data.images["train"], data.labels["train"], data.images["val"],
+                           data.labels["val"], cfg, CPU)  # fmt: skip
+    run.wrap()
+    bare = _step_seconds(run, 1, 3)
+    run.loader = _SlowInput(run.loader)
+    assert _step_seconds(run, 1, 3) >= bare + 0.04
+
+
 def test_the_compile_warm_up_leaves_the_run_as_it_found_it(prepared_dir):
     """The warm-up's steps are not training: weights, optimizer, schedule and the stem come back."""
     data = load_cache(prepared_dir)

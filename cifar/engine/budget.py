@@ -70,16 +70,20 @@ class BudgetPlan:
 
 
 def _step_seconds(run, epoch: int, timed: int) -> float:
-    """Median seconds of ``timed`` real steps in ``epoch``'s state (resolution, frozen stem), after warm-up."""
+    """Median seconds of ``timed`` real steps in ``epoch``'s state (resolution, frozen stem), after warm-up.
+
+    A step is timed from drawing its batch: the loader's gather, augmentation and resizing run on the
+    same device as the step, so on a CPU they are part of what an epoch costs.
+    """
     begin_epoch(run, epoch)
     times = []
     batches = iter(run.loader)
     for _ in range(WARMUP_STEPS + timed):
+        tick = time.perf_counter()
         x, y = next(batches, (None, None))
         if x is None:
             batches = iter(run.loader)
             x, y = next(batches)
-        tick = time.perf_counter()
         loss, _, _ = run.train_on(x, y)
         loss.item()  # waits for the GPU: the step's real time
         times.append(time.perf_counter() - tick)

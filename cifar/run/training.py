@@ -100,7 +100,9 @@ def resume_training(run_id: str, options: TrainOptions | None = None) -> TrainOu
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
-    return f"{cfg.name}-{cfg.model.name}-e{cfg.train.epochs}-s{cfg.train.seed}"
+    """``cpu-fastnet-900s-s0`` for a time budget (its deadline may move the epochs), else ``…-e6-s0``."""
+    length = f"{cfg.train.time_budget:g}s" if cfg.train.time_budget else f"e{cfg.train.epochs}"
+    return f"{cfg.name}-{cfg.model.name}-{length}-s{cfg.train.seed}"
 
 
 def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOutcome:
