@@ -268,14 +268,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
     import yaml
     from mlflow.models import Model
 
-    from cifar.promote.registry import (
-        PRODUCTION,
-        _client,
-        _has_model,
-        _sync_stage,
-        production_version,
-        registry_lock,
-    )
+    from cifar.promote.registry import _client, _has_model, production_version, registry_lock, settle
     from cifar.tracking import log_onnx_model
 
     folder = Path(bundle_dir or BUNDLE_DIR)
@@ -326,11 +319,10 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                     f"test accuracy {metrics['test_accuracy']:.4f}."
                 ),
             )
-        promoted = False
-        if production_version(name) is None:
-            client.set_registered_model_alias(name, PRODUCTION, version)
-            _sync_stage(name)
-            promoted = True
+        promoted = production_version(name) is None
+        if promoted:
+            client.set_model_version_tag(name, version, "promotion", "won")
+            settle(name)
     return str(version), promoted
 
 

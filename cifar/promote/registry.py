@@ -74,21 +74,82 @@ def registry_lock():
     return sqlite_lock(_tracking_uri(), "register")
 
 
-def _sync_stage(name: str) -> None:
-    """Make the legacy stage follow the alias: the production version is the one 'Production'."""
-    version = production_version(name)
-    if version is None:
-        return
+CONTENDING = ("won", "forced")  # VersionTags.promotion of a version that may be production
+COMPETED = (*CONTENDING, "superseded")  # ... and of one that was: what --rollback may restore
+
+
+def _rank(version) -> tuple[float, int]:
+    """Better on validation first; on a tie the earlier version (a tie never promotes)."""
+    val = VersionTags.from_tags(version.tags).val_accuracy
+    return (float("-inf") if val is None else val, -int(version.version))
+
+
+def standing(versions) -> tuple[str | None, str | None]:
+    """What production and previous should be, from the versions' own promotion tags alone.
+
+    Production is the best contender on validation; previous the best other version that has
+    competed (a superseded production included, so --rollback undoes a --force).
+    """
+    contenders = [v for v in versions if v.tags.get("promotion") in CONTENDING]
+    if not contenders:
+        return None, None
+    best = max(contenders, key=_rank)
+    others = [v for v in versions if v.version != best.version and v.tags.get("promotion") in COMPETED]
+    return str(best.version), (str(max(others, key=_rank).version) if others else None)
+
+
+def settle(name: str, attempts: int = 20) -> None:
+    """Point production, previous and the stage at ``standing``, until a fresh read agrees.
+
+    Promoters decide on what they read, and on a shared server another one may write between
+    that read and their own write: no lock spans both. So every promoter, after writing its tags,
+    repairs the aliases from the registry's state. Its last read comes after every other
+    promoter's tags, so any interleaving ends in the same registry.
+    """
+    client = _client()
+    for _ in range(attempts):
+        versions = client.search_model_versions(f"name = '{name}'")
+        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        current = aliases.get(PRODUCTION)
+        untagged = [v for v in versions if str(v.version) == current and not v.tags.get("promotion")]
+        for v in untagged:  # production from before these tags (the bundled model, older registries)
+            client.set_model_version_tag(name, v.version, "promotion", "won")
+            v.tags["promotion"] = "won"
+        production, previous = standing(versions)
+        staged = sorted(str(v.version) for v in versions if v.current_stage == "Production")
+        if production is None or (current, aliases.get(PREVIOUS), staged) == (production, previous, [production]):
+            return
+        client.set_registered_model_alias(name, PRODUCTION, production)
+        if previous is not None:
+            client.set_registered_model_alias(name, PREVIOUS, previous)
+        elif PREVIOUS in aliases:
+            client.delete_registered_model_alias(name, PREVIOUS)
+        _sync_stage(name, production, versions)
+    raise CifarError(f"the registry of '{name}' kept changing while promoting; run python register.py --list to check")
+
+
+def _sync_stage(name: str, production: str, versions) -> None:
+    """The legacy stage follows the alias: the production version is the one 'Production'."""
     client = _client()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         # Archive the others one by one: MLflow 3.17's archive_existing_versions=True compares an
         # integer column with text and fails on a PostgreSQL backend store.
-        for other in client.search_model_versions(f"name = '{name}'"):
-            if other.version != version.version and other.current_stage == "Production":
+        for other in versions:
+            if str(other.version) != production and other.current_stage == "Production":
                 client.transition_model_version_stage(name, other.version, "Archived")
-        if version.current_stage != "Production":
-            client.transition_model_version_stage(name, version.version, "Production")
+        client.transition_model_version_stage(name, production, "Production")
+
+
+def pin(name: str, version: str, outcome: str) -> None:
+    """Make ``version`` the best contender: tag it, and supersede the contenders that rank above it."""
+    client = _client()
+    client.set_model_version_tag(name, version, "promotion", outcome)
+    versions = client.search_model_versions(f"name = '{name}'")
+    (chosen,) = [v for v in versions if str(v.version) == str(version)]
+    for v in versions:
+        if v.tags.get("promotion") in CONTENDING and v is not chosen and _rank(v) > _rank(chosen):
+            client.set_model_version_tag(name, v.version, "promotion", "superseded")
 
 
 def _version_for_run(name: str, run_id: str, precision: str = "float32"):
@@ -112,6 +173,7 @@ class Decision:
     version: str | None = None
     test_accuracy: float | None = None
     refused: bool = False  # misses a required trust minimum: not even registered
+    forced: bool = False  # --force: production whatever the ranking (settle keeps it there)
 
 
 def trust_shortfall(candidate: Candidate, max_ece: float | None, min_ood_auroc: float | None) -> str | None:
@@ -150,7 +212,7 @@ def decide(
     if shortfall:  # an explicit minimum: --force does not override it
         return Decision(candidate, champion, champion_value, False, shortfall, refused=True)
     if force:
-        return Decision(candidate, champion, champion_value, True, "--force")
+        return Decision(candidate, champion, champion_value, True, "--force", forced=True)
     if champion is None:
         return Decision(candidate, None, None, True, "no production version yet")
     # Production's figure is stored at 6 decimals; compare at that precision, or a tie (a float32
@@ -218,6 +280,7 @@ def register_and_promote(
                 selection_metric=c.metric,
                 source="training run",
                 precision=variant.precision,
+                promotion="won" if decision.promote and not decision.forced else "lost",
                 extra=variant.extra,
             )
             version = mlflow.register_model(c.model_uri, name, tags=tags.to_tags())
@@ -235,12 +298,11 @@ def register_and_promote(
             decision.version = str(existing.version)
             for key, value in trust.to_tags().items():
                 client.set_model_version_tag(name, existing.version, key, value)  # e.g. calibrated since
-        if decision.promote:
-            current = production_version(name)
-            if current is not None and current.version != decision.version:
-                client.set_registered_model_alias(name, PREVIOUS, current.version)
-            client.set_registered_model_alias(name, PRODUCTION, decision.version)
-        _sync_stage(name)
+        if decision.forced:
+            pin(name, decision.version, "forced")
+        elif decision.promote and existing is not None:
+            client.set_model_version_tag(name, existing.version, "promotion", "won")
+        settle(name)
     return decision
 
 
@@ -269,9 +331,8 @@ def rollback(name: str = MODEL_NAME) -> tuple[str, str]:
             raise CifarError(
                 f"nothing to roll back to: '{name}' has no '{PREVIOUS}' alias (see python register.py --list)."
             )
-        client.set_registered_model_alias(name, PRODUCTION, previous.version)
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
-        _sync_stage(name)
+        pin(name, previous.version, "won")
+        settle(name)
     return current.version, previous.version
 
 

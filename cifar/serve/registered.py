@@ -44,6 +44,7 @@ class VersionTags:
     selection_metric: str = ""
     source: str = ""  # "training run", or "bundled" (models/bundled)
     precision: str = ""  # "" is float32; "int8" (cifar.assess.quantize)
+    promotion: str = ""  # won | lost | forced | superseded: what cifar.promote.registry.settle ranks
     test_ece: float | None = None
     ood_auroc: float | None = None  # the lowest over ood_auroc_sets
     ood_auroc_sets: str = ""
