@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import streamlit as st
-from conftest import ROOT
+from conftest import ROOT, relabelled
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -173,15 +173,26 @@ def test_bad_uploads_get_a_friendly_message(served, mini_raw):
     assert not at.exception
 
 
+def answer_to_sample(at: AppTest, key: str = "sample-cat_0") -> str:
+    """The label the page gives a sample image (its heading, "none of these?" or not)."""
+    at.button(key=key).click()
+    at.run()
+    (heading,) = [m.value for m in at.markdown if m.value.startswith("### ")]
+    return heading.removeprefix("### none of these?\nbest guess ").removeprefix("### ").split("\n")[0].split(",")[0]
+
+
 def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch):
+    """Version 2 is the same network with its label table rotated: after the switch the page answers with it."""
     monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))  # register.py re-evaluates on this test split
     at = run_app()
     assert "version **1**" in text_of(at)
+    before = answer_to_sample(at)
     import yaml
 
     mlflow.set_experiment("newer")
-    proto = onnx.load(str(BUNDLE_DIR / "model.onnx"))
-    meta = yaml.safe_load((BUNDLE_DIR / "MLmodel").read_text())["metadata"]
+    proto, meta = relabelled(
+        onnx.load(str(BUNDLE_DIR / "model.onnx")), yaml.safe_load((BUNDLE_DIR / "MLmodel").read_text())["metadata"]
+    )
     with mlflow.start_run():
         mlflow.log_metrics({"best_val_accuracy": 0.99, "test_accuracy": 0.9})
         uri = log_onnx_model(proto, meta, mini_example())
@@ -194,6 +205,8 @@ def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch)
     at.sidebar.button[0].click()  # ...or until "Check for a new model"
     at.run()
     assert "version **2**" in text_of(at) and not at.exception
+    classes = list(CIFAR10_CLASSES)
+    assert answer_to_sample(at) == classes[(classes.index(before) + 1) % len(classes)]  # version 2's own answer
 
 
 def test_unreachable_tracking_server_is_named(tmp_path, monkeypatch):

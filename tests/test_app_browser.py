@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.request
@@ -17,6 +18,7 @@ from conftest import (
     clean_env,
     free_port,
     keep_screenshot,
+    relabelled,
     run_cli,
 )
 
@@ -137,6 +139,27 @@ def test_uniform_noise_is_flagged_none_of_these_in_chromium(app_url, tmp_path):
     keep_screenshot(shot)
 
 
+def answer(page, label: str):
+    """The page's answer naming ``label``: its heading, or "best guess <label>" under "none of these?"."""
+    return page.locator("h3").filter(has_text=re.compile(rf"^{label}$")).or_(page.get_by_text(f"best guess {label},"))
+
+
+def register_relabelled(client, first):
+    """A version 2 that is the bundled network with its labels rotated (``conftest.relabelled``)."""
+    import mlflow
+    import onnx
+    from mlflow.models import Model
+
+    from cifar.promote.bundle import BUNDLE_DIR
+    from cifar.tracking import log_onnx_model
+
+    bundled = Model.load(str(BUNDLE_DIR))
+    proto, meta = relabelled(onnx.load(str(BUNDLE_DIR / "model.onnx")), bundled.metadata)
+    with mlflow.start_run(experiment_id=client.get_run(first.run_id).info.experiment_id) as run:
+        uri = log_onnx_model(proto, meta, bundled.load_input_example(str(BUNDLE_DIR))["image"])
+    return client.create_model_version("cifar10-classifier", uri, run_id=run.info.run_id)
+
+
 def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw, monkeypatch):
     """20 browser sessions open and answer an upload; while all are open, production moves to version 2.
 
@@ -149,11 +172,18 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
     from PIL import Image
     from playwright.async_api import async_playwright, expect
 
+    from cifar.promote.bundle import BUNDLE_DIR
+    from cifar.serve.inference import Predictor
+
     photos = []
     for i in range(20):
         path = tmp_path / f"photo_{i:02d}.png"
         Image.fromarray(mini_raw.test_images[i]).resize((128, 128)).save(path)
         photos.append(path)
+    # Version 2 is the same network with its label table rotated by one: every photo gets another label.
+    classes = list(Predictor(BUNDLE_DIR / "model.onnx").classes)
+    first_labels = [r.label for r in Predictor(BUNDLE_DIR / "model.onnx").predict_files(photos)]
+    second_labels = [classes[(classes.index(label) + 1) % len(classes)] for label in first_labels]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the app's store
     mlflow.set_tracking_uri(None)
     client = mlflow.MlflowClient()
@@ -174,11 +204,11 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
             upload = page.locator('input[type="file"]').first
             await expect(upload).to_be_attached(timeout=slow)
             await upload.set_input_files(str(photo), timeout=slow)
-            await expect(page.get_by_text("confident").first).to_be_visible(timeout=slow)
+            await expect(answer(page, first_labels[number])).to_be_visible(timeout=slow)
             answered.append(number)
             await promoted.wait()
             await expect(page.get_by_text("cifar10-classifier version 2").first).to_be_visible(timeout=slow)
-            await expect(page.get_by_text("confident").first).to_be_visible(timeout=slow)  # answered again
+            await expect(answer(page, second_labels[number])).to_be_visible(timeout=slow)  # version 2 answered
             seen = time.monotonic()
             text = await page.locator("body").inner_text()
             assert "Traceback" not in text and "Error" not in text, text[:2000]
@@ -192,7 +222,7 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
     async def promote_while_all_are_open() -> str:
         while len(answered) < len(photos):
             await asyncio.sleep(0.5)
-        new = client.create_model_version("cifar10-classifier", first.source, run_id=first.run_id)
+        new = await asyncio.to_thread(register_relabelled, client, first)
         client.set_registered_model_alias("cifar10-classifier", "production", new.version)
         promoted_at.append(time.monotonic())
         promoted.set()

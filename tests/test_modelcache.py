@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, relabelled, run_cli
 
+from cifar.data.sources import CIFAR10_CLASSES
 from cifar.serve import modelcache
 from cifar.settings import load_settings
 
@@ -35,20 +37,35 @@ def registered(tmp_path):
 
 
 def move_production_to_a_new_version(env: dict) -> str:
+    """Production moves to the bundled network with its label table rotated by one (``conftest.relabelled``)."""
     import mlflow
+    import onnx
+    from mlflow.models import Model
 
+    from cifar.promote.bundle import BUNDLE_DIR
+    from cifar.tracking import log_onnx_model
+
+    outer = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
         client = mlflow.MlflowClient()
         first = client.get_model_version_by_alias(NAME, "production")
-        second = client.create_model_version(NAME, first.source, run_id=first.run_id)
+        bundled = Model.load(str(BUNDLE_DIR))
+        proto, meta = relabelled(onnx.load(str(BUNDLE_DIR / "model.onnx")), bundled.metadata)
+        with mlflow.start_run(experiment_id=client.get_run(first.run_id).info.experiment_id) as run:
+            uri = log_onnx_model(proto, meta, bundled.load_input_example(str(BUNDLE_DIR))["image"])
+        second = client.create_model_version(NAME, uri, run_id=run.info.run_id)
         client.set_registered_model_alias(NAME, "production", second.version)
         return str(second.version)
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(outer)  # None also unsets the variable: a caller's own store stays theirs
 
 
-@pytest.mark.integration
+def rotated(label: str) -> str:
+    classes = list(CIFAR10_CLASSES)
+    return classes[(classes.index(label) + 1) % len(classes)]
+
+
 def test_second_call_skips_mlflow_until_the_alias_moves(registered, tmp_path):
     env, cache = registered
     cold, cold_imported = predict(env, tmp_path)
@@ -62,8 +79,28 @@ def test_second_call_skips_mlflow_until_the_alias_moves(registered, tmp_path):
     version = move_production_to_a_new_version(env)
     moved, moved_imported = predict(env, tmp_path)
     assert moved_imported and {r["model"] for r in moved} == {f"models:/{NAME}@production (version {version})"}
+    assert [r["label"] for r in moved] == [rotated(r["label"]) for r in cold]  # version 2's own answers
     again, again_imported = predict(env, tmp_path)
     assert not again_imported and again[0]["model"] == moved[0]["model"]
+
+
+@pytest.mark.integration
+def test_a_long_lived_process_follows_the_alias(registered, monkeypatch):
+    """One process (an API worker, a notebook) asks for production again after a promotion: version 2 answers."""
+    import mlflow
+
+    from cifar.serve.inference import Predictor
+
+    env, _ = registered
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(None)  # follow the environment, as a fresh process would
+    images = sorted(IMAGE.glob("*.jpg"))[:5]
+    before = [r.label for r in Predictor.from_uri(f"models:/{NAME}@production").predict_files(images)]
+    version = move_production_to_a_new_version(env)
+    after = Predictor.from_uri(f"models:/{NAME}@production")
+    assert after.description.endswith(f"(version {version})")
+    assert [r.label for r in after.predict_files(images)] == [rotated(label) for label in before]
 
 
 @pytest.mark.integration
@@ -111,3 +148,22 @@ def test_a_failed_download_leaves_no_half_copy(registered, tmp_path):
     failed = run_cli(["-m", "cifar.serve.predict", str(IMAGE)], env=env, cwd=tmp_path)
     assert failed.returncode == 2 and "cannot load model" in failed.stderr and "Traceback" not in failed.stderr
     assert not list(cache.glob("*")), "a partial copy or an entry for it was left in the cache"
+
+
+@pytest.mark.integration
+def test_a_damaged_copy_is_fetched_again_and_predicts_as_before(registered, tmp_path):
+    env, cache = registered
+    cold, _ = predict(env, tmp_path)
+    (copy,) = cache.rglob("model.onnx")
+    raw = bytearray(copy.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4096] = bytes(b ^ 0xFF for b in raw[middle : middle + 4096])  # 4 KiB of weights
+    copy.write_bytes(bytes(raw))
+
+    refetched, imported = predict(env, tmp_path)
+    assert imported, "the damaged copy was used instead of being fetched again"
+    assert refetched == cold and sum(r["label"] == "ship" for r in refetched) >= 16
+    (entry,) = cache.glob("*.json")
+    fresh = cache / json.loads(entry.read_text())["path"]
+    assert fresh != copy.parent and modelcache.files_digest(fresh) == json.loads(entry.read_text())["sha256"]
+    assert predict(env, tmp_path) == (cold, False), "the fresh copy is trusted again"

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--seed", type=int, default=0, help="seed of the stratified validation split")
     prepare.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    info = sub.add_parser("info", help="print the cache manifest")
+    info = sub.add_parser("info", help="check every cache file against its manifest, then print it")
     info.add_argument("--data-dir", default="")
     return parser
 

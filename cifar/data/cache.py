@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import shutil
 import tempfile
 import time
@@ -208,6 +209,11 @@ def _staging_folder(data_dir: Path) -> Iterator[Path]:
 
 
 def load_cache(data_dir: Path | None = None) -> CifarData:
+    """Memory-map the cache, once every file is checked against the SHA-256 the manifest recorded.
+
+    Hashing every byte is cheap beside training, which reads them all anyway (cost: benchmarks/cache_check.py);
+    cheaper checks (sizes, mtimes, sampled blocks) miss bytes changed in place.
+    """
     folder = cache_dir(Path(data_dir or default_data_dir()))
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
@@ -215,20 +221,40 @@ def load_cache(data_dir: Path | None = None) -> CifarData:
             f"no prepared data in {folder}. Run: python -m cifar.data prepare --source cifar10|PATH "
             f"--data-dir {folder.parent}"
         )
-    manifest = json.loads(manifest_path.read_text())
-    images, labels = {}, {}
     try:
+        manifest = json.loads(manifest_path.read_text())
+        _check_files(folder, manifest)
+        images, labels = {}, {}
         for split in SPLITS:
             images[split] = np.load(folder / f"{split}_images.npy", mmap_mode="r", allow_pickle=False)
             labels[split] = np.load(folder / f"{split}_labels.npy", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CifarError(f"the cache in {folder} is damaged ({exc}); run prepare again.") from None
-    for split in SPLITS:
-        n = manifest["counts"][split]
-        if images[split].shape != (n, 32, 32, 3) or labels[split].shape != (n,):
-            raise CifarError(f"the cache in {folder} does not match its manifest ({split}); run prepare again.")
+            n = manifest["counts"][split]
+            if images[split].shape != (n, 32, 32, 3) or labels[split].shape != (n,):
+                raise ValueError(f"{split}: shapes {images[split].shape} and {labels[split].shape}, manifest says {n}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CifarError(f"the cache in {folder} is damaged ({exc}). {_prepare_again(folder, manifest_path)}") from None
     manifest["cache_dir"] = str(folder)
     return CifarData(images, labels, tuple(manifest["classes"]), manifest)
+
+
+def _check_files(folder: Path, manifest: dict) -> None:
+    """Raise ValueError unless each cache file has the SHA-256 written at prepare time."""
+    expected = {f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels")}
+    if set(manifest["files"]) != expected:
+        raise ValueError(f"its manifest lists {sorted(manifest['files'])}, not {sorted(expected)}")
+    changed = [name for name, digest in sorted(manifest["files"].items()) if _sha256(folder / name) != digest]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} changed since it was prepared: SHA-256 differs from manifest.json")
+
+
+def _prepare_again(folder: Path, manifest_path: Path) -> str:
+    """The command that rebuilds this cache: the same source, split size and seed when the manifest says."""
+    try:
+        m = json.loads(manifest_path.read_text())
+        how = f"--source {shlex.quote(m['source'])} --val-size {int(m['val_size'])} --seed {int(m['seed'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        how = "--source cifar10|PATH"
+    return f"Run again: python -m cifar.data prepare {how} --data-dir {shlex.quote(str(folder.parent))}"
 
 
 def ensure_cache(data_dir: Path | None = None, source: str | None = None) -> CifarData:

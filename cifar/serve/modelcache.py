@@ -6,7 +6,9 @@ SQLite store (``import mlflow`` 1.3 s, opening the SQLAlchemy store 1.4 s): more
 file had a given (inode, size, mtime), for the -wal and -journal files too, is still the model the
 URI names while they are the same: the check is exact, not a time-to-live. Anything else asks
 MLflow every time: a server (http, postgresql), a ``runs:/`` URI (a run's artifacts can be
-rewritten without touching the database), or ``CIFAR_MODEL_CACHE=off``. Imports no mlflow.
+rewritten without touching the database), or ``CIFAR_MODEL_CACHE=off``. A copy whose files no
+longer match the SHA-256 taken when it was made counts as absent, so it is fetched again.
+Imports no mlflow.
 """
 
 from __future__ import annotations
@@ -75,9 +77,25 @@ def cached_copy(uri: str) -> tuple[Path, str] | None:
         entry = json.loads((root / f"{_key(uri)}.json").read_text())
         local = root / entry["path"]
         fresh = entry["uri"] == uri and store_state(entry["tracking_uri"], entry["registry_uri"]) == entry["state"]
+        # A damaged copy (disk, a stray edit) would load wrong weights or fail: fetch it again.
+        intact = fresh and files_digest(local) == entry["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (local, entry["resolved"]) if fresh and local.exists() else None
+    return (local, entry["resolved"]) if intact else None
+
+
+def files_digest(path: Path) -> str:
+    """SHA-256 over a file, or over a folder's files with their relative paths; OSError if absent.
+
+    Far cheaper than asking MLflow again (benchmarks/cache_check.py).
+    """
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(f"{file.relative_to(path)}\0".encode())
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _temporary_folder() -> Path:
@@ -128,6 +146,7 @@ def download_model(uri: str) -> tuple[Path, str]:
         "registry_uri": registry_uri,
         "state": state,
         "path": str(local.relative_to(root)),
+        "sha256": files_digest(local),
     }
     staged = root / f"{key}.json.{os.getpid()}"
     try:

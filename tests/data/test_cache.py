@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 
 import numpy as np
 import pytest
-from conftest import SHARED_ARCHIVE, run_cli
+from conftest import FIXTURE, SHARED_ARCHIVE, run_cli
 
-from cifar.data import load_cache, prepare_cache, stratified_split
+from cifar.data import ensure_cache, load_cache, prepare_cache, stratified_split
 from cifar.data.cache import channel_stats
 from cifar.errors import CifarError
 
@@ -114,3 +115,65 @@ def test_train_and_val_are_stored_shuffled(prepared_dir):
     for split in ("train", "val"):
         first = data.labels[split][: len(data.labels[split]) // 5]
         assert len(np.unique(first)) >= 8, split
+
+
+@pytest.fixture(scope="module")
+def even_cache(tmp_path_factory, mini_dir):
+    """The fixture prepared with val and test the same size (200 each), so two splits' files can swap unseen
+    by any shape check."""
+    data_dir = tmp_path_factory.mktemp("even")
+    prepare_cache(str(mini_dir), data_dir, val_size=200, seed=0, workers=1)
+    return data_dir / "cache"
+
+
+def flip_middle(path, size=4096):
+    """Invert ``size`` bytes in the middle of a file: what a bad sector or a stray write leaves."""
+    raw = bytearray(path.read_bytes())
+    start = len(raw) // 2 - size // 2
+    raw[start : start + size] = bytes(b ^ 0xFF for b in raw[start : start + size])
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-3072])  # the last image gone
+
+
+def swap_val_and_test(path):
+    other = path.with_name(path.name.replace("val_", "test_"))
+    saved = path.read_bytes()
+    path.write_bytes(other.read_bytes())
+    other.write_bytes(saved)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "name", "named"),
+    [
+        (flip_middle, "train_images.npy", "train_images.npy"),
+        (truncate, "val_images.npy", "val_images.npy"),
+        (swap_val_and_test, "val_images.npy", "test_images.npy, val_images.npy"),
+        (swap_val_and_test, "val_labels.npy", "test_labels.npy, val_labels.npy"),
+    ],
+)
+def test_a_changed_cache_file_stops_the_load_and_says_how_to_rebuild(tmp_path, even_cache, corrupt, name, named):
+    folder = tmp_path / "cache"
+    shutil.copytree(even_cache, folder)
+    assert load_cache(tmp_path).sizes() == {"train": 300, "val": 200, "test": 200}
+    corrupt(folder / name)
+    with pytest.raises(CifarError) as caught:
+        ensure_cache(tmp_path)  # what training calls
+    message = str(caught.value)
+    assert f"{named} changed since it was prepared" in message
+    assert f"python -m cifar.data prepare --source {FIXTURE} --val-size 200 --seed 0 --data-dir {tmp_path}" in message
+
+
+def test_a_flipped_cache_is_one_error_line_and_the_command_it_gives_rebuilds_it(tmp_path, even_cache):
+    shutil.copytree(even_cache, tmp_path / "cache")
+    flip_middle(tmp_path / "cache" / "train_images.npy")
+    result = run_cli(["-m", "cifar.data", "info", "--data-dir", str(tmp_path)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: the cache in") and result.stderr.count("\n") == 1, result.stderr
+    command = result.stderr.split("Run again: python ", 1)[1].split()
+    assert command[:3] == ["-m", "cifar.data", "prepare"]
+    rebuilt = run_cli(command)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert load_cache(tmp_path).digest == json.loads((even_cache / "manifest.json").read_text())["digest"]
