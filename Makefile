@@ -18,7 +18,7 @@ PORT ?= 5000
 PG_DIR ?= .pg
 PG_PORT ?= 5433
 
-.PHONY: install system-deps data run train test test-fast lint ui dashboard app server postgres bench clean
+.PHONY: install system-deps data run train test test-fast test-gpu lint ui dashboard app server postgres bench clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration"
+
+# The gpu-marked tests and the CUDA benchmarks (.ci/gpu); fails at once, saying so, without a CUDA device.
+test-gpu: install
+	PY=$(BIN)/python .ci/gpu
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,54 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+GPU_TESTS = pytest.StashKey[set]()
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected: count only the gpu tests that were asked for
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where there is a CUDA device; elsewhere they skip, and the summary says so."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    config.stash[GPU_TESTS] = {item.nodeid for item in gpu}
+    if gpu and not cuda_available():
+        skip = pytest.mark.skip(reason="gpu: no CUDA device (make test-gpu runs these on a machine with one)")
+        for item in gpu:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A line on the gpu tests: a run without CUDA must not pass for one that tested the GPU paths."""
+    selected = config.stash.get(GPU_TESTS, set())
+    if not selected:
+        return
+    if not cuda_available():
+        message = f"gpu: not run, no CUDA device ({len(selected)} gpu tests skipped)"
+        terminalreporter.write_sep("=", message, yellow=True, bold=True)
+        return
+    import torch
+
+    outcome: dict[str, str] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "nodeid", None) not in selected or not hasattr(report, "when"):
+                continue
+            if report.failed:
+                outcome[report.nodeid] = "failed"
+            elif report.skipped:
+                outcome.setdefault(report.nodeid, "skipped")
+            elif report.when == "call":
+                outcome.setdefault(report.nodeid, "passed")
+    counts = ", ".join(f"{sum(v == o for v in outcome.values())} {o}" for o in ("passed", "failed", "skipped"))
+    failed = "failed" in outcome.values()
+    message = f"gpu: {counts} of {len(selected)} gpu tests on {torch.cuda.get_device_name(0)}"
+    terminalreporter.write_sep("=", message, red=failed, green=not failed, bold=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -243,3 +292,59 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def relabelled(proto, metadata: dict, shift: int = 1):
+    """The same network with its label table rotated by ``shift``: a genuinely different served model.
+
+    Every image gets another label (class i is named class i+shift), so a test can tell which
+    version answered. Returns (proto, metadata) for ``cifar.tracking.log_onnx_model``.
+    """
+    import copy
+    import json
+
+    from cifar.serve import contract
+
+    proto, metadata = copy.deepcopy(proto), copy.deepcopy(metadata)
+    (table,) = [t for t in proto.graph.initializer if t.name == contract._P + "classes"]
+    names = [s.decode() for s in table.string_data]
+    rotated = names[shift:] + names[:shift]
+    table.string_data[:] = [n.encode() for n in rotated]
+    (entry,) = [p for p in proto.metadata_props if p.key == contract.METADATA_KEY]
+    entry.value = json.dumps({**json.loads(entry.value), "classes": rotated})
+    metadata["classes"] = rotated
+    return proto, metadata
+
+
+STEP = 1.0  # virtual seconds per training step (the ``clock`` fixture)
+
+
+class VirtualClock:
+    """The engine's clock, advanced only by training steps: the deadline tests cannot feel the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):  # anything else the engine asks of ``time``
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    """The engine's ``time`` in budget, horizon and loop: each training step costs STEP seconds."""
+    from cifar.engine import budget, horizon, loop
+
+    clock = VirtualClock()
+    for module in (budget, horizon, loop):
+        monkeypatch.setattr(module, "time", clock)
+    train_on = loop.Training.train_on
+
+    def timed_step(self, x, y):
+        clock.now += STEP
+        return train_on(self, x, y)
+
+    monkeypatch.setattr(loop.Training, "train_on", timed_step)
+    return clock

@@ -15,7 +15,9 @@ from conftest import PYTHON, ROOT, clean_env, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-RECIPE = ["--experiment", "smoke", "--epochs", "4", "--set", "train.batch_size=64", "--set", "train.seed=3"]
+# --device cpu: gloo on CPU even where there are GPUs (auto would give each rank a GPU of its own).
+RECIPE = ["--experiment", "smoke", "--epochs", "4", "--set", "train.batch_size=64", "--set", "train.seed=3",
+          "--device", "cpu"]  # fmt: skip
 
 
 def runs(uri: str):
@@ -54,7 +56,7 @@ def test_torchrun_two_processes_match_one(tmp_path, prepared_dir):
 
 def test_torchrun_keeps_training_after_the_whitening_stem_freezes(tmp_path, prepared_dir):
     # Freezing a parameter that DDP expects gradients for would stall its reducer; fit re-wraps.
-    recipe = ["--experiment", "smoke", "--epochs", "2", "--no-track", "--no-progress"]
+    recipe = ["--experiment", "smoke", "--epochs", "2", "--no-track", "--no-progress", "--device", "cpu"]
     for setting in ("model.name=fastnet", "model.width=0.25", "train.whiten_bias_epochs=1", "train.lookahead=true"):
         recipe += ["--set", setting]
     ddp = run_cli(
@@ -86,7 +88,7 @@ def test_torchrun_tune_trials_train_on_both_ranks(tmp_path, prepared_dir):
     result = run_cli(
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "tune.py"),
          "--experiment", "smoke", "--space", str(space), "--storage", storage, "--study-name", "ddp",
-         "--n-trials", "2", "--epochs-per-trial", "2", "--seed", "0"],
+         "--n-trials", "2", "--epochs-per-trial", "2", "--seed", "0", "--device", "cpu"],
         env=env,
         cwd=tmp_path,
     )  # fmt: skip
@@ -154,7 +156,8 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, prepared_dir)
     with log.open("w") as out:
         launcher = subprocess.Popen(
             [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-             "--experiment", "smoke", "--epochs", "60", "--set", "train.checkpoint_every=0", "--no-progress"],
+             "--experiment", "smoke", "--epochs", "60", "--set", "train.checkpoint_every=0", "--no-progress",
+             "--device", "cpu"],
             env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import train_small_model
+from conftest import STEP, train_small_model
 
 from cifar.config import load_experiment
 from cifar.data import load_cache
@@ -220,10 +220,10 @@ def test_a_budget_plan_times_the_low_resolution_epochs_as_they_will_run(prepared
 
 
 class _SlowInput:
-    """The real loader with 50 ms more per batch: an input pipeline as costly as a heavy augmentation."""
+    """The real loader with 50 ms more per batch (virtual clock): an input pipeline as costly as heavy augmentation."""
 
-    def __init__(self, loader) -> None:
-        self.__dict__["inner"] = loader
+    def __init__(self, loader, clock) -> None:
+        self.__dict__.update(inner=loader, clock=clock)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -235,14 +235,12 @@ class _SlowInput:
         return len(self.inner)
 
     def __iter__(self):
-        import time
-
         for batch in self.inner:
-            time.sleep(0.05)
+            self.clock.now += 0.05
             yield batch
 
 
-def test_the_budget_times_a_step_with_the_batch_it_draws(prepared_dir):
+def test_the_budget_times_a_step_with_the_batch_it_draws(prepared_dir, clock):
     """On a CPU the loader's gather and augmentation share the cores with the step: the probe counts them."""
     from cifar.engine.budget import _step_seconds
 
@@ -252,9 +250,9 @@ def test_the_budget_times_a_step_with_the_batch_it_draws(prepared_dir):
     run = prepare_training(model, data.images["train"], data.labels["train"], data.images["val"],
                            data.labels["val"], cfg, CPU)  # fmt: skip
     run.wrap()
-    bare = _step_seconds(run, 1, 3)
-    run.loader = _SlowInput(run.loader)
-    assert _step_seconds(run, 1, 3) >= bare + 0.04
+    assert _step_seconds(run, 1, 3) == pytest.approx(STEP)
+    run.loader = _SlowInput(run.loader, clock)
+    assert _step_seconds(run, 1, 3) == pytest.approx(STEP + 0.05)
 
 
 def test_the_compile_warm_up_leaves_the_run_as_it_found_it(prepared_dir):

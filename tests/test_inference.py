@@ -15,6 +15,7 @@ from PIL import Image
 
 from cifar.errors import CifarError
 from cifar.promote.bundle import BUNDLE_DIR
+from cifar.serve import contract
 from cifar.serve.inference import Predictor
 from cifar.serve.preprocess import decode_image, to_rgb32
 
@@ -103,6 +104,45 @@ def test_large_photo_decodes_fast_at_reduced_size(bundled):
 def test_unreadable_input_is_a_clear_error():
     with pytest.raises(CifarError, match="not a readable image"):
         decode_image(b"definitely not an image", "x.jpg")
+
+
+GOOD = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+# What a new user hands the Predictor instead of uint8 N x 32 x 32 x 3 (the requests
+# tests/test_serving_rest.py sends the scoring server), and what the refusal says beyond the contract.
+BAD_IMAGES = {
+    "32x32 without channels": (GOOD[..., 0], r"shape \(2, 32, 32\)"),
+    "64x64": (GOOD.repeat(2, 1).repeat(2, 2), r"shape \(2, 64, 64, 3\)"),
+    "channels first": (GOOD.transpose(0, 3, 1, 2), r"shape \(2, 3, 32, 32\)"),
+    "one image without the batch axis": (GOOD[0], r"add the batch axis"),
+    "float in [0, 1]": (GOOD / 255, r"\[0, 1\] values times 255"),
+    "float 0-255": (GOOD.astype(np.float32), r"float32"),
+    "negative": (GOOD.astype(np.int16) - 128, r"pixel values -128 to 127"),
+    "above 255": (GOOD.astype(np.int16) + 1, r"to 256"),
+    "strings": (GOOD.astype(str), r"type <U3"),
+    "NaN": (np.where(GOOD == GOOD.max(), np.nan, GOOD), r"float64"),
+    "bool": (GOOD > 127, r"type bool"),
+    "ragged": ([GOOD[0], GOOD[1, :16]], r"different shapes"),
+    "empty batch": (GOOD[:0], r"no images"),
+    "empty list": ([], r"no images"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES, ids=list(BAD_IMAGES))
+def test_bad_images_are_one_clear_error_naming_the_contract(bundled, case):
+    images, detail = BAD_IMAGES[case]
+    rule = r"uint8 RGB images, N x 32 x 32 x 3, values 0-255"
+    with pytest.raises(CifarError, match=f"{detail}.*{rule}|{rule}.*{detail}"):
+        bundled.run(images)
+    if len(images):  # predict_arrays answers no images with no predictions
+        with pytest.raises(CifarError, match=rule):
+            bundled.predict_arrays(images)
+
+
+def test_integer_pixels_of_another_dtype_are_the_same_images(bundled):
+    """Integers 0-255 convert exactly (as a JSON list does), so they are not refused."""
+    expected = bundled.run(GOOD)[contract.PROBABILITIES]
+    for images in (GOOD.astype(np.int64), GOOD.tolist(), list(GOOD)):
+        np.testing.assert_array_equal(bundled.run(images)[contract.PROBABILITIES], expected)
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.pkl", "weights.bin", "model"])

@@ -126,7 +126,7 @@ def test_mlflow_run_torchrun_entry_point(tmp_path, prepared_dir):
         "mlproject-ddp",
         "-e",
         "torchrun",
-        *params("nproc=2", "experiment=smoke", "epochs=2", "set=train.batch_size=64"),
+        *params("nproc=2", "experiment=smoke", "epochs=2", "device=cpu", "set=train.batch_size=64"),  # gloo
         env={"CIFAR_DATA": str(prepared_dir), "CIFAR_OUTBOX": str(tmp_path / "outbox")},
     )
     (run,) = client.search_runs([client.get_experiment_by_name("mlproject-ddp").experiment_id])

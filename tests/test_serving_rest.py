@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, clean_env, free_port, png_bytes, run_cli
+from conftest import ROOT, clean_env, free_port, png_bytes, run_cli, stop_process_group
 
 from cifar.metrics import softmax
 from cifar.serve.inference import Predictor
@@ -22,22 +25,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PRODUCTION = "models:/cifar10-classifier@production"
 
 
-@pytest.fixture(scope="module")
-def scoring_server(tmp_path_factory):
-    """``mlflow models serve`` on 127.0.0.1 (a free port) for the bundled model made production."""
-    root = tmp_path_factory.mktemp("rest")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    imported = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=root)
-    assert imported.returncode == 0, imported.stderr[-2000:]
+@contextlib.contextmanager
+def serving(env: dict, root: Path, name: str, *options: str):
+    """``mlflow models serve`` on 127.0.0.1 (a free port) for the production model; yields its URL."""
     port, bin_dir = free_port(), Path(sys.executable).parent
-    log = open(root / "server.log", "w")
+    log_path = root / f"{name}.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(  # MLflow starts uvicorn from PATH: the venv's bin first
         [str(bin_dir / "mlflow"), "models", "serve", "-m", PRODUCTION, "--env-manager", "local"]
-        + ["-h", "127.0.0.1", "-p", str(port)],
+        + ["-h", "127.0.0.1", "-p", str(port), *options],
         env=clean_env({**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}),
         cwd=root,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # stopped with its uvicorn child
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -49,15 +50,24 @@ def scoring_server(tmp_path_factory):
             except requests.RequestException:
                 time.sleep(1)
         else:
-            pytest.fail(f"the scoring server did not answer /ping: {(root / 'server.log').read_text()[-3000:]}")
-        yield url, env, root
+            pytest.fail(f"the scoring server did not answer /ping: {log_path.read_text()[-3000:]}")
+        yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process_group(server)
+        with contextlib.suppress(ProcessLookupError):  # uvicorn waits for a request MLflow cannot stop (a 504's)
+            os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def scoring_server(tmp_path_factory):
+    """The bundled model made production, served as the README says."""
+    root = tmp_path_factory.mktemp("rest")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    imported = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=root)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    with serving(env, root, "server") as url:
+        yield url, env, root
 
 
 def test_the_scoring_server_answers_like_cifar_predict_and_the_predictor(scoring_server, tmp_path):
@@ -98,3 +108,107 @@ def test_the_scoring_server_answers_like_cifar_predict_and_the_predictor(scoring
     temperature = predictor.trust.temperature
     np.testing.assert_allclose(probabilities, softmax(logits / temperature), atol=1e-5)
     assert abs(temperature - 1) > 0.1 and np.abs(probabilities - softmax(logits)).max() > 0.05
+
+
+# The input contract is the model's signature (uint8, -1 x 32 x 32 x 3, from the graph: cifar.tracking.onnx_signature).
+# MLflow builds the array with np.array(json, dtype=uint8) and then enforces the signature's shape; what it says
+# is MLflow's own text (README, "Serving with MLflow"). Each bad request: the 400 and what its message names.
+RNG = np.random.default_rng(11)
+GOOD = RNG.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+SIGNATURE = "Tensor('uint8', (-1, 32, 32, 3))"
+
+
+def inputs(images) -> str:
+    return json.dumps({"inputs": {"image": np.asarray(images).tolist()}})
+
+
+def shape_error(shape: str) -> str:
+    return f"Shape of input {shape} does not match expected shape (-1, 32, 32, 3)"
+
+
+BAD_REQUESTS = {
+    "32x32 without channels": (inputs(GOOD[..., 0]), shape_error("(2, 32, 32)")),
+    "64x64": (inputs(GOOD.repeat(2, 1).repeat(2, 2)), shape_error("(2, 64, 64, 3)")),
+    "channels first 3x32x32": (inputs(GOOD.transpose(0, 3, 1, 2)), shape_error("(2, 3, 32, 32)")),
+    "one image without the batch axis": (inputs(GOOD[0]), shape_error("(32, 32, 3)")),
+    "empty batch": (inputs([]), shape_error("(0,)")),
+    "negative": (inputs(np.full((1, 32, 32, 3), -1)), "Python integer -1 out of bounds for uint8"),
+    "above 255": (inputs(np.full((1, 32, 32, 3), 256)), "Python integer 256 out of bounds for uint8"),
+    "a base64 PNG string": (
+        json.dumps({"inputs": {"image": [base64.b64encode(png_bytes(GOOD[0])).decode()]}}),
+        "invalid literal for int() with base 10: 'iVBOR",
+    ),
+    "NaN": (inputs(np.full((1, 32, 32, 3), np.nan)), "cannot convert float NaN to integer"),
+    "ragged": (json.dumps({"inputs": {"image": [GOOD[0].tolist(), GOOD[1, :16].tolist()]}}), "inhomogeneous shape"),
+    "malformed JSON": (inputs(GOOD)[:-7], "Ensure that input is a valid JSON formatted string"),
+    "wrong input name": (json.dumps({"inputs": {"img": GOOD.tolist()}}), "Model is missing inputs ['image']"),
+    "no inputs key": (json.dumps({"image": GOOD.tolist()}), "exactly one of the input fields"),
+}
+
+
+def post(url: str, body: str, timeout: float = 120) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
+
+
+def answers(url: str, images: np.ndarray) -> dict:
+    response = post(url, inputs(images))
+    assert response.status_code == 200, response.text[:2000]
+    return response.json()["predictions"]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_a_bad_request_is_a_400_that_says_why_and_the_server_goes_on(scoring_server, case):
+    url, _, _ = scoring_server
+    body, says = BAD_REQUESTS[case]
+    response = post(url, body)
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    error = response.json()
+    assert error["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE")
+    assert says in error["message"], error["message"][-1000:]
+    if "Shape of input" in says or case == "wrong input name":  # the signature's check names the contract
+        assert SIGNATURE in error["message"]
+    assert len(answers(url, GOOD)["label"]) == 2  # and the next request is answered
+
+
+def test_what_mlflow_casts_instead_of_refusing(scoring_server):
+    """Floats, booleans and digit strings are not refused: MLflow casts each value with int() to uint8.
+
+    So a float image in [0, 1] is answered as the black image it truncates to (README says so; the
+    Predictor refuses it: tests/test_inference.py). Fails when MLflow starts refusing them: then the
+    README's table changes.
+    """
+    url, _, _ = scoring_server
+    black = answers(url, np.zeros_like(GOOD))
+    assert (GOOD == 255).any()  # so GOOD / 255 holds some 1.0
+    assert answers(url, GOOD / 255) == answers(url, GOOD // 255) != black  # all but 1.0 -> 0: nearly black
+    assert answers(url, GOOD + 0.7) == answers(url, GOOD)  # 12.7 -> 12
+    assert answers(url, GOOD > 127) == answers(url, (GOOD > 127).astype(np.uint8))  # true -> 1
+    assert answers(url, GOOD.astype(str)) == answers(url, GOOD)  # "95" -> 95
+
+
+# The largest batch the README states: 1,000 images (16 MB of JSON) per request. MLflow refuses no size:
+# it parses the JSON twice and copies it, then runs the whole batch through ONNX Runtime at once, about
+# 1.5 MB of server memory per image; a request still working after the timeout (60 s) is answered 504.
+BATCH_LIMIT = 1000
+
+
+def test_a_batch_at_the_stated_limit_is_answered(scoring_server):
+    url, _, _ = scoring_server
+    images = np.resize(GOOD, (BATCH_LIMIT, 32, 32, 3))  # the two images, repeated
+    start = time.monotonic()
+    predictions = answers(url, images)
+    assert predictions["label"] == answers(url, GOOD)["label"] * (BATCH_LIMIT // 2)
+    assert time.monotonic() - start < 60  # inside the server's default timeout
+
+
+def test_a_request_past_the_timeout_is_a_504_and_the_server_goes_on(scoring_server):
+    """What a batch too large for the timeout gets; a server with a 1 s timeout stands in for 60 s."""
+    _, env, root = scoring_server
+    with serving(env, root, "server-1s", "--timeout", "1") as url:
+        response = post(url, inputs(np.resize(GOOD, (BATCH_LIMIT, 32, 32, 3))))
+        assert response.status_code == 504 and response.text == "Request processing time exceeded limit"
+        # the request goes on in a thread (MLflow cannot stop it), then the server answers again
+        deadline = time.monotonic() + 120
+        while (response := post(url, inputs(GOOD))).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert response.status_code == 200, response.text[:500]

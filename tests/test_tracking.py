@@ -22,11 +22,13 @@ def store(tmp_path_factory, mini_dir):
         "CIFAR_SOURCE": str(mini_dir),
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # a sample a second: this run lasts seconds, not minutes
     }
+    # --device cpu: the CPU run these tests read back, also on a machine with a GPU
     result = run_cli(
-        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "4", "--run-name", "smoke-test", "--no-progress"],
+        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "4", "--run-name", "smoke-test", "--no-progress",
+         "--device", "cpu"],
         env=env,
         cwd=root,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     import mlflow
 
@@ -209,7 +211,7 @@ def test_config_artifact_reproduces_the_run(store):
         run_id=store["run"].info.run_id, artifact_path="config/experiment.yaml", tracking_uri=uri
     )
     result = run_cli(
-        [str(ROOT / "train.py"), "--config", path, "--no-progress", "--mlflow-experiment", "again"],
+        [str(ROOT / "train.py"), "--config", path, "--no-progress", "--mlflow-experiment", "again", "--device", "cpu"],
         env=store["env"],
         cwd=store["root"],
     )

@@ -133,14 +133,16 @@ def test_a_recipe_trains_with_the_values_it_gives_this_kind_of_machine(tmp_path,
     path.write_text(yaml.safe_dump(recipe))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    # --device cpu: this CPU's kind, also on a machine with a GPU
     result = run_cli(
-        [str(ROOT / "train.py"), "--config", str(path), "--epochs", "1", "--set", "optim.lr=0.03", "--no-progress"],
+        [str(ROOT / "train.py"), "--config", str(path), "--epochs", "1", "--set", "optim.lr=0.03", "--no-progress",
+         "--device", "cpu"],
         env=env,
         cwd=tmp_path,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("by_device").experiment_id])
     expected = {"cuda": "40", "cpu_bf16": "32", "cpu_fp32": "25"}[device_kind(torch.device("cpu"))]
-    assert run.data.params["train.batch_size"] == expected
+    assert run.data.params["train.batch_size"] == expected and run.data.tags["device"] == "cpu"
     assert run.data.params["optim.lr"] == "0.03"  # the command line over the machine's entry

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # Lengthening needs the extra epoch to fit in this share of the time left: a run that just
 # shortened does not lengthen again on the next epoch's noise.
 LENGTHEN_MARGIN = 0.97
+FULL_SIZE = 32  # CIFAR-10's side: what train.low_res epochs are scaled to
 
 
 @dataclass
@@ -78,8 +79,7 @@ def epochs_before_deadline(seconds_left: float, done: int, planned: int, epoch_s
 
 def keep_deadline(run: Training, epoch: int, deadline: Deadline) -> bool:
     """After ``epoch``: move the last epoch so that training ends by the deadline, at the rate the
-    run's own recent epochs ran (timed once the resolution and the stem have settled). Under DDP
-    rank 0 decides for all: ranks with different last epochs would hang in a collective. True when it moved."""
+    run's own recent epochs ran (timed once the resolution and the stem have settled). True when it moved."""
     t = run.cfg.train
     settled = [m.epoch_seconds for m in run.result.history if m.epoch > max(t.low_res_epochs, t.whiten_bias_epochs)]
     if epoch >= t.epochs or not settled:
@@ -87,14 +87,37 @@ def keep_deadline(run: Training, epoch: int, deadline: Deadline) -> bool:
     left = deadline.at - time.perf_counter()
     per_epoch = float(np.mean(settled[-3:]))  # recent epochs: a machine that slows down is followed
     epochs = epochs_before_deadline(left, epoch, t.epochs, per_epoch, deadline.val_seconds)
-    note = f"after epoch {epoch}: {t.epochs} -> {epochs} epochs ({left:.0f} s left, epochs taking {per_epoch:.1f} s)"
+    return _move(run, epochs, f"after epoch {epoch}: {t.epochs} -> {epochs} epochs ({left:.0f} s left, "
+                              f"epochs taking {per_epoch:.1f} s)")  # fmt: skip
+
+
+def stretch_last_epoch(run: Training, epoch: int, steps_done: int, epoch_start: float, deadline: Deadline) -> bool:
+    """Halfway through the planned last epoch: lengthen the plan when whole epochs still fit after it.
+
+    The check after each epoch cannot grow a plan of one epoch (training ends there) or of two
+    whose first runs at low resolution (not a settled rate). A probe timed while another process
+    loaded the machine planned one epoch and trained 161 s of a 900 s budget. The epochs added
+    run at full size: a low-resolution rate is scaled up by the pixels.
+    """
+    t, steps = run.cfg.train, len(run.loader)
+    step_seconds = (time.perf_counter() - epoch_start) / steps_done
+    per_epoch = step_seconds * steps * ((FULL_SIZE / t.low_res) ** 2 if epoch <= t.low_res_epochs else 1.0)
+    left = deadline.at - time.perf_counter() - step_seconds * (steps - steps_done)  # once this epoch ends
+    more = max(0, math.floor((LENGTHEN_MARGIN * left - deadline.val_seconds) / per_epoch))
+    return _move(run, epoch + more, f"halfway through epoch {epoch}: {t.epochs} -> {epoch + more} epochs "
+                                    f"({left:.0f} s left after it, epochs taking about {per_epoch:.1f} s)")  # fmt: skip
+
+
+def _move(run: Training, epochs: int, note: str) -> bool:
+    """End after ``epochs``. Under DDP rank 0 decides for all: ranks with different last epochs would
+    hang in a collective."""
     if run.world > 1:
         import torch.distributed as dist
 
         shared = [epochs, note]
         dist.broadcast_object_list(shared, src=0)
         epochs, note = shared
-    if epochs == t.epochs:
+    if epochs == run.cfg.train.epochs:
         return False
     run.result.replans.append(note)
     run.set_epochs(epochs)

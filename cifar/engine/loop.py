@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cifar.config import ExperimentConfig
 from cifar.data.loader import Augmentation, DeviceLoader, images_to_tensor
-from cifar.engine.horizon import Deadline, Horizon, keep_deadline
+from cifar.engine.horizon import Deadline, Horizon, keep_deadline, stretch_last_epoch
 from cifar.engine.optim import Lookahead, build_optimizer, lr_factor
 from cifar.engine.steps import (
     EpochCallback,
@@ -232,8 +232,12 @@ def train_one_epoch(
     sums: EpochSums | None = None,
     show_bar: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    deadline: Deadline | None = None,
 ) -> EpochSums:
-    """Every step of one epoch (the first ``skip`` batches are drawn, not trained: resuming mid-epoch)."""
+    """Every step of one epoch (the first ``skip`` batches are drawn, not trained: resuming mid-epoch).
+
+    With a ``deadline``, halfway through the planned last epoch the plan may grow (``stretch_last_epoch``).
+    """
     t = run.cfg.train
     sums = sums or EpochSums(torch.zeros((), device=run.device), torch.zeros((), device=run.device))
     start = time.perf_counter()
@@ -257,6 +261,9 @@ def train_one_epoch(
             bar.set_postfix(
                 loss=f"{loss.item():.3f}", acc=f"{(sums.correct / sums.seen).item():.3f}", img_s=f"{rate:.0f}"
             )
+        halfway = step + 1 == max(skip + 1, len(run.loader) // 2)
+        if deadline is not None and halfway and epoch == run.cfg.train.epochs:
+            stretch_last_epoch(run, epoch, step + 1 - skip, start, deadline)
         if should_stop is not None and stop_agreed(run, should_stop, step):
             raise TrainingInterrupted(run.snapshot(epoch, step + 1, sums.stacked(), sums.seen))
     return sums
@@ -368,6 +375,7 @@ def fit(
             sums=partial if resuming else None,
             show_bar=progress and progress_bar,
             should_stop=should_stop,
+            deadline=deadline,
         )
         metrics = end_epoch(run, epoch, sums, epoch_start)
         t = run.cfg.train

@@ -86,6 +86,40 @@ def _check_contract(session, name: str, classes: list[str]) -> None:
         raise CifarError(f"{name} outputs {width} classes but its metadata names {len(classes)}.")
 
 
+IMAGE_CONTRACT = "uint8 RGB images, N x 32 x 32 x 3, values 0-255"
+
+
+def image_batch(images: Any) -> np.ndarray:
+    """``images`` as the graph's input (uint8 N x 32 x 32 x 3, N >= 1), or a CifarError naming the contract.
+
+    Nothing is cast silently: a float image in [0, 1] would truncate to black and still get an answer
+    (what ``mlflow models serve`` does with it), and NumPy wraps -1 to 255. Integers 0-255 convert exactly.
+    """
+    try:
+        batch = np.asarray(images)
+    except ValueError:  # nested sequences of different lengths
+        raise CifarError(f"the images have different shapes; the model takes {IMAGE_CONTRACT}.") from None
+    if batch.size == 0:
+        raise CifarError(f"no images (an empty batch); the model takes {IMAGE_CONTRACT}, N >= 1.")
+    if batch.ndim != 4 or batch.shape[1:] != contract.IMAGE_SHAPE:
+        if batch.shape == contract.IMAGE_SHAPE:
+            hint = " (one image: add the batch axis, image[None])"
+        else:  # 64 x 64, channels first, grey: what decode_image makes of any picture is the model's input
+            hint = " (cifar.serve.preprocess.decode_image turns any picture into a 32 x 32 x 3 one)"
+        raise CifarError(f"images of shape {batch.shape}; the model takes {IMAGE_CONTRACT}{hint}.")
+    if batch.dtype == np.uint8:
+        return batch
+    if batch.dtype.kind in "iu":
+        low, high = int(batch.min()), int(batch.max())
+        if low >= 0 and high <= 255:
+            return batch.astype(np.uint8)
+        raise CifarError(f"pixel values {low} to {high}; the model takes {IMAGE_CONTRACT}.")
+    advice = " (floats are not rounded: convert 0-255 values with .astype(np.uint8), [0, 1] values times 255)"
+    raise CifarError(
+        f"pixels of type {batch.dtype}; the model takes {IMAGE_CONTRACT}{advice if batch.dtype.kind == 'f' else ''}."
+    )
+
+
 class Predictor:
     """A loaded served model (``cifar.serve.contract``), safe to share between threads.
 
@@ -156,18 +190,17 @@ class Predictor:
         return cls(find_onnx(local) if local.is_dir() else local, description=description, source=uri)
 
     def run(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
-        """The graph's outputs (``cifar.serve.contract.OUTPUTS``) for N x 32 x 32 x 3 uint8 images."""
-        images = np.asarray(images, np.uint8)
+        """The graph's outputs (``cifar.serve.contract.OUTPUTS``) for N x 32 x 32 x 3 uint8 images.
+
+        Anything else is a ``CifarError`` naming the contract (``image_batch``). Any N >= 1: the graph
+        runs ``batch_size`` images at a time, so memory stays that of one chunk.
+        """
+        images = image_batch(images)
         parts = []
         for start in range(0, len(images), batch_size):
             batch = np.ascontiguousarray(images[start : start + batch_size])
             with self._slots:
                 parts.append(self.session.run(list(contract.OUTPUTS), {contract.INPUT: batch}))
-        if not parts:
-            return {
-                name: np.zeros((0, len(self.classes)) if name in (contract.PROBABILITIES, contract.LOGITS) else 0)
-                for name in contract.OUTPUTS
-            }
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(contract.OUTPUTS)}
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -187,7 +220,7 @@ class Predictor:
         """Predict a batch of 32x32x3 uint8 images (see ``cifar.serve.preprocess``)."""
         if len(images) == 0:
             return []
-        out = self.run(np.stack(list(images)))
+        out = self.run(images)
         k = max(1, min(top_k, len(self.classes)))
         predictions = []
         for i, row in enumerate(out[contract.PROBABILITIES]):
