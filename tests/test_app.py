@@ -239,3 +239,11 @@ def test_a_production_model_with_wrong_metadata_is_named_not_served(tracking_env
     at = run_app()
     assert "could not be loaded" in at.error[0].value
     assert "outputs 10 classes but its metadata names 5" in at.error[0].value
+
+
+def test_streamlit_binds_this_machine_and_the_hosting_command_every_interface():
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"  # `streamlit run streamlit_app/app.py`: not the network
+    assert "--server.address 0.0.0.0" in (ROOT / "Procfile").read_text()  # a host's router reaches the dyno

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -129,5 +130,15 @@ def test_parse_override_nests():
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 
 
-def test_defaults():
-    assert ExperimentConfig().train.epochs > 0
+def test_defaults_then_the_yaml_then_the_overrides(tmp_path):
+    """What a recipe leaves out is the dataclass default; what it sets wins over that; an override wins over both."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("train: {epochs: 3, batch_size: 64}\noptim: {lr: 0.5}\n")
+    cfg = load_experiment(str(path), ["train.batch_size=32"])
+    defaults = ExperimentConfig()
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (3, 32, 0.5)
+    assert replace(cfg.train, epochs=defaults.train.epochs, batch_size=defaults.train.batch_size) == defaults.train
+    assert replace(cfg.optim, lr=defaults.optim.lr) == defaults.optim
+    assert (cfg.model, cfg.schedule, cfg.augment, cfg.data) == (
+        defaults.model, defaults.schedule, defaults.augment, defaults.data
+    )

@@ -177,7 +177,8 @@ def test_logged_model_loads_with_pyfunc_and_predicts(store, test_images):
     assert accuracy == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-6)  # served == evaluated
     assert np.mean(out["in_distribution"]) == pytest.approx(run.data.metrics["ood/accept_rate_in"], abs=1e-6)
     assert accuracy > 0.2  # chance is 0.1
-    assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+    by_run = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict({"image": images[:50]})
+    assert list(by_run["label"]) == list(out["label"][:50])  # the run's own path loads the same model
 
 
 def test_onnx_matches_pytorch_from_safetensors(store, test_images):

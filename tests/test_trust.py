@@ -25,6 +25,7 @@ from cifar.assess.trust import (
     occlusion_map,
     scaled_nll,
 )
+from cifar.data import load_cache
 from cifar.errors import CifarError
 from cifar.metrics import expected_calibration_error, softmax
 from cifar.promote import registry
@@ -193,6 +194,14 @@ def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepare
     served = Predictor.from_uri(outcome.model_uri)  # the constants travel inside the logged graph
     assert served.trust.temperature == pytest.approx(m["calibration/temperature"])
     assert served.trust.ood_threshold == pytest.approx(m["ood/threshold"])
+    # The temperature was fitted on validation: there the served probabilities beat the raw softmax.
+    data = load_cache(prepared_dir)
+    out, labels = served.run(np.asarray(data.images["val"])), data.labels["val"]
+
+    def nll(p: np.ndarray) -> float:
+        return float(-np.log(p[np.arange(len(labels)), labels] + 1e-12).mean())
+
+    assert nll(out["probabilities"]) < nll(softmax(out["logits"])) - 1e-3
 
 
 @pytest.mark.integration

@@ -46,7 +46,7 @@ def postgres_bin(tool: str = "initdb") -> Path:
                 return folder / tool
     raise CifarError(
         f"PostgreSQL's {tool} was not found; install the server (Debian: apt-get install postgresql, "
-        "or run `make postgres-install`) or point MLFLOW_TRACKING_URI at an existing server."
+        "or run `make system-deps`) or point MLFLOW_TRACKING_URI at an existing server."
     )
 
 
