@@ -19,8 +19,8 @@ from cifar.run.checkpoint import load_checkpoint, save_checkpoint
 
 RECIPE = [
     "--experiment", "smoke", "--epochs", "3", "--seed", "1",
-    "--set", "train.batch_size=8", "--set", "train.deterministic=true",
-]  # fmt: skip
+    "--set", "train.batch_size=8", "--set", "train.deterministic=true", "--device", "cpu",
+]  # fmt: skip  (bit-identical resumes are a CPU promise: cuDNN's kernels may differ run to run)
 
 
 def env_for(tmp_path, prepared_dir) -> dict:
@@ -63,7 +63,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared_dir
     assert info["epoch"] == 2 and 0 < info["step"] < 50, "stopped mid-epoch"
     local.unlink()  # resume from the copy logged to the run, as on another machine
 
-    resumed = run_cli(["train.py", "--resume", run_id, "--save-dir", str(tmp_path / "resumed")], env=env)
+    resumed = run_cli(
+        ["train.py", "--resume", run_id, "--device", "cpu", "--save-dir", str(tmp_path / "resumed")], env=env
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"Resuming run {run_id} (smoke) at epoch 2, step {info['step']}" in resumed.stdout
 
@@ -77,7 +79,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared_dir
     for key in ("val/accuracy", "train/loss"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], "no epoch lost or repeated"
     assert not (tmp_path / "checkpoints" / run_id).exists(), "a finished run's checkpoint is cleaned up"
-    again = run_cli(["train.py", "--resume", run_id], env=env)
+    again = run_cli(["train.py", "--resume", run_id, "--device", "cpu"], env=env)
     assert again.returncode == 2 and "finished; there is nothing to resume" in again.stderr
 
 
@@ -102,7 +104,7 @@ def test_a_planted_pickle_is_refused_and_runs_nothing(tmp_path, prepared_dir):
             planted.write_bytes(dump(PlantsAFile(str(marker))))
         else:
             torch.save({"x": PlantsAFile(str(marker))}, planted)
-        result = run_cli(["train.py", "--resume", run_id], env=env)
+        result = run_cli(["train.py", "--resume", run_id, "--device", "cpu"], env=env)
         assert result.returncode == 2, (name, result.stderr[-2000:])
         assert "is a pickle (torch.save) file" in result.stderr and "Traceback" not in result.stderr, name
         assert not marker.exists(), f"the planted {name} ran"
