@@ -85,6 +85,13 @@ app: install
 	$(BIN)/python register.py --import-bundled
 	$(BIN)/streamlit run streamlit_app/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
 
+# The folder Heroku receives (slim requirements, app, served cifar/, bundled model), committed in
+# its own git repository; prints the push. Needs only Python: no training stack.
+.PHONY: heroku
+HEROKU_OUT ?= build/heroku
+heroku:
+	$(PYTHON) -m cifar heroku --out $(HEROKU_OUT)
+
 server: install
 	$(BIN)/python -m cifar stack server --backend-store-uri "$(BACKEND_STORE_URI)" \
 	  --artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT)

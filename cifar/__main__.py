@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("cifar.promote.bundle", "build the model a fresh clone serves"),
     "sync": ("cifar.promote.sync", "upload runs that finished while the tracking server was away"),
     "stack": ("cifar.ops.localstack", "the team stack on one machine: PostgreSQL and mlflow server"),
+    "heroku": ("cifar.ops.heroku", "the folder a Heroku app receives (make heroku), committed for a push"),
 }
 
 

@@ -63,7 +63,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
                 "promote.sync",
             },
         ),
-        ("operations", {"ops.localstack"}),
+        ("operations", {"ops.localstack", "ops.heroku"}),
         ("serving", {"serve.serving", "serve.predict", "__main__"}),  # __main__: python -m cifar <command>
     )
 )
