@@ -179,3 +179,22 @@ def test_import_bundled_says_when_the_app_would_not_serve_your_run(store, traine
     assert "The app serves the bundled model, not a run you trained: promote yours with python register.py" in (
         again.stdout
     )
+
+
+def test_a_registry_from_before_the_promotion_tags_keeps_its_aliases(store, trained_proto):
+    """Versions that older register.py left with aliases but no ``promotion`` tag keep their places."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model(NAME)
+    for experiment, val in (("a", 0.8), ("b", 0.9)):
+        run_id = make_run(experiment, val=val, test=0.5, proto_meta=trained_proto)
+        uri = mlflow.get_run(run_id).data.tags["model_uri"]
+        client.create_model_version(NAME, uri, run_id=run_id, tags={"run_id": run_id, "val_accuracy": f"{val:.6f}"})
+    client.set_registered_model_alias(NAME, "production", "2")
+    client.set_registered_model_alias(NAME, "previous", "1")
+    make_run("c", val=0.7, test=0.5, proto_meta=trained_proto)
+    assert not promote(experiments=["c"]).promote
+    aliased = registry.production_version(NAME), client.get_model_version_by_alias(NAME, "previous")
+    assert [str(v.version) for v in aliased] == ["2", "1"]
+    assert [str(v) for v in production_stages()] == ["2"]
+    registry.rollback(NAME)
+    assert str(registry.production_version(NAME).version) == "1"

@@ -111,10 +111,12 @@ def settle(name: str, attempts: int = 20) -> None:
         versions = client.search_model_versions(f"name = '{name}'")
         aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
         current = aliases.get(PRODUCTION)
-        untagged = [v for v in versions if str(v.version) == current and not v.tags.get("promotion")]
-        for v in untagged:  # production from before these tags (the bundled model, older registries)
-            client.set_model_version_tag(name, v.version, "promotion", "won")
-            v.tags["promotion"] = "won"
+        # Aliases set before these tags (older registries): production stays a contender, previous competed.
+        legacy = {current: "won", aliases.get(PREVIOUS): "superseded"}
+        for v in versions:
+            if not v.tags.get("promotion") and legacy.get(str(v.version)):
+                v.tags["promotion"] = legacy[str(v.version)]
+                client.set_model_version_tag(name, v.version, "promotion", v.tags["promotion"])
         production, previous = standing(versions)
         staged = sorted(str(v.version) for v in versions if v.current_stage == "Production")
         if production is None or (current, aliases.get(PREVIOUS), staged) == (production, previous, [production]):
