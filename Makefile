@@ -56,8 +56,11 @@ run: data
 train: data
 	$(BIN)/python train.py --experiment $(EXPERIMENT)
 
+# Two workers: half the suite waits on servers, browsers and subprocesses, so one core sat idle.
+# A file's tests stay on one worker (their module fixtures are built once). TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration"

@@ -43,9 +43,6 @@ CHROMIUM_FLAGS = [
 ]
 
 
-GPU_TESTS = pytest.StashKey[set]()
-
-
 def cuda_available() -> bool:
     import torch
 
@@ -56,7 +53,6 @@ def cuda_available() -> bool:
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run where there is a CUDA device; elsewhere they skip, and the summary says so."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
-    config.stash[GPU_TESTS] = {item.nodeid for item in gpu}
     if gpu and not cuda_available():
         skip = pytest.mark.skip(reason="gpu: no CUDA device (make test-gpu runs these on a machine with one)")
         for item in gpu:
@@ -64,20 +60,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """A line on the gpu tests: a run without CUDA must not pass for one that tested the GPU paths."""
-    selected = config.stash.get(GPU_TESTS, set())
-    if not selected:
-        return
-    if not cuda_available():
-        message = f"gpu: not run, no CUDA device ({len(selected)} gpu tests skipped)"
-        terminalreporter.write_sep("=", message, yellow=True, bold=True)
-        return
-    import torch
+    """A line on the gpu tests: a run without CUDA must not pass for one that tested the GPU paths.
 
+    Read from the reports, not the collection: under xdist the controller collects nothing."""
     outcome: dict[str, str] = {}
     for reports in terminalreporter.stats.values():
         for report in reports:
-            if getattr(report, "nodeid", None) not in selected or not hasattr(report, "when"):
+            if "gpu" not in getattr(report, "keywords", {}) or not hasattr(report, "when"):
                 continue
             if report.failed:
                 outcome[report.nodeid] = "failed"
@@ -85,9 +74,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 outcome.setdefault(report.nodeid, "skipped")
             elif report.when == "call":
                 outcome.setdefault(report.nodeid, "passed")
+    if not outcome:
+        return
+    if not cuda_available():
+        message = f"gpu: not run, no CUDA device ({len(outcome)} gpu tests skipped)"
+        terminalreporter.write_sep("=", message, yellow=True, bold=True)
+        return
+    import torch
+
     counts = ", ".join(f"{sum(v == o for v in outcome.values())} {o}" for o in ("passed", "failed", "skipped"))
     failed = "failed" in outcome.values()
-    message = f"gpu: {counts} of {len(selected)} gpu tests on {torch.cuda.get_device_name(0)}"
+    message = f"gpu: {counts} of {len(outcome)} gpu tests on {torch.cuda.get_device_name(0)}"
     terminalreporter.write_sep("=", message, red=failed, green=not failed, bold=True)
 
 
