@@ -2,7 +2,7 @@
 # make test  : the test suite (what CI runs)
 # make ui    : the MLflow UI on the local store (mlflow.db + mlruns/)
 # make dashboard: optuna-dashboard on the study storage (optuna.db here, or $OPTUNA_STORAGE)
-# make server: a shared MLflow tracking server (README, "Team set-up"); make postgres: a local PostgreSQL for it
+# make server: a shared MLflow tracking server (docs/team.md); make postgres: a local PostgreSQL for it
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from cifar.cli import run_cli
+from cifar.contract.registered_model import MODEL_NAME, VersionTags
 from cifar.promote.bundle import import_bundled
-from cifar.serve.registered import MODEL_NAME, VersionTags
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("tune.py", "an Optuna study; every trial a nested MLflow run"),
     "register": ("register.py", "promote the best run (chosen on validation) to production"),
     "evaluate": ("cifar.assess.evaluate", "score a logged or registered model on the test split"),
-    "calibrate": ("cifar.assess.calibrate", "refit a model's temperature and 'none of these' threshold"),
+    "calibrate": ("cifar.assess.recalibrate", "refit a model's temperature and 'none of these' threshold"),
     "robustness": ("cifar.assess.robustness", "test accuracy under common corruptions"),
     "quantize": ("cifar.assess.quantize", "an int8 model, calibrated on the validation split"),
     "predict": ("cifar.serve.predict", "predict images with a registered, logged or local model"),

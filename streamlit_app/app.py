@@ -20,9 +20,9 @@ if str(ROOT) not in sys.path:  # the cifar package lives beside the app
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
+from cifar.contract.images import decode_image  # noqa: E402
 from cifar.errors import CifarError  # noqa: E402
 from cifar.serve import serving  # noqa: E402
-from cifar.serve.preprocess import decode_image  # noqa: E402
 from cifar.settings import settings  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent / "samples"

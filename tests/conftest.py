@@ -169,7 +169,7 @@ def train_small_model(prepared_dir: Path, overrides=(), callback=None):
     from cifar.config import load_experiment
     from cifar.data import load_cache
     from cifar.engine import fit, seed_everything
-    from cifar.models import create_model
+    from cifar.engine.models import create_model
 
     data = load_cache(prepared_dir)
     cfg = load_experiment("smoke", ["train.epochs=6", "train.batch_size=50", "optim.lr=0.05", *overrides])
@@ -193,7 +193,7 @@ def served_small_model(prepared_dir: Path, overrides=()):
     """``train_small_model``'s net as the served graph (constants fitted on the fixture): (data, ServedModel)."""
     import torch
 
-    from cifar.assess.calibration import serve_model
+    from cifar.run.calibration import serve_model
     from cifar.run.export import model_metadata
 
     data, _, model, _ = train_small_model(prepared_dir, overrides)
@@ -300,14 +300,15 @@ def relabelled(proto, metadata: dict, shift: int = 1):
     import copy
     import json
 
-    from cifar.serve import contract
+    from cifar.contract import schema
+    from cifar.run import export
 
     proto, metadata = copy.deepcopy(proto), copy.deepcopy(metadata)
-    (table,) = [t for t in proto.graph.initializer if t.name == contract._P + "classes"]
+    (table,) = [t for t in proto.graph.initializer if t.name == export.HEAD + "classes"]
     names = [s.decode() for s in table.string_data]
     rotated = names[shift:] + names[:shift]
     table.string_data[:] = [n.encode() for n in rotated]
-    (entry,) = [p for p in proto.metadata_props if p.key == contract.METADATA_KEY]
+    (entry,) = [p for p in proto.metadata_props if p.key == schema.METADATA_KEY]
     entry.value = json.dumps({**json.loads(entry.value), "classes": rotated})
     metadata["classes"] = rotated
     return proto, metadata

@@ -18,7 +18,7 @@ from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.data.loader import Augmentation, DeviceLoader
 from cifar.engine.loop import begin_epoch, prepare_training, train_one_epoch
-from cifar.models import create_model
+from cifar.engine.models import create_model
 from cifar.run.distributed import process_group
 
 

@@ -19,7 +19,7 @@ from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import fit
 from cifar.engine.horizon import Deadline
-from cifar.models import create_model
+from cifar.engine.models import create_model
 from cifar.run.distributed import process_group
 
 

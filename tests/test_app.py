@@ -109,9 +109,9 @@ def test_noise_is_not_one_of_the_classes(served, mini_raw):
 
 
 def test_the_confidence_shown_is_the_calibrated_one(served, mini_raw):
+    from cifar.contract.images import decode_image
     from cifar.metrics import softmax
     from cifar.serve.inference import Predictor
-    from cifar.serve.preprocess import decode_image
 
     upload = jpeg_of(mini_raw.test_images[60])
     at = run_app()

@@ -1,11 +1,8 @@
-"""The package's shape, read from its source: no import cycles, and every import along the data flow.
+"""The package's shape, read from its source: no import cycles, and every import along the folders' order.
 
-    source -> cache -> loader -> engine -> run (results) -> tracking -> registry -> serving/app
-
-Each module sits in one layer and imports only from its own layer or earlier ones. Tracking is
-a leaf: it publishes what the run made and imports nothing of the project but the foundations,
-so it sits before everything it publishes. Imports inside functions count too: a lazy import is
-still a dependency.
+A module's layer is its folder: the modules at the top of ``cifar/`` are the foundations (errors,
+config, settings, metrics, plots, locks), then the folders in this order. Imports inside
+functions and under ``TYPE_CHECKING`` count: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
@@ -15,58 +12,9 @@ from pathlib import Path
 
 from conftest import ROOT
 
-LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
-    (name, frozenset(modules))
-    for name, modules in (
-        (
-            "foundations",
-            {
-                "errors",
-                "config",
-                "settings",
-                "cli",
-                "metrics",
-                "plots",
-                "ops.locks",
-                "serve.preprocess",
-                "run",
-                "assess",
-                "promote",
-                "serve",
-                "ops",
-            },  # the role packages' __init__: docstrings only
-        ),  # fmt: skip
-        ("tracking", {"tracking"}),  # a leaf: publishes what others made
-        (
-            "contract",
-            {"serve.contract", "assess.trust", "serve.registered", "serve.modelcache", "serve.inference"},
-        ),  # the served graph, read
-        ("source", {"data.sources"}),
-        ("cache", {"data.cache", "data", "data.__main__"}),
-        ("loader", {"data.loader"}),
-        ("engine", {"models", "engine", "run.distributed", "run.checkpoint", "assess.corruptions"}),
-        ("run", {"run.export", "assess.calibration", "run.report", "run.results", "run.training"}),
-        ("search", {"search", "search.space"}),
-        (
-            "registry",
-            {
-                "promote.candidates",
-                "promote.registry",
-                "promote.promotion",
-                "assess.calibrate",
-                "assess.evaluate",
-                "assess.robustness",
-                "assess.quantize",
-                "assess.compare",
-                "data.eda",
-                "promote.bundle",
-                "promote.sync",
-            },
-        ),
-        ("operations", {"ops.localstack", "ops.heroku"}),
-        ("serving", {"serve.serving", "serve.predict", "__main__"}),  # __main__: python -m cifar <command>
-    )
-)
+# Bottom first. tracking publishes what the layers above it made and imports only the foundations;
+# serve reads a registered model, and assess and promote score candidates through that same reader.
+LAYERS = ("foundations", "contract", "tracking", "data", "engine", "run", "search", "serve", "assess", "promote", "ops")
 
 
 def module_name(path: Path) -> str:
@@ -75,20 +23,20 @@ def module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports (``cifar.tracking.runs`` counts as ``tracking``)."""
+    """Module -> the project modules it imports (``from cifar.tracking import X`` counts as ``tracking``)."""
     files = {module_name(p): p for p in (ROOT / "cifar").rglob("*.py")}
 
     def owner(target: str) -> str | None:
         name = target.removeprefix("cifar").removeprefix(".")
         while name and name not in files:
             name = name.rpartition(".")[0]
-        return unit(name) if name else None
+        return name or None
 
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         if name == "cifar":
             continue
-        edges = graph.setdefault(unit(name), set())
+        edges = graph.setdefault(name, set())
         for node in ast.walk(ast.parse(path.read_text())):
             targets: list[str] = []
             if isinstance(node, ast.Import):
@@ -98,24 +46,15 @@ def import_graph() -> dict[str, set[str]]:
             for target in targets:
                 if target == "cifar" or target.startswith("cifar."):
                     dependency = owner(target)
-                    if dependency and dependency != unit(name):
+                    if dependency and dependency != name:
                         edges.add(dependency)
     return graph
 
 
-def unit(name: str) -> str:
-    """The tracking and engine packages are one unit each; data and search are read module by module."""
-    for package in ("tracking", "engine"):
-        if name == package or name.startswith(package + "."):
-            return package
-    return name
-
-
 def layer_of(module: str) -> int:
-    for number, (_, modules) in enumerate(LAYERS):
-        if module in modules:
-            return number
-    raise AssertionError(f"cifar.{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
+    folder = module.split(".")[0] if "." in module or (ROOT / "cifar" / module).is_dir() else "foundations"
+    assert folder in LAYERS, f"cifar/{folder}/ is in no layer: add it to LAYERS in {Path(__file__).name}"
+    return LAYERS.index(folder)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -146,7 +85,7 @@ def test_no_import_cycles():
 def test_every_import_runs_along_the_data_flow():
     graph = import_graph()
     against = [
-        f"cifar.{a} ({LAYERS[layer_of(a)][0]}) imports cifar.{b} ({LAYERS[layer_of(b)][0]})"
+        f"cifar.{a} ({LAYERS[layer_of(a)]}) imports cifar.{b} ({LAYERS[layer_of(b)]})"
         for a, targets in sorted(graph.items())
         for b in sorted(targets)
         if layer_of(b) > layer_of(a)
@@ -155,12 +94,14 @@ def test_every_import_runs_along_the_data_flow():
 
 
 def test_tracking_imports_only_the_foundations():
-    foundations = LAYERS[0][1]
-    assert import_graph()["tracking"] <= foundations, import_graph()["tracking"] - foundations
+    graph = import_graph()
+    imported = {b for a, targets in graph.items() if a.startswith("tracking") for b in targets}
+    assert {layer_of(b) for b in imported} <= {0, LAYERS.index("tracking")}, imported
 
 
 def test_the_checks_catch_a_cycle_and_a_backward_import():
     """The checks themselves fail when they should."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
-    assert layer_of("data.loader") < layer_of("engine") < layer_of("promote.registry") < layer_of("serve.serving")
+    assert layer_of("errors") < layer_of("data.loader") < layer_of("engine") < layer_of("serve.serving")
+    assert layer_of("serve.serving") < layer_of("promote.registry") < layer_of("ops.heroku")

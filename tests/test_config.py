@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from cifar.config import ExperimentConfig, TrainConfig, available_experiments, load_experiment, parse_override
+from cifar.engine.models import available_models
 from cifar.errors import CifarError
-from cifar.models import available_models
 
 
 @pytest.mark.parametrize("name", available_experiments())

@@ -11,10 +11,10 @@ from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import evaluate, fit, seed_everything
 from cifar.engine.loop import compiled_graphs, prepare_training, warm_up_compile
+from cifar.engine.models import create_model
 from cifar.engine.steps import tta_views
 from cifar.engine.trainstate import TrainingInterrupted
 from cifar.errors import CifarError
-from cifar.models import create_model
 
 CPU = torch.device("cpu")
 

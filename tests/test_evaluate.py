@@ -9,7 +9,7 @@ from conftest import ROOT, run_cli
 
 from cifar.metrics import calibration_bins, expected_calibration_error, most_confused_pairs, softmax
 from cifar.promote.bundle import import_bundled
-from cifar.run.report import build_report, report_figures
+from cifar.run.classification_report import build_report, report_figures
 
 CLASSES = ("a", "b", "c")
 

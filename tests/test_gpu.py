@@ -18,7 +18,7 @@ from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import device_kind, evaluate, fit, native_bf16, seed_everything, train_step
 from cifar.engine.loop import compiled_graphs
-from cifar.models import create_model
+from cifar.engine.models import create_model
 
 pytestmark = pytest.mark.gpu
 

@@ -12,8 +12,8 @@ from cifar.config import load_experiment
 from cifar.data import load_cache
 from cifar.engine import fit, seed_everything
 from cifar.engine.horizon import Deadline, Horizon, epochs_before_deadline
+from cifar.engine.models import create_model
 from cifar.engine.optim import lr_factor
-from cifar.models import create_model
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the one image path (``cifar.serve.preprocess.decode_image``), which
+"""Property-based tests of the one image path (``cifar.contract.images.decode_image``), which
 ``cifar.serve.predict`` and the app use: whatever bytes arrive, the answer is a 32x32x3 uint8 array or
 the project's own error with a message, in bounded time and memory."""
 
@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cifar.contract.images import MAX_FILE_BYTES, MAX_PIXELS, decode_image, to_rgb32
 from cifar.errors import CifarError
-from cifar.serve.preprocess import MAX_FILE_BYTES, MAX_PIXELS, decode_image, to_rgb32
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "I;16"]
 # Formats PIL can write, with the modes each accepts (it converts the others first).
@@ -143,7 +143,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 PEAK_GROWTH = """
 import resource, sys
-from cifar.serve.preprocess import decode_image
+from cifar.contract.images import decode_image
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

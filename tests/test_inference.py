@@ -13,11 +13,11 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
+from cifar.contract import schema
+from cifar.contract.images import decode_image, to_rgb32
 from cifar.errors import CifarError
 from cifar.promote.bundle import BUNDLE_DIR
-from cifar.serve import contract
 from cifar.serve.inference import Predictor
-from cifar.serve.preprocess import decode_image, to_rgb32
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,9 @@ def test_bad_images_are_one_clear_error_naming_the_contract(bundled, case):
 
 def test_integer_pixels_of_another_dtype_are_the_same_images(bundled):
     """Integers 0-255 convert exactly (as a JSON list does), so they are not refused."""
-    expected = bundled.run(GOOD)[contract.PROBABILITIES]
+    expected = bundled.run(GOOD)[schema.PROBABILITIES]
     for images in (GOOD.astype(np.int64), GOOD.tolist(), list(GOOD)):
-        np.testing.assert_array_equal(bundled.run(images)[contract.PROBABILITIES], expected)
+        np.testing.assert_array_equal(bundled.run(images)[schema.PROBABILITIES], expected)
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.pkl", "weights.bin", "model"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cifar.data import load_cache
+from cifar.engine.models import available_models, create_model
 from cifar.errors import CifarError
-from cifar.models import available_models, create_model
 from cifar.run.export import ServedNet
 
 

@@ -12,11 +12,12 @@ from conftest import ROOT, log_served, run_cli, served_small_model
 from onnx import numpy_helper
 
 from cifar.assess import quantize
+from cifar.contract import schema
 from cifar.data import load_cache
 from cifar.metrics import softmax
 from cifar.promote import registry
 from cifar.promote.bundle import BUNDLE_DIR
-from cifar.serve import contract
+from cifar.run import export
 from cifar.serve.inference import Predictor
 
 
@@ -52,8 +53,8 @@ def test_int8_model_is_smaller_agrees_with_float_and_has_its_own_trust_profile(f
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(result.path)
     assert _largest_weight(result.path) <= 64
     quantized = onnx.load(str(result.path))  # the contract's head stays in float: nothing of it is quantized
-    head_outputs = {o for n in quantized.graph.node if n.name in contract.head_nodes(quantized) for o in n.output}
-    assert contract.OOD_SCORE in head_outputs and contract.PROBABILITIES in head_outputs
+    head_outputs = {o for n in quantized.graph.node if n.name in export.head_nodes(quantized) for o in n.output}
+    assert schema.OOD_SCORE in head_outputs and schema.PROBABILITIES in head_outputs
     quantized_inputs = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
     assert not head_outputs & quantized_inputs
     assert result.path.stat().st_size < 0.5 * float_onnx.stat().st_size

@@ -1,4 +1,4 @@
-"""cifar.serve.registered: the version-tag schema round-trips, and models:/ URIs resolve in a real registry."""
+"""cifar.contract.registered_model: the version-tag schema round-trips, and models:/ URIs resolve in a real registry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from conftest import log_served, served_small_model
 
-from cifar.serve.registered import (
+from cifar.contract.registered_model import (
     MODEL_NAME,
     PRODUCTION,
     PRODUCTION_URI,

@@ -17,9 +17,9 @@ import pytest
 import requests
 from conftest import ROOT, clean_env, free_port, png_bytes, run_cli, stop_process_group
 
+from cifar.contract.images import decode_image
 from cifar.metrics import softmax
 from cifar.serve.inference import Predictor
-from cifar.serve.preprocess import decode_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PRODUCTION = "models:/cifar10-classifier@production"
@@ -61,7 +61,7 @@ def serving(env: dict, root: Path, name: str, *options: str):
 
 @pytest.fixture(scope="module")
 def scoring_server(tmp_path_factory):
-    """The bundled model made production, served as the README says."""
+    """The bundled model made production, served as docs/serving.md says."""
     root = tmp_path_factory.mktemp("rest")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     imported = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=root)
@@ -112,7 +112,7 @@ def test_the_scoring_server_answers_like_cifar_predict_and_the_predictor(scoring
 
 # The input contract is the model's signature (uint8, -1 x 32 x 32 x 3, from the graph: cifar.tracking.onnx_signature).
 # MLflow builds the array with np.array(json, dtype=uint8) and then enforces the signature's shape; what it says
-# is MLflow's own text (README, "Serving with MLflow"). Each bad request: the 400 and what its message names.
+# is MLflow's own text (docs/serving.md, "Serving with MLflow"). Each bad request: the 400 and what its message names.
 RNG = np.random.default_rng(11)
 GOOD = RNG.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
 SIGNATURE = "Tensor('uint8', (-1, 32, 32, 3))"
@@ -173,9 +173,9 @@ def test_a_bad_request_is_a_400_that_says_why_and_the_server_goes_on(scoring_ser
 def test_what_mlflow_casts_instead_of_refusing(scoring_server):
     """Floats, booleans and digit strings are not refused: MLflow casts each value with int() to uint8.
 
-    So a float image in [0, 1] is answered as the black image it truncates to (README says so; the
+    So a float image in [0, 1] is answered as the black image it truncates to (docs/serving.md says so; the
     Predictor refuses it: tests/test_inference.py). Fails when MLflow starts refusing them: then the
-    README's table changes.
+    serving page (docs/serving.md) changes.
     """
     url, _, _ = scoring_server
     black = answers(url, np.zeros_like(GOOD))
@@ -186,7 +186,7 @@ def test_what_mlflow_casts_instead_of_refusing(scoring_server):
     assert answers(url, GOOD.astype(str)) == answers(url, GOOD)  # "95" -> 95
 
 
-# The largest batch the README states: 1,000 images (16 MB of JSON) per request. MLflow refuses no size:
+# The largest batch docs/serving.md states: 1,000 images (16 MB of JSON) per request. MLflow refuses no size:
 # it parses the JSON twice and copies it, then runs the whole batch through ONNX Runtime at once, about
 # 1.5 MB of server memory per image; a request still working after the timeout (60 s) is answered 504.
 BATCH_LIMIT = 1000

@@ -2,7 +2,7 @@
 
 Pure functions on constructed data, then the real bundled model (ONNX Runtime) on real CIFAR-10
 test images, then the CLIs and the registry on a real SQLite store, and a model logged in the
-old format converted by ``cifar.assess.calibrate``.
+old format converted by ``cifar.assess.recalibrate``.
 """
 
 from __future__ import annotations
@@ -16,21 +16,15 @@ from conftest import ROOT, png_bytes, run_cli, train_small_model
 from PIL import Image
 
 from cifar.assess.corruptions import CORRUPTIONS, corrupt
-from cifar.assess.trust import (
-    ACCEPT_RATE,
-    auroc,
-    fashion_mnist_images,
-    fit_temperature,
-    generated_ood_images,
-    occlusion_map,
-    scaled_nll,
-)
+from cifar.contract.trust import ACCEPT_RATE
 from cifar.data import load_cache
 from cifar.errors import CifarError
 from cifar.metrics import expected_calibration_error, softmax
 from cifar.promote import registry
 from cifar.promote.bundle import BUNDLE_DIR
+from cifar.run.calibration import auroc, fashion_mnist_images, fit_temperature, generated_ood_images, scaled_nll
 from cifar.serve.inference import NOT_ONE_OF_THE_CLASSES, Predictor
+from cifar.serve.occlusion import occlusion_map
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +136,11 @@ def test_explain_runs_on_the_onnx_model(bundled, mini_raw):
 def test_a_damaged_trust_record_is_refused(tmp_path):
     import onnx
 
-    from cifar.serve import contract
+    from cifar.contract import schema
 
     proto = onnx.load(str(BUNDLE_DIR / "model.onnx"))
-    metadata = contract.metadata_of(proto)
-    contract.set_metadata(proto, {**metadata, "trust": {**metadata["trust"], "temperature": -1}})
+    metadata = schema.metadata_of(proto)
+    schema.set_metadata(proto, {**metadata, "trust": {**metadata["trust"], "temperature": -1}})
     onnx.save(proto, str(tmp_path / "model.onnx"))
     with pytest.raises(CifarError, match="trust record .* unusable"):
         Predictor.from_uri(str(tmp_path / "model.onnx"))
@@ -208,8 +202,8 @@ def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepare
 @pytest.mark.slow
 def test_a_missing_ood_set_is_recorded_as_not_measured(tracking_env, prepared_dir, monkeypatch, tmp_path, capsys):
     from cifar.assess import calibration
-    from cifar.assess.trust import FASHION_MNIST_MISSING
     from cifar.config import load_experiment
+    from cifar.run.calibration import FASHION_MNIST_MISSING
     from cifar.run.training import TrainOptions, train_experiment
 
     monkeypatch.setenv("CIFAR_FASHION_MNIST", str(tmp_path / "nowhere"))
@@ -306,7 +300,7 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     assert "KEEP production" in gated.stdout and f"python -m cifar calibrate --run-id {run_id}" in gated.stdout
     assert registry.production_version() is None and not registry.list_versions()
 
-    converted = run_cli(["-m", "cifar.assess.calibrate", "--run-id", run_id], env=env, cwd=cwd)
+    converted = run_cli(["-m", "cifar.assess.recalibrate", "--run-id", run_id], env=env, cwd=cwd)
     assert converted.returncode == 0, converted.stderr
     assert "re-exported" in converted.stdout and "fashion_mnist AUROC" in converted.stdout
     metrics = mlflow.get_run(run_id).data.metrics  # the refit's figures, under the current names
@@ -335,7 +329,7 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     assert "test_ece" in listing.stdout and "corruption_acc" in listing.stdout
 
     refit = run_cli(
-        ["-m", "cifar.assess.calibrate", "--model-uri", "models:/cifar10-classifier@production"], env=env, cwd=cwd
+        ["-m", "cifar.assess.recalibrate", "--model-uri", "models:/cifar10-classifier@production"], env=env, cwd=cwd
     )
     assert refit.returncode == 0 and "rewrote model" in refit.stdout and "re-exported" not in refit.stdout
 
@@ -358,7 +352,7 @@ def test_an_old_format_folder_without_weights_says_how_to_rebuild(tmp_path, prep
     (tmp_path / "old").mkdir()
     onnx.save(proto, str(tmp_path / "old" / "model.onnx"))
     result = run_cli(
-        ["-m", "cifar.assess.calibrate", "--model-uri", str(tmp_path / "old")], env={"CIFAR_DATA": str(prepared_dir)}
+        ["-m", "cifar.assess.recalibrate", "--model-uri", str(tmp_path / "old")], env={"CIFAR_DATA": str(prepared_dir)}
     )
     assert result.returncode == 2 and "no weights" in result.stderr and "python -m cifar bundle build" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,5 +1,5 @@
-"""How far a model is trusted: calibration, the trust profile, evaluation, robustness under
-corruptions, int8 quantization and run comparison (each a command on logged models).
+"""Commands on logged and registered models: evaluation, refitting the calibration, robustness under
+corruptions, int8 quantization and run comparison.
 
-Imports nothing: each module is imported by name, so the slim app venv can read the serving path.
+Imports nothing: each module is imported by name.
 """

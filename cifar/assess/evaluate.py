@@ -2,7 +2,7 @@
 
     python -m cifar evaluate --model-uri models:/cifar10-classifier@production
 
-The report itself (figures and tables) is ``cifar.run.report``.
+The report itself (figures and tables) is ``cifar.run.classification_report``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cifar.cli import run_cli
-from cifar.run.report import EvaluationReport, build_report, report_figures, write_report  # noqa: F401 (re-exported)
-from cifar.serve.registered import PRODUCTION_URI, VersionTags, registered_version
+from cifar.contract.registered_model import PRODUCTION_URI, VersionTags, registered_version
+from cifar.run.classification_report import EvaluationReport, build_report, report_figures, write_report  # noqa: F401 (re-exported)
 from cifar.tracking.names import mlflow_metrics
 
 

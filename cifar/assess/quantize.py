@@ -8,7 +8,7 @@ Weights become int8 per output channel (7-bit range, see ``quantize_onnx``), act
 with ranges taken from validation images (the 99.999th percentile of each tensor: a few extreme
 activations do not widen the range for all the others). The contract's head (temperature, the
 out-of-distribution score and its threshold) stays in float, and its constants are refitted on
-the int8 network's own logits and features (``cifar.assess.calibrate.refit``); its accuracy is measured on validation
+the int8 network's own logits and features (``cifar.assess.recalibrate.refit``); its accuracy is measured on validation
 (against the float model's, for ``register.py --max-int8-drop``) and on test, for the record. It
 runs about 2x faster than the float model even on 2 AVX2 cores without VNNI
 (``benchmarks/inference.py``, RESULTS.md).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import sys
 import tempfile
@@ -30,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from cifar.assess.trust import TrustProfile
 from cifar.cli import run_cli
+from cifar.contract import schema
+from cifar.contract.trust import TrustProfile
 from cifar.errors import CifarError
-from cifar.serve import contract
+from cifar.run import export
 
 INT8_ARTIFACT = "model_int8"
 INT8_URI_TAG = "model_int8_uri"
@@ -78,7 +78,7 @@ def whole_batches(images: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> np
 def quantize_onnx(source: Path, calibration: np.ndarray, target: Path, batch_size: int = CALIBRATION_BATCH) -> Path:
     """Quantize ``source`` into ``target``: QDQ, int8 weights per channel (7-bit range), uint8 activations.
 
-    The contract's head (``cifar.serve.contract``) is left in float: its distances and softmax need the range.
+    The contract's head (``cifar.contract.schema``) is left in float: its distances and softmax need the range.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -91,10 +91,10 @@ def quantize_onnx(source: Path, calibration: np.ndarray, target: Path, batch_siz
 
     calibration = whole_batches(calibration, batch_size)
     batches = [
-        {contract.INPUT: np.ascontiguousarray(calibration[i : i + batch_size], np.uint8)}
+        {schema.INPUT: np.ascontiguousarray(calibration[i : i + batch_size], np.uint8)}
         for i in range(0, len(calibration), batch_size)
     ]
-    head = contract.head_nodes(onnx.load(str(source)))
+    head = export.head_nodes(onnx.load(str(source)))
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
@@ -131,7 +131,7 @@ def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int 
     """Quantize a float served model on ``data``'s validation images; refit its constants; measure it."""
     import onnx
 
-    from cifar.assess.calibration import refit
+    from cifar.run.calibration import refit
     from cifar.serve.inference import Predictor
 
     start = time.perf_counter()
@@ -153,9 +153,9 @@ def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int 
     proto, refitted = refit(onnx.load(str(target)), data)
     onnx.save(proto, str(target))
     float_val, int8_val = original.predicted_classes(val_images), Predictor(target).predicted_classes(val_images)
-    test_logits = refitted.outputs["test"][contract.LOGITS].astype(np.float64)
+    test_logits = refitted.outputs["test"][schema.LOGITS].astype(np.float64)
     metadata = {
-        **contract.metadata_of(proto),
+        **schema.metadata_of(proto),
         "precision": "int8",
         "quantization": {
             "method": "onnxruntime static, QDQ, int8 weights per channel (7-bit range), uint8 activations, "
@@ -167,7 +167,7 @@ def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int 
         "val_accuracy": float((int8_val == val_labels).mean()),
         "test_accuracy": float((test_logits.argmax(1) == data.labels["test"]).mean()),
     }
-    contract.set_metadata(proto, metadata)
+    schema.set_metadata(proto, metadata)
     onnx.save(proto, str(target))
     trust = refitted.profile
     return QuantizedModel(
@@ -241,8 +241,8 @@ def int8_shortfall(result: QuantizedModel, max_drop: float) -> str | None:
 
 
 def int8_tags(result: QuantizedModel):
-    """What an int8 version's tags add (``cifar.serve.registered.VersionTags``): its precision and int8 figures."""
-    from cifar.serve.registered import VersionTags
+    """What an int8 version's tags add (``VersionTags``): its precision and int8 figures."""
+    from cifar.contract.registered_model import VersionTags
 
     return VersionTags(precision="int8", extra={k: f"{v:.6f}" for k, v in result.metrics().items()})
 
@@ -257,7 +257,7 @@ def save_model_folder(result: QuantizedModel, out: Path, example: np.ndarray) ->
 
 
 def describe(result: QuantizedModel) -> str:
-    from cifar.assess.calibration import describe as describe_trust
+    from cifar.run.calibration import describe as describe_trust
 
     return (
         f"int8 model: validation accuracy {result.val_accuracy:.4f} (float {result.float_val_accuracy:.4f}, "
@@ -307,69 +307,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
-
-
-def dequantize_weights(onnx_path: Path, out: Path, recipe: Path | None = None) -> Path:
-    """Float weights (safetensors + config) from an int8 QDQ graph exported by this project.
-
-    Each parameter is read back by its state-dict name: a float initializer as it is, an int8 one
-    as ``(q - zero_point) * scale`` (per output channel). BatchNorm scales that the exporter folded
-    into one shared tensor are the frozen 1.0 the model starts with.
-    """
-    import onnx
-    import torch
-    from onnx import numpy_helper
-
-    from cifar.models import create_model
-    from cifar.run.export import save_weights
-
-    proto = onnx.load(str(onnx_path))
-    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    meta = json.loads({p.key: p.value for p in proto.metadata_props}.get("cifar", "{}"))
-    if meta.get("precision") != "int8":
-        raise CifarError(f"{onnx_path} is not an int8 model of this project; nothing to dequantize.")
-    norm = meta["normalization"]
-    model = create_model(
-        meta["model"], num_classes=len(meta["classes"]), width=meta["width"], mean=norm["mean"], std=norm["std"]
-    )
-    state = {}
-    for key, default in model.state_dict().items():
-        name = f"model.{key}"
-        if name in tensors:
-            value = tensors[name]
-        elif f"{name}_quantized" in tensors:
-            q = tensors[f"{name}_quantized"].astype(np.float64)
-            scale = tensors.get(f"{name}_scale", tensors.get(f"{name}_quantized_scale"))
-            zero = tensors.get(f"{name}_zero_point", tensors.get(f"{name}_quantized_zero_point"))
-            shape = (-1,) + (1,) * (q.ndim - 1) if np.size(scale) > 1 else ()
-            value = (q - np.reshape(zero, shape)) * np.reshape(scale, shape)
-        elif key.endswith("num_batches_tracked") or (
-            ".norm" in key and key.endswith(".weight") and bool((default == 1).all())
-        ):
-            value = default.numpy()
-        else:
-            raise CifarError(f"{onnx_path} has no tensor for {key}; it was not exported by this project.")
-        state[key] = torch.as_tensor(np.array(value).reshape(default.shape), dtype=default.dtype)
-    model.load_state_dict(state)
-    dropped = ("trust", "quantization", "precision", "bundled", "run_id", "input", "test_accuracy", "val_accuracy")
-    keep = {k: v for k, v in meta.items() if k not in dropped}
-    card = onnx_path.parent / "metrics.json"  # the int8 bundle's record of the original training
-    old = json.loads(card.read_text()) if card.is_file() else {}
-    results = {
-        "best_val_accuracy": meta.get("quantization", {}).get("float_val_accuracy"),
-        "train_seconds": old.get("train_seconds"),
-        "epochs": old.get("epochs"),
-    }
-    keep["trained_with"] = old.get("trained_with", "")
-    recovered = "its int8 weights, 7-bit per output channel, read back as floats"
-    save_weights(
-        model,
-        out,
-        {
-            **keep,
-            "recipe": json.loads(recipe.read_text()) if recipe else {},
-            "results": results,
-            "recovered_from": recovered,
-        },
-    )
-    return out

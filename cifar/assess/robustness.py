@@ -18,7 +18,7 @@ import pandas as pd
 
 from cifar.assess.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cifar.cli import run_cli
-from cifar.serve.registered import PRODUCTION_URI, VersionTags, registered_version
+from cifar.contract.registered_model import PRODUCTION_URI, VersionTags, registered_version
 
 
 def sample_test_split(data, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

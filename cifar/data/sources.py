@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar.contract.images import decode_image
 from cifar.errors import CifarError
-from cifar.serve.preprocess import decode_image
 from cifar.settings import settings
 
 CIFAR10_CLASSES = (

@@ -13,12 +13,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from cifar.engine.loop import Training
+
+class Training(Protocol):
+    """What moving the horizon needs of a running training (``cifar.engine.loop.Training``)."""
+
+    cfg: Any
+    result: Any
+    loader: Any
+    world: int
+
+    def set_epochs(self, epochs: int) -> None: ...
 
 # Lengthening needs the extra epoch to fit in this share of the time left: a run that just
 # shortened does not lengthen again on the next epoch's noise.

@@ -1,4 +1,4 @@
-"""Operations: the team stack on one machine (PostgreSQL + mlflow server) and file locks.
+"""Operations: the team stack on one machine (PostgreSQL + mlflow server) and the Heroku deploy tree.
 
-Imports nothing: each module is imported by name, so the slim app venv can read the serving path.
+Imports nothing: each module is imported by name.
 """

@@ -1,8 +1,8 @@
 """A private PostgreSQL cluster and an ``mlflow server`` on this machine: the team stack, small.
 
 Used by the integration tests, the benchmarks and ``make server``/``make postgres`` to try the
-team set-up on one machine. A real team runs the same two engines as services (README, "Team
-set-up"); nothing here replaces them.
+team set-up on one machine. A real team runs the same two engines as services
+(docs/team.md); nothing here replaces them.
 
     python -m cifar stack postgres --dir .pg --port 5433     # prints the database URL
     python -m cifar stack server --backend-store-uri URL --artifacts-destination DIR --port 5000

@@ -1,11 +1,10 @@
 """The model shipped with the repository (``models/bundled/``), so a fresh clone serves predictions.
 
 ``python -m cifar bundle build --weights DIR`` turns a training's safetensors weights (from
-``train.py --save-dir``) into an MLflow model folder with the served graph (``cifar.serve.contract``),
+``train.py --save-dir``) into an MLflow model folder with the served graph (``cifar.contract.schema``),
 its constants fitted on this machine's cache, and a model card measured on the test split.
 ``quantize`` replaces it by its int8 model, re-measured. ``register.py --import-bundled`` puts it
-in the registry. ``dequantize`` recovers float weights from an int8 bundle whose float weights
-are gone (how today's bundle was rebuilt in the served format; its card says so).
+in the registry.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import numpy as np
 
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
+from cifar.contract import schema
+from cifar.contract.registered_model import MODEL_NAME, VersionTags
 from cifar.errors import CifarError
 from cifar.promote.registry import describe_registered_model
-from cifar.serve import contract
-from cifar.serve.registered import MODEL_NAME, VersionTags
 from cifar.tracking.names import mlflow_metrics
 
 BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
@@ -35,8 +34,8 @@ def build_bundle(
     """Weights -> a bundle folder: the served graph fitted on this cache, measured, with its card."""
     import torch
 
-    from cifar.assess.calibration import serve_model
     from cifar.data import ensure_cache
+    from cifar.run.calibration import serve_model
     from cifar.run.export import load_weights
 
     model, meta = load_weights(weights_dir)
@@ -48,7 +47,7 @@ def build_bundle(
     metadata = {k: v for k, v in meta.items() if k not in dropped}
     metadata.update(
         {
-            "contract": contract.describe(meta["classes"]),
+            "contract": schema.describe(meta["classes"]),
             "bundled": True,
             "val_accuracy": results.get("best_val_accuracy"),
             "run_id": None,
@@ -174,9 +173,9 @@ def model_card(meta: dict, metrics: dict, report, recipe: dict) -> str:
     tta = f"flip + {translate}-pixel translate TTA" if translate else "flip TTA" if meta.get("tta") else "no TTA"
     recovered = metrics.get("recovered_from")
     lineage = (
-        "\n- **Weights**: the float weights of that training were not kept; `python -m cifar bundle dequantize` "
-        f"recovered them from the earlier int8 bundle ({recovered}), then `python -m cifar bundle build "
-        f"--weights DIR`{quantized} made this one."
+        "\n- **Weights**: the float weights of that training were not kept; they were read back from the "
+        f"earlier int8 bundle ({recovered}), then `python -m cifar bundle build --weights DIR`{quantized} "
+        "made this one."
         if recovered
         else f", then `python -m cifar bundle build --weights DIR`{quantized}."
     )
@@ -185,7 +184,7 @@ def model_card(meta: dict, metrics: dict, report, recipe: dict) -> str:
 The model a fresh clone serves until you register your own (`python register.py --import-bundled`,
 run by `make app` on an empty store). An MLflow ONNX model that answers for any client
 (`mlflow models serve`, `mlflow.pyfunc`, ONNX Runtime): uint8 images (N×32×32×3) in; `label`,
-calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`cifar/serve/contract.py`).
+calibrated `probabilities`, `in_distribution`, `ood_score` and `logits` out (`cifar/run/export.py`).
 
 - **Data**: CIFAR-10 (JPEG copy, `{metrics["data_source"]}`), cache digest `{metrics["data_digest"][:12]}`;
   45,000 training / 5,000 validation (stratified, seed 0) / 10,000 test images.
@@ -242,7 +241,7 @@ def _trust_lines(trust: dict) -> str:
         for name in sets
     )
     missing = "".join(f"\n- {name}: {why}" for name, why in trust.get("not_measured", {}).items())
-    return f"""Fitted by `cifar.assess.calibrate` on this cache (training and validation images only) and stored as
+    return f"""Fitted by `cifar.run.calibration` on this cache (training and validation images only) and stored as
 constants of the graph:
 - temperature {trust["temperature"]:.3f}: test ECE {m["test_ece_uncalibrated"]:.3f} → {m["test_ece_calibrated"]:.3f},
   NLL {m["test_nll_uncalibrated"]:.3f} → {m["test_nll_calibrated"]:.3f};
@@ -336,21 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, default=BUNDLE_DIR)
     build.add_argument("--data-dir", type=Path)
     build.add_argument("--trained-with", default="", help="the training command and its machine (for the card)")
-    dequantize = sub.add_parser("dequantize", help="float weights from an int8 bundle (whose float weights are gone)")
-    dequantize.add_argument("--onnx", type=Path, default=BUNDLE_DIR / "model.onnx")
-    dequantize.add_argument("--out", type=Path, required=True, help="folder for model.safetensors + model_config.json")
     quantize = sub.add_parser("quantize", help="replace the bundled float model by its int8 model, re-measured")
     quantize.add_argument("--bundle", type=Path, default=BUNDLE_DIR)
     quantize.add_argument("--data-dir", type=Path)
     quantize.add_argument("--robustness-images", type=int, default=500)
     args = parser.parse_args(argv)
-    if args.command == "dequantize":
-        recipe = args.onnx.parent / "recipe.json"
-        from cifar.assess.quantize import dequantize_weights
-
-        out = dequantize_weights(args.onnx, args.out, recipe if recipe.is_file() else None)
-        print(f"float weights in {out}; next: python -m cifar bundle build --weights {out}")
-        return 0
     if args.command == "quantize":
         metrics = quantize_bundle(args.bundle, args.data_dir, args.robustness_images)
         q = metrics["quantization"]

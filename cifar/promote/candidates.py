@@ -40,14 +40,14 @@ class Candidate:
     @property
     def ood_auroc(self) -> float | None:
         """The lowest OOD AUROC over the sets the run measured (``ood_basis`` names them)."""
-        from cifar.assess.trust import headline_ood_auroc
+        from cifar.contract.trust import headline_ood_auroc
 
         return headline_ood_auroc(self.trust)
 
     @property
     def ood_basis(self) -> str:
         """Which OOD sets ``ood_auroc`` stands on, and which were not measured."""
-        from cifar.assess.trust import ood_auroc_sets
+        from cifar.contract.trust import ood_auroc_sets
 
         text = ", ".join(f"{name} {value:.4f}" for name, value in ood_auroc_sets(self.trust).items()) or "no set"
         return text + (f"; not measured: {', '.join(self.ood_not_measured)}" if self.ood_not_measured else "")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cifar.contract.registered_model import MODEL_NAME, VersionTags
 from cifar.promote import registry
 from cifar.promote.candidates import Candidate
-from cifar.serve.registered import MODEL_NAME, VersionTags
 
 
 @dataclass(frozen=True)

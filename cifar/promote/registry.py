@@ -16,9 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar.contract.registered_model import (
+    MODEL_NAME,
+    PREVIOUS,
+    PRODUCTION,
+    VersionTags,
+    production_uri,
+    registered_version,
+)
 from cifar.errors import CifarError
 from cifar.promote.candidates import METRIC_ALIASES, Candidate, find_best_run, has_trained_runs  # noqa: F401 (re-exported)
-from cifar.serve.registered import MODEL_NAME, PREVIOUS, PRODUCTION, VersionTags, production_uri, registered_version
 
 
 def _client():
@@ -69,7 +76,7 @@ def production_version(name: str = MODEL_NAME):
 
 def registry_lock():
     """Serialise promotions on a local SQLite store."""
-    from cifar.ops.locks import sqlite_lock
+    from cifar.locks import sqlite_lock
 
     return sqlite_lock(_tracking_uri(), "register")
 
@@ -310,12 +317,11 @@ def register_and_promote(
 
 def describe_registered_model(name: str = MODEL_NAME) -> None:
     """Give the registered model its description (what it is, its input and outputs) if it has none yet."""
+    from cifar.contract import schema
     from cifar.data.sources import CIFAR10_CLASSES
-    from cifar.serve import contract
-
     client = _client()
     if not client.get_registered_model(name).description:
-        client.update_registered_model(name, description=contract.model_description(CIFAR10_CLASSES))
+        client.update_registered_model(name, description=schema.model_description(CIFAR10_CLASSES))
 
 
 def rollback(name: str = MODEL_NAME) -> tuple[str, str]:

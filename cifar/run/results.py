@@ -5,7 +5,7 @@
       tags.json           tags for the run's end: its description, OOD sets not measured
       plots/              training_curves.png
       evaluation/         the test report (cifar.assess.evaluate): confusion matrix, per-class table, ...
-      trust/              reliability diagrams, OOD score histogram, trust.json (cifar.assess.calibrate)
+      trust/              reliability diagrams, OOD score histogram, trust.json (cifar.assess.recalibrate)
       weights/            model.safetensors + model_config.json
       model/              the served model: model.onnx, metadata.json, example.npy
       tensorboard/        augmented_batch.png, for the run's TensorBoard images (not an artifact folder)
@@ -56,14 +56,14 @@ class Results:
 def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model, served) -> Results:
     """Every file a tracked run publishes, written into ``folder`` (created).
 
-    ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.assess.calibrate.ServedModel``) is
+    ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.assess.recalibrate.ServedModel``) is
     the exported graph with its fitted constants.
     """
-    from cifar.assess.calibration import write_trust_report
+    from cifar.contract.schema import PROBABILITIES
     from cifar.plots import training_curves
+    from cifar.run.calibration import write_trust_report
+    from cifar.run.classification_report import build_report, write_report
     from cifar.run.export import save_weights
-    from cifar.run.report import build_report, write_report
-    from cifar.serve.contract import PROBABILITIES
 
     folder.mkdir(parents=True, exist_ok=True)
     calibration = served.calibration
@@ -124,7 +124,7 @@ def augmented_batch(cfg: ExperimentConfig, data, count: int = 64):
 
 def run_description(cfg: ExperimentConfig, final: dict[str, float], not_measured=()) -> str:
     """The run page's Description (MLflow's ``mlflow.note.content``): the recipe and what it reached."""
-    from cifar.assess.trust import headline_ood_auroc
+    from cifar.contract.trust import headline_ood_auroc
 
     ood = headline_ood_auroc(final)
     lines = [

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cifar.assess.calibration import describe as describe_calibration
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
 from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
+from cifar.engine.models import create_model
 from cifar.engine.trainstate import TrainingInterrupted, TrainingState
 from cifar.errors import CifarError, Pruned, writable_dir
-from cifar.models import create_model
+from cifar.run.calibration import describe as describe_calibration
 from cifar.run.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
 from cifar.run.results import write_results
 
@@ -318,7 +318,7 @@ def _served_evaluate(model, images, labels, device, t) -> EvalResult:
 
 def _served_model(model, data, test: EvalResult, device, t, metadata, run_id: str, val_accuracy: float):
     """The served graph, its constants fitted on training and validation images, checked against PyTorch."""
-    from cifar.assess.calibration import serve_model
+    from cifar.run.calibration import serve_model
 
     metadata = {**metadata, "run_id": run_id, "val_accuracy": val_accuracy, "test_accuracy": test.accuracy}
     served = serve_model(

@@ -1,9 +1,9 @@
 """The one image -> prediction path: ONNX Runtime on an MLflow ONNX model. Imports no torch.
 
 Used by ``python -m cifar predict``, the Streamlit app, evaluation and the notebook. Images
-become the model's 32 x 32 uint8 input through ``cifar.serve.preprocess`` (the code that also built
+become the model's 32 x 32 uint8 input through ``cifar.contract.images`` (the code that also built
 the training cache); everything after that, from normalisation to the calibrated probabilities
-and "none of these", is inside the graph (``cifar.serve.contract``), so this module only reads the
+and "none of these", is inside the graph (``cifar.contract.schema``), so this module only reads the
 graph's outputs: the same answer ``mlflow models serve`` gives.
 """
 
@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from cifar.assess.trust import TrustProfile, occlusion_map
+from cifar.contract import schema
+from cifar.contract.images import decode_image
+from cifar.contract.registered_model import PRODUCTION_URI
+from cifar.contract.trust import TrustProfile
 from cifar.errors import CifarError
-from cifar.serve import contract
-from cifar.serve.preprocess import decode_image
-from cifar.serve.registered import PRODUCTION_URI
+from cifar.serve.occlusion import occlusion_map
 
 DEFAULT_MODEL_URI = PRODUCTION_URI
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -68,7 +69,7 @@ def find_onnx(folder: Path) -> Path:
 
 
 def _check_contract(session, name: str, classes: list[str]) -> None:
-    """The graph must follow ``cifar.serve.contract``; the old format gets the command that converts it."""
+    """The graph must follow ``cifar.contract.schema``; the old format gets the command that converts it."""
     inputs = session.get_inputs()
     outputs = {o.name: o for o in session.get_outputs()}
     if len(inputs) == 1 and inputs[0].type == "tensor(float)" and list(inputs[0].shape[1:]) == [3, 32, 32]:
@@ -76,12 +77,12 @@ def _check_contract(session, name: str, classes: list[str]) -> None:
             f"{name} is in the old format (float N x 3 x 32 x 32 in, logits out): the calibration and the "
             f"'none of these' threshold are not in its graph. Convert it: python -m cifar calibrate --model-uri {name}"
         )
-    if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape[1:]) != list(contract.IMAGE_SHAPE):
+    if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape[1:]) != list(schema.IMAGE_SHAPE):
         raise CifarError(f"{name} expects input {inputs[0].type} {inputs[0].shape}, not N x 32 x 32 x 3 uint8 images.")
-    missing = [o for o in contract.OUTPUTS if o not in outputs]
+    missing = [o for o in schema.OUTPUTS if o not in outputs]
     if missing:
         raise CifarError(f"{name} has no {', '.join(missing)} output; export it with cifar.run.export.")
-    width = outputs[contract.PROBABILITIES].shape[-1]
+    width = outputs[schema.PROBABILITIES].shape[-1]
     if width != len(classes):
         raise CifarError(f"{name} outputs {width} classes but its metadata names {len(classes)}.")
 
@@ -101,11 +102,11 @@ def image_batch(images: Any) -> np.ndarray:
         raise CifarError(f"the images have different shapes; the model takes {IMAGE_CONTRACT}.") from None
     if batch.size == 0:
         raise CifarError(f"no images (an empty batch); the model takes {IMAGE_CONTRACT}, N >= 1.")
-    if batch.ndim != 4 or batch.shape[1:] != contract.IMAGE_SHAPE:
-        if batch.shape == contract.IMAGE_SHAPE:
+    if batch.ndim != 4 or batch.shape[1:] != schema.IMAGE_SHAPE:
+        if batch.shape == schema.IMAGE_SHAPE:
             hint = " (one image: add the batch axis, image[None])"
         else:  # 64 x 64, channels first, grey: what decode_image makes of any picture is the model's input
-            hint = " (cifar.serve.preprocess.decode_image turns any picture into a 32 x 32 x 3 one)"
+            hint = " (cifar.contract.images.decode_image turns any picture into a 32 x 32 x 3 one)"
         raise CifarError(f"images of shape {batch.shape}; the model takes {IMAGE_CONTRACT}{hint}.")
     if batch.dtype == np.uint8:
         return batch
@@ -121,7 +122,7 @@ def image_batch(images: Any) -> np.ndarray:
 
 
 class Predictor:
-    """A loaded served model (``cifar.serve.contract``), safe to share between threads.
+    """A loaded served model (``cifar.contract.schema``), safe to share between threads.
 
     ONNX Runtime sessions allow concurrent ``run``, but each concurrent run keeps its own activation
     buffers in the session's memory arena; its intra-op pool already uses every core, so more runs at
@@ -144,7 +145,7 @@ class Predictor:
             raise CifarError(f"{onnx_path} is not a valid ONNX model ({str(exc).splitlines()[0][:200]}).") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
-            self.metadata: dict[str, Any] = json.loads(meta[contract.METADATA_KEY])
+            self.metadata: dict[str, Any] = json.loads(meta[schema.METADATA_KEY])
             self.classes: list[str] = list(self.metadata["classes"])
         except (KeyError, ValueError):
             raise CifarError(
@@ -190,7 +191,7 @@ class Predictor:
         return cls(find_onnx(local) if local.is_dir() else local, description=description, source=uri)
 
     def run(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
-        """The graph's outputs (``cifar.serve.contract.OUTPUTS``) for N x 32 x 32 x 3 uint8 images.
+        """The graph's outputs (``cifar.contract.schema.OUTPUTS``) for N x 32 x 32 x 3 uint8 images.
 
         Anything else is a ``CifarError`` naming the contract (``image_batch``). Any N >= 1: the graph
         runs ``batch_size`` images at a time, so memory stays that of one chunk.
@@ -200,33 +201,33 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             batch = np.ascontiguousarray(images[start : start + batch_size])
             with self._slots:
-                parts.append(self.session.run(list(contract.OUTPUTS), {contract.INPUT: batch}))
-        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(contract.OUTPUTS)}
+                parts.append(self.session.run(list(schema.OUTPUTS), {schema.INPUT: batch}))
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(schema.OUTPUTS)}
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Raw logits (before the temperature)."""
-        return self.run(images)[contract.LOGITS]
+        return self.run(images)[schema.LOGITS]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities, as the graph outputs them."""
-        return self.run(images)[contract.PROBABILITIES]
+        return self.run(images)[schema.PROBABILITIES]
 
     def predicted_classes(self, images: np.ndarray) -> np.ndarray:
         """Class index of each image's ``label`` output."""
         index = {name: i for i, name in enumerate(self.classes)}
-        return np.array([index[str(label)] for label in self.run(images)[contract.LABEL]], np.int64)
+        return np.array([index[str(label)] for label in self.run(images)[schema.LABEL]], np.int64)
 
     def predict_arrays(self, images: list[np.ndarray] | np.ndarray, top_k: int = 5) -> list[Prediction]:
-        """Predict a batch of 32x32x3 uint8 images (see ``cifar.serve.preprocess``)."""
+        """Predict a batch of 32x32x3 uint8 images (see ``cifar.contract.images``)."""
         if len(images) == 0:
             return []
         out = self.run(images)
         k = max(1, min(top_k, len(self.classes)))
         predictions = []
-        for i, row in enumerate(out[contract.PROBABILITIES]):
+        for i, row in enumerate(out[schema.PROBABILITIES]):
             order = np.argsort(-row)[:k]
             top = [(self.classes[j], float(row[j])) for j in order]
-            label = str(out[contract.LABEL][i])
+            label = str(out[schema.LABEL][i])
             confidence = float(row[self.classes.index(label)])
             predictions.append(
                 Prediction(
@@ -234,8 +235,8 @@ class Predictor:
                     confidence,
                     top,
                     row,
-                    bool(out[contract.IN_DISTRIBUTION][i]),
-                    float(out[contract.OOD_SCORE][i]),
+                    bool(out[schema.IN_DISTRIBUTION][i]),
+                    float(out[schema.OOD_SCORE][i]),
                 )
             )
         return predictions

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar.ops.locks import sqlite_file
-from cifar.serve.registered import pinned_uri
+from cifar.contract.registered_model import pinned_uri
+from cifar.locks import sqlite_file
 from cifar.settings import settings
 
 _STALE_S = 60  # older copies of the same URI are removed once no loader can still be reading them

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cifar.contract.registered_model import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
 from cifar.errors import CifarError
 from cifar.serve.inference import Predictor
-from cifar.serve.registered import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def run_report(run_id: str) -> RunReport:
 
 def time_one_prediction(predictor: Predictor, image_bytes: bytes, repeats: int = 20) -> float:
     """Median milliseconds for one image: decode, resize, predict."""
-    from cifar.serve.preprocess import decode_image
+    from cifar.contract.images import decode_image
 
     times = []
     for _ in range(repeats):
@@ -133,7 +133,7 @@ def thumbnail(array, size: int = 128) -> bytes:
 
 def explanation_png(predictor: Predictor, array, size: int = 160, stride: int = 4) -> bytes:
     """Occlusion map of the predicted class over the 32x32 input, as PNG bytes."""
-    from cifar.assess.trust import heatmap_overlay
+    from cifar.serve.occlusion import heatmap_overlay
 
     buf = io.BytesIO()
     heatmap_overlay(array, predictor.explain(array, stride=stride), size).save(buf, format="PNG")

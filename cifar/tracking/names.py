@@ -48,7 +48,7 @@ def code_name(key: str) -> str:
 def code_names(metrics: Mapping[str, float]) -> dict[str, float]:
     """A run's metrics under their code names, whichever layout the run was logged with.
 
-    A run of the old layout may have gained new names since (``cifar.assess.calibrate`` rewrites its
+    A run of the old layout may have gained new names since (``cifar.assess.recalibrate`` rewrites its
     figures); the new name wins.
     """
     ordered = sorted(metrics.items(), key=lambda item: "/" in item[0])

@@ -47,7 +47,7 @@ def check_tracking_store() -> str:
     if uri.startswith(("http://", "https://")):
         ping_tracking_server(uri)
     else:
-        from cifar.ops.locks import sqlite_lock
+        from cifar.locks import sqlite_lock
 
         # Two processes creating a new SQLite store at once race on its tables: one at a time.
         with sqlite_lock(uri, "init"):
@@ -74,7 +74,7 @@ def git_state() -> dict[str, str]:
 def onnx_signature(proto):
     """The model's MLflow signature, read from the graph itself: each input and output, its dtype and shape.
 
-    The graph is the contract (``cifar.serve.contract``): what it declares is what any client gets.
+    The graph is the contract (``cifar.contract.schema``): what it declares is what any client gets.
     """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec

@@ -79,8 +79,8 @@ class VersionTags:
         return cls(**values, extra=extra)
 
     def with_trust(self, metrics: dict[str, float], corruption: float | None = None) -> VersionTags:
-        """These tags with the trust figures of a run's metrics (code names; see ``cifar.assess.trust``)."""
-        from cifar.assess.trust import headline_ood_auroc, ood_auroc_sets
+        """These tags with the trust figures of a run's metrics (code names; see ``cifar.contract.trust``)."""
+        from cifar.contract.trust import headline_ood_auroc, ood_auroc_sets
 
         return replace(
             self,

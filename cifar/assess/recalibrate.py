@@ -7,7 +7,7 @@
 rewrites the graph's constants (in the logged model in MLflow, which every registered version
 of it shares) and logs the metrics and figures to the run. A model logged in the old format
 (float N x 3 x 32 x 32 in, logits out) is re-exported from its run's ``weights/`` first. The
-fitting itself is ``cifar.assess.calibration``.
+fitting itself is ``cifar.run.calibration``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from cifar.assess.calibration import (  # noqa: F401 (re-exported: the names users and older code import from here)
+from cifar.cli import run_cli
+from cifar.contract import schema
+from cifar.errors import CifarError
+from cifar.run.calibration import (  # noqa: F401 (re-exported: the names users and older code import from here)
     FIT_IMAGES,
     Calibration,
     ServedModel,
@@ -32,14 +35,11 @@ from cifar.assess.calibration import (  # noqa: F401 (re-exported: the names use
     serve_model,
     write_trust_report,
 )
-from cifar.cli import run_cli
-from cifar.errors import CifarError
-from cifar.serve import contract
 
 
 def _model_id(model_uri: str) -> str:
     """The MLflow logged-model id behind runs' ``model_uri`` tags and registered versions."""
-    from cifar.serve.registered import logged_model_id
+    from cifar.contract.registered_model import logged_model_id
 
     model_id = logged_model_id(model_uri)
     if model_id:
@@ -61,7 +61,7 @@ def _reexport(old_metadata: dict[str, Any], weights: Path, data, source: str) ->
         )
     model, _ = load_weights(weights)
     keep = {k: v for k, v in old_metadata.items() if k not in ("input", "trust")}
-    metadata = {**keep, "contract": contract.describe(old_metadata["classes"])}
+    metadata = {**keep, "contract": schema.describe(old_metadata["classes"])}
     served = serve_model(model, data, metadata, torch.device("cpu"), batch_size=500)
     print(f"re-exported {source} from its weights in the served format (logit parity {served.parity:.1e})")
     return served
@@ -95,14 +95,14 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
         folder = local or Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=f"{tmp}/model"))
         onnx_path = _onnx_file(folder)
         proto = onnx.load(str(onnx_path))
-        metadata = contract.metadata_of(proto)
+        metadata = schema.metadata_of(proto)
         if tuple(metadata.get("classes", ())) != tuple(data.classes):
             raise CifarError(
                 f"{model_uri} predicts {metadata.get('classes')}, but the prepared data has {data.classes}."
             )
-        if contract.is_served(proto):
+        if schema.is_served(proto):
             proto, calibration = refit(proto, data)
-            metadata = contract.metadata_of(proto)
+            metadata = schema.metadata_of(proto)
         else:
             weights = local if local is not None else _download_weights(run_id, Path(tmp) / "weights")
             served = _reexport(metadata, weights, data, model_uri)

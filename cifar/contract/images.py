@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cifar.errors import CifarError
 
 IMAGE_SIZE = 32
-# Limits on what a user may hand us (README, "Limits"). A 12-megapixel photo is far inside them;
+# Limits on what a user may hand us (docs/training.md, "Limits"). A 12-megapixel photo is far inside them;
 # a small file that claims hundreds of megapixels (a decompression bomb) is refused before any
 # pixel is decoded. JPEGs decode at reduced size (draft), so only other formats pay full size.
 MAX_PIXELS = 64_000_000

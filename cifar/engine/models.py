@@ -4,7 +4,7 @@ Every model takes float images in [0, 1], NCHW, 32x32, and returns logits. Per-c
 normalization is the first layer (buffers computed from the training split), so the
 exported ONNX graph carries it and no caller keeps a second copy. ``forward_features`` also
 returns what the out-of-distribution score reads: each stage's mean activation and the
-pooled penultimate vector (``cifar.assess.trust.fit_density``).
+pooled penultimate vector (``cifar.run.calibration.fit_density``).
 """
 
 from __future__ import annotations
