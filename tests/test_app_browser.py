@@ -184,8 +184,9 @@ def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp
     classes = list(Predictor(BUNDLE_DIR / "model.onnx").classes)
     first_labels = [r.label for r in Predictor(BUNDLE_DIR / "model.onnx").predict_files(photos)]
     second_labels = [classes[(classes.index(label) + 1) % len(classes)] for label in first_labels]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the app's store
+    # Forget an earlier test's URI first: MLflow's set_tracking_uri(None) also unsets the variable
     mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the app's store
     client = mlflow.MlflowClient()
     first = client.get_model_version_by_alias("cifar10-classifier", "production")
     slow = 300_000  # 20 Chromium pages and the app on 2 loaded cores: a first paint can take minutes

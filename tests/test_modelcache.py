@@ -92,9 +92,9 @@ def test_a_long_lived_process_follows_the_alias(registered, monkeypatch):
     from cifar.serve.inference import Predictor
 
     env, _ = registered
+    mlflow.set_tracking_uri(None)  # follow the environment, as a fresh process would (this unsets the variable)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    mlflow.set_tracking_uri(None)  # follow the environment, as a fresh process would
     images = sorted(IMAGE.glob("*.jpg"))[:5]
     before = [r.label for r in Predictor.from_uri(f"models:/{NAME}@production").predict_files(images)]
     version = move_production_to_a_new_version(env)
