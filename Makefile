@@ -103,7 +103,7 @@ postgres: install system-deps
 	$(BIN)/python -m cifar stack postgres --dir $(PG_DIR) --port $(PG_PORT)
 
 # Every benchmark in quick mode (each under 2 minutes on 2 CPU cores; 8.5 minutes in all on 2 AVX2
-# cores in fp32); figures go to benchmarks/RESULTS.md.
+# cores in fp32); each appends its figures to benchmarks/results/*.jsonl, and RESULTS.md is made from them.
 bench: install data
 	$(BIN)/python benchmarks/data_prepare.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick

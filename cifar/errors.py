@@ -1,5 +1,9 @@
 """The one exception type users see: its message says what is wrong and what to do."""
 
+import os
+import tempfile
+from pathlib import Path
+
 
 class CifarError(Exception):
     """A problem with the user's input or environment, reported as one clear message."""
@@ -18,10 +22,6 @@ def writable_dir(path, what: str, setting: str):
 
     ``what`` names the folder for the message; ``setting`` says how to choose another one.
     """
-    import os
-    import tempfile
-    from pathlib import Path
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

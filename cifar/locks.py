@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
+from filelock import FileLock
+
 
 def sqlite_file(url: str) -> Path | None:
     """The database file of a ``sqlite:///`` URL (relative to the working folder unless it has four
@@ -21,8 +23,6 @@ def sqlite_lock(url: str, purpose: str, timeout: float = 120) -> Iterator[None]:
     """Hold ``<database>.<purpose>.lock`` while working on a ``sqlite:///`` database; no-op otherwise."""
     database = sqlite_file(url)
     if database is not None:
-        from filelock import FileLock
-
         with FileLock(f"{database}.{purpose}.lock", timeout=timeout):
             yield
     else:

@@ -1,14 +1,11 @@
-"""Classification metrics as pure NumPy functions (pandas only for the tables; imported when used)."""
+"""Classification metrics as pure NumPy functions (pandas only for the tables)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pandas as pd
+import pandas as pd
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -19,8 +16,6 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 def per_class_report(cm: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
     """Precision, recall, F1 and support per class from a confusion matrix."""
-    import pandas as pd
-
     tp = np.diag(cm).astype(float)
     predicted, actual = cm.sum(0).astype(float), cm.sum(1).astype(float)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
@@ -40,8 +35,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def most_confused_pairs(cm: np.ndarray, classes: Sequence[str], top: int = 10) -> pd.DataFrame:
     """The largest off-diagonal counts: (true, predicted, count, share of the true class)."""
-    import pandas as pd
-
     off = cm.astype(float).copy()
     np.fill_diagonal(off, 0)
     order = np.argsort(-off, axis=None)[:top]
@@ -63,8 +56,6 @@ def most_confused_pairs(cm: np.ndarray, classes: Sequence[str], top: int = 10) -
 
 def calibration_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> pd.DataFrame:
     """Confidence vs accuracy in equal-width confidence bins (for ECE and reliability diagrams)."""
-    import pandas as pd
-
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == np.asarray(labels)
     edges = np.linspace(0, 1, bins + 1)

@@ -35,7 +35,7 @@ def record(module, name: str, step: str) -> None:
 def main() -> int:
     record(cifar.run.training, "_fit", "train")
     record(cifar.run.training, "_served_evaluate", "test")
-    record(cifar.run.calibration, "serve_model", "calibrate")  # imported where it is called: the wrapper is seen
+    record(cifar.run.calibration, "serve_model", "calibrate")  # called through the module: the wrapper is seen
     code = run_cli(train.main, sys.argv[1:])
     out = Path(os.environ["OUT"]) / f"rank{os.environ['RANK']}.json"
     out.write_text(json.dumps({"exit": code, "steps": steps}))

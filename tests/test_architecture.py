@@ -3,6 +3,10 @@
 A module's layer is its folder: the modules at the top of ``cifar/`` are the foundations (errors,
 config, settings, metrics, plots, locks), then the folders in this order. Imports inside
 functions and under ``TYPE_CHECKING`` count: a lazy import is still a dependency.
+
+Imports sit at the top of their module; one inside a function says why on its line or the line
+above (``# lazy: <reason>``): the slim app venv lacks the package, it is optional, or it is heavy
+on a path that must start fast (the app, a command's --help).
 """
 
 from __future__ import annotations
@@ -105,3 +109,51 @@ def test_the_checks_catch_a_cycle_and_a_backward_import():
     assert cycles({"a": {"b"}, "b": set()}) == []
     assert layer_of("errors") < layer_of("data.loader") < layer_of("engine") < layer_of("serve.serving")
     assert layer_of("serve.serving") < layer_of("promote.registry") < layer_of("ops.heroku")
+
+
+MAX_FUNCTION_IMPORTS = 60  # issue 48: imports at the top; the lazy ones are few, and each says why
+
+
+def function_imports(source: str) -> list[tuple[int, bool]]:
+    """(line, whether it says ``lazy:``) of each import statement inside a function of ``source``."""
+    lines = source.splitlines()
+
+    def says_lazy(number: int) -> bool:  # a comment on the import's first line or the line above
+        return any("lazy:" in line.partition("#")[2] for line in lines[max(0, number - 2) : number])
+
+    found = {
+        node.lineno
+        for function in ast.walk(ast.parse(source))
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    }
+    return [(number, says_lazy(number)) for number in sorted(found)]
+
+
+def test_function_level_imports_are_few_and_say_why():
+    found = {
+        f"{path.relative_to(ROOT)}:{number}": lazy
+        for path in sorted((ROOT / "cifar").rglob("*.py"))
+        for number, lazy in function_imports(path.read_text())
+    }
+    assert len(found) <= MAX_FUNCTION_IMPORTS, f"{len(found)} imports inside functions: hoist some to the top"
+    unexplained = [where for where, lazy in found.items() if not lazy]
+    assert unexplained == [], "imports inside functions without a '# lazy: <reason>' comment (or hoist them)"
+
+
+def test_the_lazy_import_check_reads_comments():
+    source = """import os
+
+
+def f():
+    import json  # lazy: a reason
+    # lazy: the reason for the next line
+    from pathlib import Path
+    import sys
+    text = "lazy: in a string, not a comment"; import re
+
+    def g():
+        import csv  # no reason given
+"""
+    assert function_imports(source) == [(5, True), (7, True), (8, False), (9, False), (12, False)]

@@ -15,6 +15,9 @@ import pandas as pd
 
 from cifar.cli import run_cli
 from cifar.errors import CifarError
+from cifar.tracking import check_tracking_store
+from cifar.tracking.names import metric_key
+from cifar.tracking.store import _mlflow
 
 RESULT_COLUMNS = {  # code name of the metric -> column (either run layout, see cifar.tracking.names)
     "best_val_accuracy": "val_accuracy",
@@ -25,8 +28,7 @@ RESULT_COLUMNS = {  # code name of the metric -> column (either run layout, see 
 
 
 def find_runs(run_ids: list[str] | None = None, experiment: str | None = None, top: int = 10) -> pd.DataFrame:
-    import mlflow
-
+    mlflow = _mlflow()
     if run_ids:
         quoted = ", ".join(f"'{r}'" for r in run_ids)
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})")
@@ -67,8 +69,6 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _metric_column(runs: pd.DataFrame, name: str) -> pd.Series | None:
     """A metric's column under its MLflow name, filled from the old name for runs of the older layout."""
-    from cifar.tracking.names import metric_key
-
     new, old = f"metrics.{metric_key(name)}", f"metrics.{name}"
     columns = [runs[c] for c in (new, old) if c in runs]
     if not columns:
@@ -77,11 +77,9 @@ def _metric_column(runs: pd.DataFrame, name: str) -> pd.Series | None:
 
 
 def learning_curves(runs: pd.DataFrame):
-    import mlflow
+    from cifar.plots import Figure  # lazy: seaborn takes ~1.5 s; `compare --help` skips it
 
-    from cifar.plots import Figure
-
-    client = mlflow.MlflowClient()
+    client = _mlflow().MlflowClient()
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for _, run in runs.iterrows():
@@ -101,10 +99,7 @@ def learning_curves(runs: pd.DataFrame):
 def compare(
     run_ids: list[str] | None = None, experiment: str | None = None, top: int = 10, out: Path | None = None
 ) -> tuple[pd.DataFrame, str]:
-    import mlflow
-
-    from cifar.tracking import check_tracking_store
-
+    mlflow = _mlflow()
     check_tracking_store()
     runs = find_runs(run_ids, experiment, top)
     table, figure = comparison_table(runs), learning_curves(runs)
@@ -126,7 +121,7 @@ def compare(
 
 def _has_tabulate() -> bool:
     try:
-        import tabulate  # noqa: F401
+        import tabulate  # noqa: F401 (lazy: optional dependency; pandas' to_markdown needs it)
     except ImportError:
         return False
     return True

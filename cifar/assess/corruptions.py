@@ -11,6 +11,7 @@ import io
 from collections.abc import Callable
 
 import numpy as np
+from PIL import Image
 
 SEVERITIES = (1, 2, 3, 4, 5)
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
@@ -46,8 +47,6 @@ def defocus_blur(images: np.ndarray, severity: int, rng: np.random.Generator) ->
 
 
 def jpeg_compression(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    from PIL import Image
-
     quality = (80, 65, 58, 50, 40)[severity - 1]
     out = np.empty_like(images)
     for i, image in enumerate(images):
@@ -68,8 +67,6 @@ def brightness(images: np.ndarray, severity: int, rng: np.random.Generator) -> n
 
 
 def pixelate(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    from PIL import Image
-
     side = round(32 * (0.95, 0.9, 0.85, 0.75, 0.6)[severity - 1])
     out = np.empty_like(images)
     for i, image in enumerate(images):

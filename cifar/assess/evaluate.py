@@ -16,26 +16,23 @@ import numpy as np
 
 from cifar.cli import run_cli
 from cifar.contract.registered_model import PRODUCTION_URI, VersionTags, registered_version
+from cifar.data import ensure_cache
 from cifar.run.classification_report import EvaluationReport, build_report, report_figures, write_report  # noqa: F401 (re-exported)
+from cifar.serve.inference import Predictor
+from cifar.tracking import check_tracking_store
 from cifar.tracking.names import mlflow_metrics
+from cifar.tracking.store import _mlflow
 
 
 def log_report(report: EvaluationReport, images: np.ndarray, folder: str = "evaluation") -> None:
     """Log the figures and tables of a report to the active MLflow run."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifacts(str(write_report(report, images, Path(tmp) / folder)), folder)
+        _mlflow().log_artifacts(str(write_report(report, images, Path(tmp) / folder)), folder)
 
 
 def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment: str = "evaluation") -> str:
     """Score a logged/registered model on the test split; log the report as a new run. Returns its id."""
-    import mlflow
-
-    from cifar.data import ensure_cache
-    from cifar.serve.inference import Predictor
-    from cifar.tracking import check_tracking_store
-
+    mlflow = _mlflow()
     check_tracking_store()
     predictor = Predictor.from_uri(model_uri)
     data = ensure_cache(data_dir)

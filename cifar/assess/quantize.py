@@ -23,17 +23,26 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from cifar.cli import run_cli
 from cifar.contract import schema
+from cifar.contract.registered_model import VersionTags
 from cifar.contract.trust import TrustProfile
-from cifar.errors import CifarError
+from cifar.data import ensure_cache
+from cifar.errors import CifarError, writable_dir
 from cifar.run import export
+from cifar.run.calibration import describe as describe_trust
+from cifar.run.calibration import refit
+from cifar.serve.inference import Predictor
+from cifar.tracking import check_tracking_store, log_derived_model, save_onnx_model_folder
+from cifar.tracking.store import _mlflow
 
 INT8_ARTIFACT = "model_int8"
 INT8_URI_TAG = "model_int8_uri"
@@ -80,15 +89,6 @@ def quantize_onnx(source: Path, calibration: np.ndarray, target: Path, batch_siz
 
     The contract's head (``cifar.contract.schema``) is left in float: its distances and softmax need the range.
     """
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     calibration = whole_batches(calibration, batch_size)
     batches = [
         {schema.INPUT: np.ascontiguousarray(calibration[i : i + batch_size], np.uint8)}
@@ -129,11 +129,6 @@ def quantize_onnx(source: Path, calibration: np.ndarray, target: Path, batch_siz
 
 def quantize_model(onnx_path: Path, data, folder: Path, calibration_images: int = CALIBRATION_IMAGES) -> QuantizedModel:
     """Quantize a float served model on ``data``'s validation images; refit its constants; measure it."""
-    import onnx
-
-    from cifar.run.calibration import refit
-    from cifar.serve.inference import Predictor
-
     start = time.perf_counter()
     original = Predictor(onnx_path)
     digest = original.metadata.get("data_digest")
@@ -187,12 +182,7 @@ def quantize_run(
     run_id: str, data_dir: Path | None = None, calibration_images: int = CALIBRATION_IMAGES
 ) -> tuple[str, QuantizedModel]:
     """Quantize a run's logged model; log the int8 model (``model_int8``) and its figures to that run."""
-    import mlflow
-
-    from cifar.data import ensure_cache
-    from cifar.serve.inference import Predictor
-    from cifar.tracking import check_tracking_store, log_derived_model
-
+    mlflow = _mlflow()
     check_tracking_store()
     try:
         run = mlflow.MlflowClient().get_run(run_id)
@@ -223,8 +213,6 @@ def int8_candidate(candidate, data_dir: Path | None = None, calibration_images: 
     Returns (candidate, QuantizedModel); the int8 model's own trust figures replace the run's, and its
     validation figure is the run's less what int8 loses, so it competes with production as served.
     """
-    from dataclasses import replace
-
     uri, result = quantize_run(candidate.run_id, data_dir, calibration_images)
     value = candidate.value - result.val_accuracy_drop
     return replace(candidate, model_uri=uri, value=value, trust=result.trust_metrics()), result
@@ -242,23 +230,15 @@ def int8_shortfall(result: QuantizedModel, max_drop: float) -> str | None:
 
 def int8_tags(result: QuantizedModel):
     """What an int8 version's tags add (``VersionTags``): its precision and int8 figures."""
-    from cifar.contract.registered_model import VersionTags
-
     return VersionTags(precision="int8", extra={k: f"{v:.6f}" for k, v in result.metrics().items()})
 
 
 def save_model_folder(result: QuantizedModel, out: Path, example: np.ndarray) -> Path:
     """An MLflow model folder (MLmodel, model.onnx, environment files) for the int8 model."""
-    import onnx
-
-    from cifar.tracking import save_onnx_model_folder
-
     return save_onnx_model_folder(onnx.load(str(result.path)), result.metadata, example, out)
 
 
 def describe(result: QuantizedModel) -> str:
-    from cifar.run.calibration import describe as describe_trust
-
     return (
         f"int8 model: validation accuracy {result.val_accuracy:.4f} (float {result.float_val_accuracy:.4f}, "
         f"same label on {result.val_agreement:.2%} of images), test accuracy {result.test_accuracy:.4f}; "
@@ -288,10 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--model-uri needs --out DIR (or use --run-id to log the int8 model to its run)")
-    from cifar.data import ensure_cache
-    from cifar.errors import writable_dir
-    from cifar.serve.inference import Predictor
-
     if args.out.exists() and any(args.out.iterdir()):
         raise CifarError(f"--out {args.out} is not empty; name a new folder.")
     writable_dir(args.out, "output folder", "--out")

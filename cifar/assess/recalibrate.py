@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
 
 from cifar.cli import run_cli
 from cifar.contract import schema
+from cifar.contract.registered_model import logged_model_id
+from cifar.data import ensure_cache
 from cifar.errors import CifarError
 from cifar.run.calibration import (  # noqa: F401 (re-exported: the names users and older code import from here)
     FIT_IMAGES,
@@ -35,12 +39,15 @@ from cifar.run.calibration import (  # noqa: F401 (re-exported: the names users 
     serve_model,
     write_trust_report,
 )
+from cifar.run.export import load_weights
+from cifar.serve.inference import find_onnx
+from cifar.tracking import check_tracking_store, replace_logged_model, save_onnx_model_folder
+from cifar.tracking.names import mlflow_metrics
+from cifar.tracking.store import _mlflow
 
 
 def _model_id(model_uri: str) -> str:
     """The MLflow logged-model id behind runs' ``model_uri`` tags and registered versions."""
-    from cifar.contract.registered_model import logged_model_id
-
     model_id = logged_model_id(model_uri)
     if model_id:
         return model_id
@@ -49,10 +56,6 @@ def _model_id(model_uri: str) -> str:
 
 def _reexport(old_metadata: dict[str, Any], weights: Path, data, source: str) -> ServedModel:
     """An old-format model rebuilt in the served format from its safetensors weights."""
-    import torch
-
-    from cifar.run.export import load_weights
-
     if not (weights / "model.safetensors").is_file():
         raise CifarError(
             f"{source} is in the old format (float N x 3 x 32 x 32 in, logits out) and there are no weights "
@@ -69,16 +72,10 @@ def _reexport(old_metadata: dict[str, Any], weights: Path, data, source: str) ->
 
 def calibrate_model(model_uri: str | None = None, run_id: str | None = None, data_dir: Path | None = None):
     """Refit and store the constants of a logged model, a registered version or a local model folder."""
-    import mlflow
-    import onnx
-
-    from cifar.data import ensure_cache
-
+    mlflow = _mlflow()
     local = Path(model_uri).expanduser() if model_uri and Path(model_uri).expanduser().is_dir() else None
     client = None
     if local is None:
-        from cifar.tracking import check_tracking_store
-
         check_tracking_store()
         client = mlflow.MlflowClient()
         if run_id:
@@ -110,20 +107,14 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
         report = write_trust_report(calibration, data.labels["test"], Path(tmp) / "trust")
         example = np.asarray(data.images["val"][:2])
         if local is not None:
-            from cifar.tracking import save_onnx_model_folder
-
             staged = save_onnx_model_folder(proto, metadata, example, Path(tmp) / "staged")
             for path in staged.iterdir():  # the model's own files; the card and figures beside them stay
                 path.replace(local / path.name)
             print(f"rewrote {local}")
         else:
-            from cifar.tracking import replace_logged_model
-
             replace_logged_model(model_id, proto, metadata, example)
             if run_id:
                 client.log_artifacts(run_id, str(report), "trust")
-                from cifar.tracking.names import mlflow_metrics
-
                 for key, value in mlflow_metrics(calibration.profile.metrics).items():
                     client.log_metric(run_id, key, value, model_id=model_id)
             print(f"rewrote model {model_id}'s constants" + (f"; report in run {run_id}" if run_id else ""))
@@ -132,15 +123,12 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
 
 
 def _onnx_file(folder: Path) -> Path:
-    from cifar.serve.inference import find_onnx
-
     return find_onnx(folder)
 
 
 def _download_weights(run_id: str | None, folder: Path) -> Path:
     """The run's ``weights/`` artifacts (safetensors + config), for re-exporting an old-format model."""
-    import mlflow
-
+    mlflow = _mlflow()
     if run_id:
         try:
             return Path(

@@ -19,6 +19,10 @@ import pandas as pd
 from cifar.assess.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cifar.cli import run_cli
 from cifar.contract.registered_model import PRODUCTION_URI, VersionTags, registered_version
+from cifar.data import ensure_cache
+from cifar.serve.inference import Predictor
+from cifar.tracking import check_tracking_store
+from cifar.tracking.store import _mlflow
 
 
 def sample_test_split(data, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +58,9 @@ def robustness_report(
     model_uri: str, data_dir: Path | None = None, count: int = 2000, experiment: str = "robustness"
 ) -> tuple[pd.DataFrame, str]:
     """Measure, print and log the corruption table of a model. Returns (table, MLflow run id)."""
-    import mlflow
+    from cifar.plots import corruption_figure  # lazy: seaborn takes ~1.5 s; `robustness --help` skips it
 
-    from cifar.data import ensure_cache
-    from cifar.plots import corruption_figure
-    from cifar.serve.inference import Predictor
-    from cifar.tracking import check_tracking_store
-
+    mlflow = _mlflow()
     check_tracking_store()
     predictor = Predictor.from_uri(model_uri)
     data = ensure_cache(data_dir)

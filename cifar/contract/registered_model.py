@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from cifar.contract.trust import headline_ood_auroc, ood_auroc_sets
+
 MODEL_NAME = "cifar10-classifier"
 PRODUCTION, PREVIOUS = "production", "previous"  # PREVIOUS: what `register.py --rollback` restores
 PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"  # the default of every command
@@ -80,8 +82,6 @@ class VersionTags:
 
     def with_trust(self, metrics: dict[str, float], corruption: float | None = None) -> VersionTags:
         """These tags with the trust figures of a run's metrics (code names; see ``cifar.contract.trust``)."""
-        from cifar.contract.trust import headline_ood_auroc, ood_auroc_sets
-
         return replace(
             self,
             test_ece=metrics.get("test_ece_calibrated", self.test_ece),
@@ -111,7 +111,7 @@ def registered_version(uri: str, client=None):
     """
     if not uri.startswith("models:/") or uri.startswith("models:/m-"):
         return None
-    import mlflow
+    import mlflow  # lazy: ~1 s; the app's start and every command's --help skip it
 
     client = client or mlflow.MlflowClient()
     body = uri.removeprefix("models:/")

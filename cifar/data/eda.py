@@ -21,7 +21,10 @@ import numpy as np
 import pandas as pd
 
 from cifar.cli import run_cli
+from cifar.data import ensure_cache
 from cifar.data.cache import SPLITS, CifarData, channel_stats
+from cifar.tracking import check_tracking_store
+from cifar.tracking.store import _mlflow
 
 
 def class_balance(data: CifarData) -> pd.DataFrame:
@@ -101,11 +104,11 @@ def find_duplicates(data: CifarData, max_mean_diff: float = NEAR_MAX_MEAN_DIFF, 
 
 
 def figures(data: CifarData, balance: pd.DataFrame, stats: pd.DataFrame, duplicates: Duplicates, seed: int = 0) -> dict:
-    import seaborn as sns
-    import torch
-    from matplotlib.figure import Figure
+    import seaborn as sns  # lazy: start-up; seaborn takes ~1.5 s, and `eda --help` skips it
+    import torch  # lazy: start-up; torch takes ~2 s, and `eda --help` skips it
+    from matplotlib.figure import Figure  # lazy: start-up, as seaborn
 
-    from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
+    from cifar.data.loader import Augmentation, augment_batch, images_to_tensor  # lazy: start-up, it imports torch
 
     out = {}
     fig = Figure(figsize=(11, 4.5), layout="constrained")
@@ -208,11 +211,7 @@ def html_report(
 
 def run_eda(data_dir: Path | None = None, experiment: str = "eda") -> str:
     """Compute everything and log it as one MLflow run; returns the run id."""
-    import mlflow
-
-    from cifar.data import ensure_cache
-    from cifar.tracking import check_tracking_store
-
+    mlflow = _mlflow()
     check_tracking_store()
     data = ensure_cache(data_dir)
     balance, stats, duplicates = class_balance(data), image_statistics(data), find_duplicates(data)

@@ -83,7 +83,7 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str | None = N
     ``$CIFAR10_URL`` / ``$CIFAR10_MD5`` point at a mirror. A file that fails the checksum is
     deleted, never used.
     """
-    from torchvision.datasets.utils import check_integrity, download_url
+    from torchvision.datasets.utils import check_integrity, download_url  # lazy: the slim app venv has no torchvision
 
     url = url or settings().cifar10_url or CIFAR10_URL
     md5 = md5 or settings().cifar10_md5 or CIFAR10_MD5

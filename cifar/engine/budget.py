@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cifar.config import ExperimentConfig
@@ -131,8 +132,6 @@ def plan_budget(
     left = SAFETY * (t.time_budget - probe) - val_seconds * (1 - val_share)  # the last epoch is always validated
     epochs = fitting_epochs(left, steps, low_res_step, step_seconds, t.low_res_epochs, val_seconds * val_share)
     if run.world > 1:  # rank 0's plan for all: ranks that disagreed on the epochs would hang
-        import torch.distributed as dist
-
         shared = [epochs]
         dist.broadcast_object_list(shared, src=0)
         epochs = shared[0]

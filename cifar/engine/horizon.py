@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch.distributed as dist
 
 
 class Training(Protocol):
@@ -27,6 +28,7 @@ class Training(Protocol):
     world: int
 
     def set_epochs(self, epochs: int) -> None: ...
+
 
 # Lengthening needs the extra epoch to fit in this share of the time left: a run that just
 # shortened does not lengthen again on the next epoch's noise.
@@ -120,8 +122,6 @@ def _move(run: Training, epochs: int, note: str) -> bool:
     """End after ``epochs``. Under DDP rank 0 decides for all: ranks with different last epochs would
     hang in a collective."""
     if run.world > 1:
-        import torch.distributed as dist
-
         shared = [epochs, note]
         dist.broadcast_object_list(shared, src=0)
         epochs, note = shared

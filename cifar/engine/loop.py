@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cifar.config import ExperimentConfig
@@ -75,8 +77,6 @@ class Training:
         if trainable not in self.wrappers:
             step_model = self.model
             if self.world > 1:  # DDP fixes at construction which parameters send gradients
-                from torch.nn.parallel import DistributedDataParallel
-
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 step_model = DistributedDataParallel(self.model, device_ids=ids)
             self.wrappers[trainable] = torch.compile(step_model) if self.cfg.train.compile else step_model
@@ -166,7 +166,7 @@ def prepare_training(
 
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process so far (each first compile and recompile)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # lazy: torch._dynamo takes seconds; only compiled runs need it
 
     return int(counters["stats"]["unique_graphs"])
 
@@ -277,8 +277,6 @@ def stop_agreed(run: Training, should_stop: Callable[[], bool], step: int) -> bo
         return should_stop()
     if (step + 1) % STOP_VOTE_EVERY and step + 1 < len(run.loader):
         return False
-    import torch.distributed as dist
-
     vote = torch.tensor([float(should_stop())], device=run.device)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
     return bool(vote.item())
@@ -289,8 +287,6 @@ def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) ->
     t = run.cfg.train
     seen = torch.tensor(float(sums.seen), device=run.device)
     if run.world > 1:
-        import torch.distributed as dist
-
         for total in (sums.loss, sums.correct, seen):
             dist.all_reduce(total)
     train_loss = (sums.loss / seen.clamp(min=1)).item()

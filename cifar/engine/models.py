@@ -184,6 +184,7 @@ def fastnet(num_classes: int = 10, width: float = 1.0) -> nn.Module:
 # --- ResNet-18 from torchvision, adapted to 32x32 ------------------------------------------
 @register_model("resnet18", "torchvision ResNet-18 with a 3x3 stem and no max-pool (baseline)")
 def resnet18(num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    # lazy: torchvision adds ~1 s to torch and only this recipe needs it; `calibrate --help` imports this module
     from torchvision.models.resnet import BasicBlock, ResNet
 
     class ResNet18(ResNet):  # torchvision's own module (same state dict), plus the feature taps

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from cifar.errors import CifarError
+from cifar.tracking import redact_url
 
 PG_SEARCH = ("/usr/lib/postgresql/*/bin", "/usr/local/pgsql/bin", "/opt/homebrew/opt/postgresql@*/bin")
 
@@ -224,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def redact(url: str) -> str:
-    from cifar.tracking import redact_url
-
     return redact_url(url)
 
 

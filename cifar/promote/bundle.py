@@ -13,17 +13,30 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
 from cifar.contract import schema
 from cifar.contract.registered_model import MODEL_NAME, VersionTags
+from cifar.data import ensure_cache
 from cifar.errors import CifarError
-from cifar.promote.registry import describe_registered_model
+from cifar.promote.registry import (
+    _client,
+    _has_model,
+    describe_registered_model,
+    production_version,
+    registry_lock,
+    settle,
+)
+from cifar.serve.inference import Predictor
+from cifar.tracking import log_onnx_model, save_onnx_model_folder
 from cifar.tracking.names import mlflow_metrics
+from cifar.tracking.store import _mlflow
 
 BUNDLE_DIR = PROJECT_ROOT / "models" / "bundled"
 
@@ -32,11 +45,10 @@ def build_bundle(
     weights_dir: Path, out_dir: Path = BUNDLE_DIR, data_dir: Path | None = None, command: str = ""
 ) -> dict:
     """Weights -> a bundle folder: the served graph fitted on this cache, measured, with its card."""
-    import torch
+    import torch  # lazy: the slim app venv (register.py --import-bundled) has no torch
 
-    from cifar.data import ensure_cache
-    from cifar.run.calibration import serve_model
-    from cifar.run.export import load_weights
+    from cifar.run.calibration import serve_model  # lazy: imports torch; not in the slim app's deploy tree
+    from cifar.run.export import load_weights  # lazy: imports torch; not in the slim app's deploy tree
 
     model, meta = load_weights(weights_dir)
     data = ensure_cache(data_dir)
@@ -66,8 +78,8 @@ def build_bundle(
     tmp = _fresh(out_dir)
     _write_bundle(tmp, served.proto, served.metadata, data, metrics, meta.get("recipe", {}), served.calibration)
     if history:
-        from cifar.engine import EpochMetrics
-        from cifar.plots import training_curves
+        from cifar.engine import EpochMetrics  # lazy: imports torch, which the slim app venv lacks
+        from cifar.plots import training_curves  # lazy: the slim app venv has no matplotlib
 
         curves = [EpochMetrics(**h) for h in history]
         training_curves(curves, results.get("best_epoch")).savefig(tmp / "training_curves.png", dpi=80)
@@ -78,12 +90,9 @@ def build_bundle(
 
 def quantize_bundle(bundle_dir: Path = BUNDLE_DIR, data_dir: Path | None = None, robustness_images: int = 500) -> dict:
     """Replace a float bundle by its int8 model, re-measured here: accuracy, per class, trust, corruptions."""
-    import tempfile
+    import onnx  # lazy: onnx takes ~0.8 s; `register.py --help` imports this module and skips it
 
-    import onnx
-
-    from cifar.assess.quantize import quantize_model
-    from cifar.data import ensure_cache
+    from cifar.assess.quantize import quantize_model  # lazy: imports torch; not in the slim app's deploy tree
 
     bundle_dir = Path(bundle_dir)
     metrics = json.loads((bundle_dir / "metrics.json").read_text())
@@ -122,10 +131,8 @@ def _write_bundle(
     folder: Path, proto, metadata: dict, data, metrics: dict, recipe: dict, calibration, robustness_images: int = 0
 ) -> None:
     """The MLflow model folder and its card, every figure measured through the saved graph on ``data``."""
-    from cifar.metrics import confusion_matrix, per_class_report
-    from cifar.plots import confusion_matrix_figure
-    from cifar.serve.inference import Predictor
-    from cifar.tracking import save_onnx_model_folder
+    from cifar.metrics import confusion_matrix, per_class_report  # lazy: not in the slim app's deploy tree
+    from cifar.plots import confusion_matrix_figure  # lazy: the slim app venv has no matplotlib
 
     save_onnx_model_folder(proto, metadata, np.asarray(data.images["val"][:2]), folder)
     served = Predictor.from_uri(str(folder))
@@ -144,6 +151,7 @@ def _write_bundle(
         }
     )
     if robustness_images > 0:
+        # lazy: the slim app's deploy tree has no cifar/assess
         from cifar.assess.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
 
         images, sample_labels = sample_test_split(data, robustness_images)
@@ -262,14 +270,9 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
     Its run (experiment ``bundled-model``) carries the accuracy measured when it was built.
     Returns (version, whether it is production now).
     """
-    import mlflow
-    import onnx
-    import yaml
-    from mlflow.models import Model
+    import onnx  # lazy: onnx takes ~0.8 s; `register.py --help` imports this module and skips it
 
-    from cifar.promote.registry import _client, _has_model, production_version, registry_lock, settle
-    from cifar.tracking import log_onnx_model
-
+    mlflow = _mlflow()
     folder = Path(bundle_dir or BUNDLE_DIR)
     if not (folder / "MLmodel").is_file():
         raise CifarError(f"no bundled model in {folder} (expected an MLflow model folder with MLmodel).")
@@ -282,7 +285,7 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
             version = existing[0].version
         else:
             proto = onnx.load(str(folder / "model.onnx"))
-            example = Model.load(str(folder)).load_input_example(str(folder))["image"]
+            example = mlflow.models.Model.load(str(folder)).load_input_example(str(folder))["image"]
             mlflow.set_experiment("bundled-model")
             with mlflow.start_run(run_name="bundled-model") as run:
                 mlflow.log_artifact(str(folder / "README.md"), "bundle")

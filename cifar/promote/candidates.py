@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cifar.contract.trust import headline_ood_auroc, ood_auroc_sets
 from cifar.errors import CifarError
+from cifar.tracking.names import code_names, metric_key
+from cifar.tracking.store import _mlflow
 
 METRIC_ALIASES = {"val_accuracy": "best_val_accuracy"}
 
 
 def _client():
-    import mlflow
-
-    return mlflow.MlflowClient()
+    return _mlflow().MlflowClient()
 
 
 @dataclass(frozen=True)
@@ -40,23 +41,17 @@ class Candidate:
     @property
     def ood_auroc(self) -> float | None:
         """The lowest OOD AUROC over the sets the run measured (``ood_basis`` names them)."""
-        from cifar.contract.trust import headline_ood_auroc
-
         return headline_ood_auroc(self.trust)
 
     @property
     def ood_basis(self) -> str:
         """Which OOD sets ``ood_auroc`` stands on, and which were not measured."""
-        from cifar.contract.trust import ood_auroc_sets
-
         text = ", ".join(f"{name} {value:.4f}" for name, value in ood_auroc_sets(self.trust).items()) or "no set"
         return text + (f"; not measured: {', '.join(self.ood_not_measured)}" if self.ood_not_measured else "")
 
 
 def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The calibration and OOD metrics of a run, under their code names (old or new run layout)."""
-    from cifar.tracking.names import code_names
-
     named = code_names(metrics)
     return {k: v for k, v in named.items() if k in ("test_ece_calibrated", "temperature") or k.startswith("ood_")}
 
@@ -70,8 +65,6 @@ def find_best_run(
     ``mlflow.search_logged_models``; runs of the older layout, whose metrics sit on the run only,
     by ``search_runs`` on the old name. The higher of the two leaders wins.
     """
-    from cifar.tracking.names import metric_key
-
     client = _client()
     name = METRIC_ALIASES.get(metric, metric)
     key = metric_key(name)
@@ -120,11 +113,9 @@ def _eligible(run, study: str | None) -> bool:
 
 def _leader_by_model(ids: list[str], key: str, study: str | None):
     """(run, metric, value) of the best logged model by its linked ``key`` metric, or None."""
-    import mlflow
-
     if not ids:
         return None
-    models = mlflow.search_logged_models(
+    models = _mlflow().search_logged_models(
         experiment_ids=ids,
         filter_string=f"metrics.`{key}` > -1",
         order_by=[{"field_name": f"metrics.{key}", "ascending": False}],
@@ -163,6 +154,4 @@ def has_trained_runs() -> bool:
 
 
 def _tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
+    return _mlflow().get_tracking_uri()

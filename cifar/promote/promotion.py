@@ -61,6 +61,7 @@ def decide_promotion(req: PromotionRequest) -> Promotion:
     already = registry.is_production(decision.champion, candidate.run_id, precision)
     variant, notes = VersionTags(), []
     if req.int8 and not (already or decision.refused or req.dry_run):
+        # lazy: cifar.assess imports torch, and the slim app's deploy tree (register.py) has neither
         from cifar.assess.quantize import describe, int8_candidate, int8_shortfall, int8_tags
 
         candidate, quantized = int8_candidate(candidate, req.data_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar.contract import schema
 from cifar.contract.registered_model import (
     MODEL_NAME,
     PREVIOUS,
@@ -24,20 +25,21 @@ from cifar.contract.registered_model import (
     production_uri,
     registered_version,
 )
+from cifar.data import ensure_cache
+from cifar.data.sources import CIFAR10_CLASSES
 from cifar.errors import CifarError
+from cifar.locks import sqlite_lock
 from cifar.promote.candidates import METRIC_ALIASES, Candidate, find_best_run, has_trained_runs  # noqa: F401 (re-exported)
+from cifar.serve.inference import Predictor
+from cifar.tracking.store import _mlflow
 
 
 def _client():
-    import mlflow
-
-    return mlflow.MlflowClient()
+    return _mlflow().MlflowClient()
 
 
 def _tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
+    return _mlflow().get_tracking_uri()
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,8 @@ class Assessment:
 
 def assess_model(model_uri: str, data_dir: Path | None = None, robustness_images: int = 500) -> Assessment:
     """Re-evaluate a logged model through the serving path (ONNX Runtime): test split, corruptions."""
+    # lazy: the slim app's deploy tree has no cifar/assess (register.py --import-bundled never assesses)
     from cifar.assess.robustness import corruption_table, mean_corruption_accuracy, sample_test_split
-    from cifar.data import ensure_cache
-    from cifar.serve.inference import Predictor
 
     data = ensure_cache(data_dir)
     predictor = Predictor.from_uri(model_uri)
@@ -66,18 +67,15 @@ def assess_model(model_uri: str, data_dir: Path | None = None, robustness_images
 
 
 def production_version(name: str = MODEL_NAME):
-    from mlflow.exceptions import MlflowException
-
+    mlflow = _mlflow()
     try:
         return registered_version(production_uri(name), _client())
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         return None
 
 
 def registry_lock():
     """Serialise promotions on a local SQLite store."""
-    from cifar.locks import sqlite_lock
-
     return sqlite_lock(_tracking_uri(), "register")
 
 
@@ -162,11 +160,10 @@ def pin(name: str, version: str, outcome: str) -> None:
 
 
 def _version_for_run(name: str, run_id: str, precision: str = "float32"):
-    from mlflow.exceptions import MlflowException
-
+    mlflow = _mlflow()
     try:
         versions = _client().search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         return None
     versions = [v for v in versions if VersionTags.from_tags(v.tags).precision_name == precision]
     return versions[0] if versions else None
@@ -260,8 +257,7 @@ def register_and_promote(
     variant: VersionTags | None = None,
 ) -> Decision:
     """Register the candidate (once per run and precision) and, if decided, move ``production`` to it."""
-    import mlflow
-
+    mlflow = _mlflow()
     c = decision.candidate
     if decision.refused:
         raise CifarError(f"run {c.run_id} was not registered: {decision.reason}.")
@@ -317,8 +313,6 @@ def register_and_promote(
 
 def describe_registered_model(name: str = MODEL_NAME) -> None:
     """Give the registered model its description (what it is, its input and outputs) if it has none yet."""
-    from cifar.contract import schema
-    from cifar.data.sources import CIFAR10_CLASSES
     client = _client()
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=schema.model_description(CIFAR10_CLASSES))
@@ -326,14 +320,13 @@ def describe_registered_model(name: str = MODEL_NAME) -> None:
 
 def rollback(name: str = MODEL_NAME) -> tuple[str, str]:
     """Move ``production`` back to ``previous`` (and ``previous`` to the version rolled back)."""
-    from mlflow.exceptions import MlflowException
-
+    mlflow = _mlflow()
     client = _client()
     with registry_lock():
         current = production_version(name)
         try:
             previous = registered_version(f"models:/{name}@{PREVIOUS}", client)
-        except MlflowException:
+        except mlflow.exceptions.MlflowException:
             previous = None
         if current is None or previous is None:
             raise CifarError(
@@ -345,15 +338,14 @@ def rollback(name: str = MODEL_NAME) -> tuple[str, str]:
 
 
 def list_versions(name: str = MODEL_NAME) -> list[dict]:
-    from mlflow.exceptions import MlflowException
-
+    mlflow = _mlflow()
     client = _client()
     try:
         versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"])
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         return []
     aliases: dict[str, list[str]] = {}
-    with contextlib.suppress(MlflowException):
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
     rows = []
@@ -378,10 +370,9 @@ def list_versions(name: str = MODEL_NAME) -> list[dict]:
 
 
 def _has_model(name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
+    mlflow = _mlflow()
     try:
         _client().get_registered_model(name)
         return True
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         return False

@@ -11,19 +11,19 @@ without duplicates. Runs still in progress are left to their own process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from cifar.cli import run_cli
 from cifar.errors import CifarError
+from cifar.tracking.outbox import outbox_root, pending_runs
+from cifar.tracking.store import _mlflow
 
 
 def sync_outbox(root: Path | None = None, tracking_uri: str | None = None) -> tuple[list[str], list[str]]:
     """Upload every finished run in the outbox; returns (uploaded run ids, run ids still pending)."""
-    import mlflow
-
-    from cifar.tracking.outbox import pending_runs
-
+    mlflow = _mlflow()
     uploaded, pending = [], []
     for box in pending_runs(root):
         run = box.run
@@ -49,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="send to this server instead of the one each run started on")
     p.add_argument("--list", action="store_true", help="only list what is waiting")
     args = p.parse_args(argv)
-    from cifar.tracking.outbox import outbox_root, pending_runs
-
     root = args.outbox or outbox_root()
     boxes = pending_runs(root)
     if not boxes:
@@ -61,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
             state = "finished" if box.finished else "running"
             print(f"{box.run['run_id']}  {state}  -> {box.run['tracking_uri']}")
         return 0
-    import os
-
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     uploaded, pending = sync_outbox(root, args.tracking_uri)
     print(f"{len(uploaded)} run(s) uploaded, {len(pending)} waiting")

@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 
 from cifar.contract import schema
 from cifar.contract.trust import ACCEPT_RATE, TrustProfile
+from cifar.metrics import calibration_bins, expected_calibration_error, negative_log_likelihood, softmax
 from cifar.run import export
+from cifar.run.export import export_served, feature_layout, served_parity, torch_network, tta_of
 from cifar.settings import settings
 
 FASHION_MNIST_MISSING = (
@@ -80,7 +84,7 @@ def fit_density(features: np.ndarray, labels: np.ndarray, num_classes: int) -> t
     class means in whitened coordinates C x D): a distance is ``||unit(f) @ whitening - mean_c||^2``,
     which the graph takes to the nearest class and divides by D.
     """
-    from sklearn.covariance import ledoit_wolf
+    from sklearn.covariance import ledoit_wolf  # lazy: scikit-learn takes ~1.4 s; calibrate --help skips it
 
     f = np.asarray(features, np.float64)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
@@ -134,8 +138,6 @@ def fashion_mnist_images(count: int = 2000, folder: Path | None = None) -> OodSe
     path = folder / "t10k-images-idx3-ubyte.gz"
     if not path.is_file():
         return None
-    from PIL import Image
-
     with gzip.open(path, "rb") as f:
         raw = np.frombuffer(f.read(), np.uint8)
     images = raw[16:].reshape(-1, 28, 28)[:count]
@@ -156,8 +158,6 @@ def assess(
     ``test`` and each ``ood[name]`` hold the graph's ``logits``, ``probabilities``, ``ood_score`` and
     ``in_distribution``. "Uncalibrated" is softmax of the raw logits, for the record.
     """
-    from cifar.metrics import expected_calibration_error, negative_log_likelihood, softmax
-
     labels = np.asarray(test_labels)
     raw, served = softmax(np.asarray(test["logits"], np.float64)), np.asarray(test["probabilities"], np.float64)
     metrics = {
@@ -260,8 +260,6 @@ def serve_model(
     test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ServedModel:
     """A trained PyTorch model -> its served graph, constants fitted on this data (training, bundle build)."""
-    from cifar.run.export import export_served, feature_layout, served_parity, torch_network, tta_of
-
     tta, translate = tta_of(metadata)
     net = torch_network(
         model, device, tta=tta, tta_translate=translate, batch_size=batch_size, channels_last=channels_last
@@ -284,9 +282,7 @@ def refit(proto, data) -> tuple[Any, Calibration]:
 
 def write_trust_report(calibration: Calibration, test_labels: np.ndarray, folder: Path) -> Path:
     """Reliability diagrams before/after the temperature, the OOD score histogram, metrics.csv, trust.json."""
-    import pandas as pd
-
-    from cifar.metrics import calibration_bins, softmax
+    # lazy: seaborn takes ~1.5 s; `python -m cifar calibrate --help` imports this module and skips it
     from cifar.plots import ood_score_histogram, reliability_diagram
 
     folder.mkdir(parents=True, exist_ok=True)

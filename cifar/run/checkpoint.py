@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
 from cifar.errors import CifarError
 from cifar.settings import settings
 
@@ -22,9 +25,6 @@ FORMAT = "cifar-checkpoint/1"
 
 def save_checkpoint(path: Path, tensors: dict[str, Any], info: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` (name -> torch tensor) and ``info`` (JSON-able) to ``path``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -46,8 +46,6 @@ def save_checkpoint(path: Path, tensors: dict[str, Any], info: dict[str, Any]) -
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors, info) from a checkpoint file; refuses anything that is not one, naming the problem."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CifarError(f"checkpoint {path} does not exist.")

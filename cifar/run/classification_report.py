@@ -74,6 +74,7 @@ def build_report(probabilities: np.ndarray, labels: np.ndarray, classes: tuple[s
 
 def report_figures(report: EvaluationReport, images: np.ndarray) -> dict[str, Any]:
     """name -> matplotlib Figure."""
+    # lazy: seaborn takes ~1.5 s; `evaluate --help` imports this module and skips it
     from cifar.plots import (
         confusion_matrix_figure,
         misclassified_gallery,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from cifar.errors import CifarError
 
@@ -39,8 +40,6 @@ def process_group(device: torch.device) -> Iterator[ProcessGroup]:
     if not launched_by_torchrun():
         yield ProcessGroup(device=device)
         return
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():

@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from onnxscript import opset18 as op
 from onnxscript import script
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cifar.contract import schema
-from cifar.engine.steps import tta_average
+from cifar.engine.models import create_model
+from cifar.engine.steps import evaluate, tta_average
 
 
 def model_metadata(model_name: str, width: float, classes: Sequence[str], mean, std, **extra: Any) -> dict[str, Any]:
@@ -50,10 +54,6 @@ def save_weights(model: nn.Module, folder: Path, metadata: dict[str, Any]) -> Pa
 
 def load_weights(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from ``model.safetensors`` + ``model_config.json`` (no pickle involved)."""
-    from safetensors.torch import load_file
-
-    from cifar.engine.models import create_model
-
     metadata = json.loads((Path(folder) / "model_config.json").read_text())
     norm = metadata["normalization"]
     model = create_model(
@@ -113,8 +113,6 @@ def export_network(model: nn.Module, tta: bool, translate: int = 0):
 
 
 def _export_torchscript(net: nn.Module, example: torch.Tensor):
-    import onnx
-
     buffer = io.BytesIO()
     outputs = [NET_LOGITS, FEATURES]
     torch.onnx.export(
@@ -166,7 +164,6 @@ def torch_network(
     channels_last: bool = False,
 ) -> NetOutputs:
     """The model as the graph's network part, on ``device`` in fp32: uint8 images -> (logits, features)."""
-    from cifar.engine import evaluate
 
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         result = evaluate(
@@ -188,8 +185,6 @@ def torch_network(
 
 def served_parity(model: nn.Module, proto, images: np.ndarray, tta: bool, translate: int = 0) -> float:
     """Largest |difference| between the served graph's logits (ONNX Runtime) and PyTorch's, on uint8 ``images``."""
-    import onnxruntime as ort
-
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = _served_net(model, tta, translate)(torch.from_numpy(np.array(images, np.uint8)))[0].numpy()
@@ -243,8 +238,6 @@ def _head(net_logits, features, temperature, threshold, whitening, means_t, mean
 
 def head_model(classes: Sequence[str], constants: Constants):
     """The head alone (net_logits, features -> the contract's outputs), its fitted numbers as initializers."""
-    from onnx import TensorProto, helper, numpy_helper
-
     proto = _head.to_model_proto()
     graph, outside = proto.graph, {NET_LOGITS, FEATURES, *schema.OUTPUTS}
 
@@ -275,13 +268,12 @@ def head_model(classes: Sequence[str], constants: Constants):
 
 def attach_head(net, classes: Sequence[str], constants: Constants, metadata: dict[str, Any]):
     """The served model: ``net`` (image -> net_logits, features) with the head appended; returns a new proto."""
-    import onnx
-
     names = {o.name for o in net.graph.output}
     if names != {NET_LOGITS, FEATURES}:
         raise ValueError(f"the network graph must output {NET_LOGITS} and {FEATURES}, not {sorted(names)}")
     head = head_model(classes, constants)
     head.ir_version = net.ir_version
+    del head.opset_import[:]  # the network's opsets, once: merge_models would list the default domain twice
     proto = onnx.compose.merge_models(net, head, io_map=[(NET_LOGITS, NET_LOGITS), (FEATURES, FEATURES)])
     schema.set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
@@ -290,8 +282,6 @@ def attach_head(net, classes: Sequence[str], constants: Constants, metadata: dic
 
 def set_constants(proto, constants: Constants, metadata: dict[str, Any]) -> None:
     """Rewrite a served graph's fitted constants (and its metadata record with them) in place."""
-    from onnx import numpy_helper
-
     fresh = {HEAD + k: v for k, v in constants.tensors().items()}
     found = set()
     for i, tensor in enumerate(proto.graph.initializer):
@@ -308,8 +298,6 @@ def set_constants(proto, constants: Constants, metadata: dict[str, Any]) -> None
 
 def constants_of(proto) -> Constants:
     """The fitted constants a served graph holds (what ``set_constants`` wrote)."""
-    from onnx import numpy_helper
-
     head = [i for i in proto.graph.initializer if i.name.startswith(HEAD)]
     t = {i.name.removeprefix(HEAD): numpy_helper.to_array(i) for i in head}
     means = np.ascontiguousarray(t["means_t"].T)
@@ -322,8 +310,6 @@ def head_nodes(proto) -> list[str]:
 
 
 def _session(proto):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -352,9 +338,6 @@ NetOutputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 imag
 
 def network_of(proto, batch_size: int = 500) -> NetOutputs:
     """A served graph's network part as a function (its logits and the features the head reads)."""
-    import onnx
-    from onnx import TensorProto, helper
-
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
     exposed.graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, None))

@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 
 from cifar.config import ExperimentConfig
+from cifar.contract.schema import PROBABILITIES
+from cifar.contract.trust import headline_ood_auroc
+from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
+from cifar.plots import training_curves
+from cifar.run.calibration import write_trust_report
+from cifar.run.classification_report import build_report, write_report
+from cifar.run.export import save_weights
 
 ARTIFACT_FOLDERS = ("plots", "evaluation", "trust", "weights")  # the run's artifact folders, as logged
 MODEL_FOLDER, TENSORBOARD_FOLDER = "model", "tensorboard"
@@ -59,12 +69,6 @@ def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model
     ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.assess.recalibrate.ServedModel``) is
     the exported graph with its fitted constants.
     """
-    from cifar.contract.schema import PROBABILITIES
-    from cifar.plots import training_curves
-    from cifar.run.calibration import write_trust_report
-    from cifar.run.classification_report import build_report, write_report
-    from cifar.run.export import save_weights
-
     folder.mkdir(parents=True, exist_ok=True)
     calibration = served.calibration
     report = build_report(calibration.outputs["test"][PROBABILITIES], test.labels, data.classes)
@@ -109,12 +113,6 @@ def write_model_folder(folder: Path, proto, metadata: dict[str, Any], example: n
 
 def augmented_batch(cfg: ExperimentConfig, data, count: int = 64):
     """What the network was shown: ``count`` training images through the recipe's augmentation (a PIL grid)."""
-    import torch
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
-
-    from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
-
     spread = np.linspace(0, len(data.labels["train"]) - 1, count).astype(int)
     sample = images_to_tensor(np.asarray(data.images["train"])[spread], "cpu").float() / 255
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -124,8 +122,6 @@ def augmented_batch(cfg: ExperimentConfig, data, count: int = 64):
 
 def run_description(cfg: ExperimentConfig, final: dict[str, float], not_measured=()) -> str:
     """The run page's Description (MLflow's ``mlflow.note.content``): the recipe and what it reached."""
-    from cifar.contract.trust import headline_ood_auroc
-
     ood = headline_ood_auroc(final)
     lines = [
         f"**{cfg.name}**: {cfg.description or cfg.model.name}",

@@ -15,15 +15,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
 from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
+from cifar.engine.budget import plan_budget
 from cifar.engine.models import create_model
 from cifar.engine.trainstate import TrainingInterrupted, TrainingState
 from cifar.errors import CifarError, Pruned, writable_dir
+from cifar.run import calibration  # called as calibration.serve_model: a wrapper set on the module is seen
 from cifar.run.calibration import describe as describe_calibration
 from cifar.run.checkpoint import CHECKPOINT_FILE, checkpoint_root, load_checkpoint, save_checkpoint
+from cifar.run.distributed import process_group
+from cifar.run.export import model_metadata, save_weights
 from cifar.run.results import write_results
+from cifar.tracking import TrainingRun, check_tracking_store, download_checkpoint
+from cifar.tracking.outbox import outbox_root
 
 
 @dataclass
@@ -83,8 +92,6 @@ def stop_on_signals() -> Iterator[Callable[[], bool]]:
 
 def resume_training(run_id: str, options: TrainOptions | None = None) -> TrainOutcome:
     """Continue an interrupted run from its checkpoint, in the same MLflow run."""
-    from cifar.tracking import download_checkpoint
-
     options = options or TrainOptions()
     path = checkpoint_root() / run_id / CHECKPOINT_FILE
     if not path.exists():
@@ -107,13 +114,9 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOutcome:
     """Train ``cfg`` (under torchrun: as one rank of DistributedDataParallel) and test it once."""
-    from cifar.run.distributed import process_group
-
     options = options or TrainOptions()
     with process_group(resolve_device(options.device)) as group:
         if group.world_size > 1:
-            import torch.distributed as dist
-
             if group.is_main:  # one process prepares a missing cache; the others wait for it
                 ensure_cache(options.data_dir, options.source)
             dist.barrier()
@@ -123,8 +126,6 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
             return _train(cfg, options, group)
         except TrainingInterrupted as stop:
             if group.world_size > 1:
-                import torch.distributed as dist
-
                 if not group.is_main:
                     print(f"rank {group.rank}: stopped at epoch {stop.state.epoch}, step {stop.state.step}", flush=True)
                 dist.barrier()  # rank 0 has saved the checkpoint: torchrun stops the rest once one rank exits
@@ -133,15 +134,11 @@ def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None)
 
 def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
     """Prepare -> fit -> finalize (test once, calibrate, export) -> publish; under DDP rank 0 finalizes."""
-    from cifar.tracking import TrainingRun
-
     device = group.device
     _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
     data, source, model = _prepare(cfg, options)
     budget, deadline = {}, None
     if cfg.train.time_budget and options.resume is None:  # a resumed run keeps the epochs it planned
-        from cifar.engine.budget import plan_budget
-
         splits = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
         cfg, plan = plan_budget(model, *splits, cfg, device)
         budget, deadline = plan.as_tags(), plan.deadline
@@ -198,9 +195,6 @@ def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
 
 def _check_outputs(cfg: ExperimentConfig, options: TrainOptions) -> None:
     """The tracking store and every folder the run will write, checked before the data is touched."""
-    from cifar.tracking import check_tracking_store
-    from cifar.tracking.outbox import outbox_root
-
     if options.track:
         check_tracking_store()
         writable_dir(outbox_root(), "tracking outbox", "$CIFAR_OUTBOX")
@@ -223,8 +217,6 @@ def _prepare(cfg: ExperimentConfig, options: TrainOptions):
 
 
 def _run_tags(options: TrainOptions, device, world_size: int) -> dict[str, str]:
-    import torch
-
     return {
         "experiment_file": options.experiment_file,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -276,8 +268,6 @@ def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run,
 
 
 def _metadata(cfg: ExperimentConfig, data) -> dict:
-    from cifar.run.export import model_metadata
-
     return model_metadata(
         cfg.model.name, cfg.model.width, data.classes, data.mean, std=data.std,
         experiment=cfg.name, data_digest=data.digest, tta=cfg.train.tta,
@@ -287,8 +277,6 @@ def _metadata(cfg: ExperimentConfig, data) -> dict:
 
 def _save_weights_and_results(model, folder: Path, metadata: dict, cfg: ExperimentConfig, result, test) -> None:
     """``--save-dir``: safetensors weights with the recipe and results beside them."""
-    from cifar.run.export import save_weights
-
     results = {
         "best_val_accuracy": result.best_val_accuracy,
         "best_epoch": result.best_epoch,
@@ -318,10 +306,8 @@ def _served_evaluate(model, images, labels, device, t) -> EvalResult:
 
 def _served_model(model, data, test: EvalResult, device, t, metadata, run_id: str, val_accuracy: float):
     """The served graph, its constants fitted on training and validation images, checked against PyTorch."""
-    from cifar.run.calibration import serve_model
-
     metadata = {**metadata, "run_id": run_id, "val_accuracy": val_accuracy, "test_accuracy": test.accuracy}
-    served = serve_model(
+    served = calibration.serve_model(
         model,
         data,
         metadata,

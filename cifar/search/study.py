@@ -16,10 +16,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import optuna
+import torch.distributed as dist
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from cifar import tracking
 from cifar.config import ExperimentConfig, load_experiment
+from cifar.engine import device_kind, resolve_device
 from cifar.errors import CifarError, Pruned
+from cifar.locks import sqlite_file, sqlite_lock
+from cifar.run.distributed import launched_by_torchrun, process_group
+from cifar.run.training import TrainOptions, train_experiment
 from cifar.search.space import SearchSpace, load_space, suggest
 from cifar.tracking import TRIAL_RUN_ATTR as RUN_ATTR
+from cifar.tracking import close_run
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -43,17 +54,11 @@ class TuneOptions:
 
 def recipe_for(options: TuneOptions, overrides: list[str]) -> ExperimentConfig:
     """The searched recipe with a trial's overrides, as it trains on this machine (its ``devices:`` values)."""
-    from cifar.engine import device_kind, resolve_device
-
     return load_experiment(options.experiment, overrides, device_kind=device_kind(resolve_device(options.device)))
 
 
 def default_storage() -> str:
     """``optuna.db`` beside the local MLflow store (``mlflow.db``), else in the current folder."""
-    import mlflow
-
-    from cifar.locks import sqlite_file
-
     database = sqlite_file(mlflow.get_tracking_uri())
     folder = database.parent if database is not None else Path(".")
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
@@ -61,11 +66,6 @@ def default_storage() -> str:
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int):
     """RDB storage with heartbeats: a worker killed mid-trial leaves a FAIL trial that is retried."""
-    import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    from cifar.locks import sqlite_lock
-
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         with sqlite_lock(url, "init"):  # workers starting at once on a new file race on its tables
@@ -88,8 +88,6 @@ def _fail_stale_trial(retry):
     def callback(study, trial) -> None:
         run_id = trial.user_attrs.get(RUN_ATTR)
         if run_id:
-            from cifar.tracking import close_run
-
             close_run(run_id, "FAILED", {"trial_state": "FAIL", "error": "worker stopped sending heartbeats"})
         retry(study, trial)
 
@@ -98,8 +96,6 @@ def _fail_stale_trial(retry):
 
 def make_sampler(spec: dict[str, Any], seed: int):
     """The space file's sampler, every setting stated there (``cifar.search.space.sampler_settings``)."""
-    import optuna
-
     if spec["name"] == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed,
@@ -113,8 +109,6 @@ def make_sampler(spec: dict[str, Any], seed: int):
 
 def importance_evaluator(name: str):
     """Optuna's importance evaluator named in the space file (5.0's default is PED-ANOVA; fANOVA before)."""
-    import optuna
-
     return {
         "ped_anova": optuna.importance.PedAnovaImportanceEvaluator,
         "fanova": optuna.importance.FanovaImportanceEvaluator,
@@ -123,8 +117,6 @@ def importance_evaluator(name: str):
 
 
 def make_pruner(spec: dict[str, Any]):
-    import optuna
-
     name = spec.get("name", "median")
     if name == "median":
         return optuna.pruners.MedianPruner(
@@ -138,8 +130,6 @@ def make_pruner(spec: dict[str, Any]):
 
 
 def open_study(options: TuneOptions, space: SearchSpace, storage):
-    import optuna
-
     name = options.study_name or f"{options.experiment}-search"
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True, pruner=make_pruner(space.pruner)
@@ -163,8 +153,6 @@ class Progress:
         self.finished = 0
 
     def __call__(self, study, trial) -> None:
-        import optuna
-
         self.finished += 1
         states = [t.state for t in study.get_trials(deepcopy=False)]
         count = {
@@ -202,9 +190,6 @@ def objective_for(
     distributed: bool = False,
 ):
     """The objective: one tracked training run per trial, pruned on validation accuracy."""
-    import optuna
-
-    from cifar.run.training import TrainOptions, train_experiment
 
     def objective(trial: optuna.Trial) -> float:
         chosen = suggest(trial, space)
@@ -249,8 +234,6 @@ def objective_for(
 
 def _broadcast(value: Any = None) -> Any:
     """Rank 0's ``value`` on every rank of the torchrun group."""
-    import torch.distributed as dist
-
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -262,8 +245,6 @@ class _StopTrial(Exception):
 
 def _follow_trials(options: TuneOptions) -> None:
     """Ranks > 0 under torchrun: train each trial rank 0 announces, until it announces the end."""
-    from cifar.run.training import TrainOptions, train_experiment
-
     while (overrides := _broadcast()) is not None:
 
         def follow(metrics) -> None:
@@ -287,9 +268,6 @@ def run_search(options: TuneOptions) -> Any:
     Under torchrun this worker's trials each train on all the ranks (DistributedDataParallel):
     rank 0 runs Optuna and MLflow and tells the others which trial to train; they return None.
     """
-    from cifar.engine import resolve_device
-    from cifar.run.distributed import launched_by_torchrun, process_group
-
     if not launched_by_torchrun():
         return _run_search(options)
     with process_group(resolve_device(options.device)) as group:
@@ -303,10 +281,6 @@ def run_search(options: TuneOptions) -> Any:
 
 
 def _run_search(options: TuneOptions, distributed: bool = False) -> Any:
-    import optuna
-
-    from cifar import tracking
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     base = recipe_for(options, [])

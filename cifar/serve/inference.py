@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+import yaml
 
 from cifar.contract import schema
 from cifar.contract.images import decode_image
 from cifar.contract.registered_model import PRODUCTION_URI
 from cifar.contract.trust import TrustProfile
 from cifar.errors import CifarError
+from cifar.serve import modelcache
 from cifar.serve.occlusion import occlusion_map
 
 DEFAULT_MODEL_URI = PRODUCTION_URI
@@ -56,8 +60,6 @@ NOT_ONE_OF_THE_CLASSES = "this does not look like any of the 10 classes"
 def find_onnx(folder: Path) -> Path:
     mlmodel = folder / "MLmodel"
     if mlmodel.is_file():
-        import yaml
-
         spec = yaml.safe_load(mlmodel.read_text()) or {}
         data = (spec.get("flavors", {}).get("onnx") or {}).get("data")
         if data and (folder / data).is_file():
@@ -131,8 +133,6 @@ class Predictor:
 
     def __init__(self, onnx_path: Path, description: str = "", source: str | None = None) -> None:
         """``description`` names the model in output; ``source`` is what the user gave (for messages)."""
-        import onnxruntime as ort
-
         self.description = description or str(onnx_path)
         raw = Path(onnx_path).read_bytes()[:2]
         if raw in _PICKLE_MAGIC:
@@ -173,11 +173,9 @@ class Predictor:
             return cls(find_onnx(path) if path.is_dir() else path, description=str(path), source=uri)
         if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")):
             raise CifarError(f"model '{uri}' is neither a local path nor a models:/ or runs:/ URI.")
-        from cifar.serve import modelcache
-
         found = modelcache.cached_copy(uri)
         if found is None:
-            import mlflow
+            import mlflow  # lazy: ~1 s; predict's warm model cache and the app's start skip it
 
             try:
                 found = modelcache.download_model(uri)
@@ -252,8 +250,6 @@ class Predictor:
 
         The next chunk decodes on a thread while ONNX Runtime (which releases the GIL) scores this one.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
         results: list[Prediction | str] = []
         with ThreadPoolExecutor(max_workers=1) as pool:

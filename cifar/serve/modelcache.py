@@ -106,7 +106,7 @@ def _temporary_folder() -> Path:
 
 def _fetch(uri: str, folder: Path) -> Path:
     """Download ``uri`` into ``folder``; nothing is left there unless it holds an ONNX model."""
-    import mlflow
+    import mlflow  # lazy: ~1 s; a warm cache never imports it (the point of this module)
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder)))
@@ -123,7 +123,7 @@ def download_model(uri: str) -> tuple[Path, str]:
 
     Returns the local path and what the URI resolved to (``models:/name/3`` for an alias).
     """
-    import mlflow
+    import mlflow  # lazy: ~1 s; a warm cache never imports it (the point of this module)
 
     tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     root = cache_root() if uri.startswith("models:/") else None

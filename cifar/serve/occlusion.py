@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from PIL import Image
 
 
 def occlusion_map(
@@ -37,8 +38,6 @@ def occlusion_map(
 
 def heatmap_overlay(image: np.ndarray, heat: np.ndarray, size: int = 160):
     """The 32x32 image enlarged, with where covering it lowered the prediction tinted red (a PIL image)."""
-    from PIL import Image
-
     base = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST), np.float64)
     peak = heat.max()
     weight = np.clip(heat / peak, 0, 1) if peak > 0 else np.zeros_like(heat)

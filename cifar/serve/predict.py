@@ -18,6 +18,7 @@ from cifar.cli import run_cli
 from cifar.contract.images import decode_image
 from cifar.errors import CifarError
 from cifar.serve.inference import DEFAULT_MODEL_URI, NOT_ONE_OF_THE_CLASSES, Predictor
+from cifar.serve.occlusion import heatmap_overlay
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 
@@ -37,8 +38,6 @@ def collect(paths: list[str]) -> list[Path]:
 
 def write_explanation(predictor: Predictor, path: Path, folder: Path, number: int) -> Path:
     """The occlusion map of one image as ``folder/NNNN_<name>.png`` (numbered: names may repeat)."""
-    from cifar.serve.occlusion import heatmap_overlay
-
     folder.mkdir(parents=True, exist_ok=True)
     array = decode_image(path, str(path))
     target = folder / f"{number:04d}_{path.stem}.png"

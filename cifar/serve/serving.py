@@ -11,9 +11,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+from PIL import Image
+
+from cifar.contract.images import decode_image
 from cifar.contract.registered_model import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
 from cifar.errors import CifarError
 from cifar.serve.inference import Predictor
+from cifar.serve.occlusion import heatmap_overlay
+from cifar.tracking.store import _mlflow, ping_tracking_server
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,14 @@ class ModelInfo:
 
 def production_model(name: str = MODEL_NAME) -> ModelInfo:
     """The registry's production version, or a CifarError that says what to run."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from cifar.tracking.store import ping_tracking_server
-
+    mlflow = _mlflow()
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         ping_tracking_server(uri)
     client = mlflow.MlflowClient()
     try:
         version = registered_version(production_uri(name), client)
-    except MlflowException:
+    except mlflow.exceptions.MlflowException:
         raise CifarError(
             f"no production version of '{name}' in {uri}. Run: python register.py --import-bundled "
             "(the model shipped with the repository), or train one and run python register.py."
@@ -67,7 +69,7 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
     if version.run_id:
         try:
             experiment_id = client.get_run(version.run_id).info.experiment_id
-        except MlflowException:
+        except mlflow.exceptions.MlflowException:
             pass
     tags = VersionTags.from_tags(version.tags)
     return ModelInfo(
@@ -94,8 +96,7 @@ class RunReport:
 
 def run_report(run_id: str) -> RunReport:
     """Per-class table, confusion matrix and training curves from the source run's artifacts."""
-    import mlflow
-    import pandas as pd
+    mlflow = _mlflow()
 
     def fetch(path: str) -> Path | None:
         try:
@@ -112,8 +113,6 @@ def run_report(run_id: str) -> RunReport:
 
 def time_one_prediction(predictor: Predictor, image_bytes: bytes, repeats: int = 20) -> float:
     """Median milliseconds for one image: decode, resize, predict."""
-    from cifar.contract.images import decode_image
-
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -124,8 +123,6 @@ def time_one_prediction(predictor: Predictor, image_bytes: bytes, repeats: int =
 
 def thumbnail(array, size: int = 128) -> bytes:
     """The 32x32 model input, enlarged without smoothing, as PNG bytes."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array).resize((size, size), Image.Resampling.NEAREST).save(buf, format="PNG")
     return buf.getvalue()
@@ -133,8 +130,6 @@ def thumbnail(array, size: int = 128) -> bytes:
 
 def explanation_png(predictor: Predictor, array, size: int = 160, stride: int = 4) -> bytes:
     """Occlusion map of the predicted class over the 32x32 input, as PNG bytes."""
-    from cifar.serve.occlusion import heatmap_overlay
-
     buf = io.BytesIO()
     heatmap_overlay(array, predictor.explain(array, stride=stride), size).save(buf, format="PNG")
     return buf.getvalue()

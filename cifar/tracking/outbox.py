@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cifar.settings import settings
+from cifar.tracking.store import _mlflow, log_onnx_model
 
 
 def outbox_root() -> Path:
@@ -108,8 +109,7 @@ class Outbox:
             return self._push(include_end, metrics_only)
 
     def _push(self, include_end: bool, metrics_only: bool) -> bool:
-        import mlflow
-
+        mlflow = _mlflow()
         run_id = self.run["run_id"]
         client = mlflow.MlflowClient()
         progress = self._progress()
@@ -166,9 +166,7 @@ class Outbox:
         return self._progress().get("model_uri") if self.folder.exists() else self.logged_model_uri
 
     def _log_model(self, run_id: str) -> str:
-        import onnx
-
-        from cifar.tracking.store import log_onnx_model
+        import onnx  # lazy: ~0.8 s; the app and --help skip it
 
         proto = onnx.load(str(self.model_dir / "model.onnx"))
         metadata = json.loads((self.model_dir / "metadata.json").read_text())
@@ -177,10 +175,8 @@ class Outbox:
 
 
 def _metric(key: str, value: float, entry: dict[str, Any], model_id: str | None):
-    from mlflow.entities import Metric
-
     name, digest = (entry.get("datasets") or {}).get(key.partition("/")[0], (None, None)) if model_id else (None, None)
-    return Metric(key, float(value), entry["timestamp"], entry["step"], model_id, name, digest)
+    return _mlflow().entities.Metric(key, float(value), entry["timestamp"], entry["step"], model_id, name, digest)
 
 
 def pending_runs(root: Path | None = None) -> list[Outbox]:

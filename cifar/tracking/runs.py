@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cifar.config import ExperimentConfig
 from cifar.errors import CifarError, Pruned
@@ -184,8 +187,6 @@ class TrainingRun:
         if self._pending is not None and not self._pending.done():
             return  # the running push will pick up this epoch's line too, or the next one will
         if self._pusher is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pusher = ThreadPoolExecutor(1, thread_name_prefix="mlflow-outbox")
         self._pending = self._pusher.submit(self.push_metrics)
 
@@ -272,8 +273,6 @@ def _log_input_racing(dataset, context: str, tags: dict[str, str], attempts: int
     The server checks for the dataset, then inserts it; two workers doing so at once make one
     insert fail on the unique key (seen on PostgreSQL). The retry finds the row and links it.
     """
-    import time
-
     mlflow = _mlflow()
     for attempt in range(attempts):
         try:
@@ -294,7 +293,7 @@ class TensorBoardLog:
     """
 
     def __init__(self, experiment: str, run_name: str, run_id: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: the slim app venv has no torch
 
         self.logdir = settings().tensorboard_dir / experiment / f"{run_name}-{run_id[:8]}"
         self.writer = SummaryWriter(str(self.logdir))
@@ -313,8 +312,6 @@ class TensorBoardLog:
 
     def results(self, cfg: ExperimentConfig, augmented_png: Path, confusion_png: Path, final: dict[str, float]) -> None:
         """The results' figures as TensorBoard images (drawn once, by ``cifar.run.results``) and the hparams table."""
-        from PIL import Image
-
         for tag, path in (("augmented_batch", augmented_png), ("confusion_matrix", confusion_png)):
             if path.is_file():
                 with Image.open(path) as image:

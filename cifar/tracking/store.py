@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import requests
+import yaml
 
 from cifar.config import PROJECT_ROOT
 from cifar.errors import CifarError
+from cifar.locks import sqlite_lock
 from cifar.tracking.names import mlflow_metrics
 
 MODEL_ARTIFACT = "model"
@@ -21,15 +28,14 @@ TRIAL_RUN_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow r
 
 
 def _mlflow():
-    import mlflow
+    """The ``mlflow`` module, imported on first use; the modules that use MLflow get it from here."""
+    import mlflow  # lazy: ~1 s; the app's start, predict's warm cache and every command's --help skip it
 
     return mlflow
 
 
 def ping_tracking_server(uri: str) -> None:
     """A tracking server's ``/health`` answers, or a CifarError naming the URI and what to do."""
-    import requests
-
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as exc:
@@ -47,8 +53,6 @@ def check_tracking_store() -> str:
     if uri.startswith(("http://", "https://")):
         ping_tracking_server(uri)
     else:
-        from cifar.locks import sqlite_lock
-
         # Two processes creating a new SQLite store at once race on its tables: one at a time.
         with sqlite_lock(uri, "init"):
             mlflow.MlflowClient().search_experiments(max_results=1)
@@ -76,18 +80,19 @@ def onnx_signature(proto):
 
     The graph is the contract (``cifar.contract.schema``): what it declares is what any client gets.
     """
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-    from onnx.helper import tensor_dtype_to_np_dtype
+    from onnx.helper import tensor_dtype_to_np_dtype  # lazy: onnx takes ~0.8 s; the app and --help skip it
 
-    def spec(value) -> TensorSpec:
+    schema = _mlflow().types.schema
+
+    def spec(value):
         tensor = value.type.tensor_type
         dtype = tensor_dtype_to_np_dtype(tensor.elem_type)
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
-        return TensorSpec(np.dtype(str) if dtype == np.dtype(object) else dtype, shape, value.name)
+        return schema.TensorSpec(np.dtype(str) if dtype == np.dtype(object) else dtype, shape, value.name)
 
-    return ModelSignature(
-        inputs=Schema([spec(v) for v in proto.graph.input]), outputs=Schema([spec(v) for v in proto.graph.output])
+    return _mlflow().models.ModelSignature(
+        inputs=schema.Schema([spec(v) for v in proto.graph.input]),
+        outputs=schema.Schema([spec(v) for v in proto.graph.output]),
     )
 
 
@@ -121,8 +126,6 @@ def log_onnx_model(
 
 def save_onnx_model_folder(proto, metadata: dict[str, Any], example: np.ndarray, folder) -> Any:
     """The same MLflow model as ``log_onnx_model``, written to a local folder (must be absent or empty)."""
-    from pathlib import Path
-
     folder = Path(folder)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()  # MLflow creates the folder itself
@@ -137,12 +140,6 @@ def replace_logged_model(model_id: str, proto, metadata: dict[str, Any], example
     (id, run, creation time, from its MLmodel file); a tag records the rewrite, which is also a
     write to the store, so copies in ``cifar.serve.modelcache`` are fetched again.
     """
-    import tempfile
-    import time
-    from pathlib import Path
-
-    import yaml
-
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
     location = client.get_logged_model(model_id).artifact_location.rstrip("/")
@@ -170,7 +167,7 @@ def log_derived_model(
     metrics: dict[str, float],
 ) -> str:
     """A second model of a finished run (e.g. its int8 version): logged, its figures and a tag pointing to it."""
-    import onnx
+    import onnx  # lazy: ~0.8 s; the app and --help skip it
 
     mlflow = _mlflow()
     uri = log_onnx_model(onnx.load(str(onnx_path)), metadata, example, run_id=run_id, name=artifact)
@@ -183,8 +180,6 @@ def log_derived_model(
 
 def redact_url(url: str) -> str:
     """Hide a password in a database URL before it is printed or logged."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")

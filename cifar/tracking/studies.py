@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from typing import Any
 
 from cifar.tracking.names import metric_key
@@ -22,8 +24,6 @@ def study_parent_run(study, attr: str, experiment: str, params: dict[str, Any], 
     Under ``mlflow run -e tune`` the run it created is the parent. Two workers that start at
     once may both create one: the attribute decides, and the loser deletes its own.
     """
-    import time
-
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
     existing = study.user_attrs.get(attr)
@@ -58,15 +58,11 @@ def summarize_study(study, parent_run_id: str, evaluator=None, evaluator_name: s
 
     ``evaluator`` is the importance evaluator the importance plot uses; its title names it.
     """
-    import time
-    import warnings
-
-    import matplotlib
+    import matplotlib  # lazy: the slim app venv has no matplotlib (nor optuna)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    import optuna.visualization.matplotlib as ovm
+    import matplotlib.pyplot as plt  # lazy: the slim app venv has no matplotlib
+    import optuna.visualization.matplotlib as ovm  # lazy: the slim app venv has no optuna
 
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
@@ -79,7 +75,7 @@ def summarize_study(study, parent_run_id: str, evaluator=None, evaluator_name: s
             for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
         ],
     )
-    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    completed = [t for t, state in zip(trials, states, strict=True) if state == "COMPLETE"]
     if completed:
         best = study.best_trial
         client.log_metric(parent_run_id, metric_key("best_val_accuracy"), best.value)
