@@ -57,10 +57,12 @@ train: data
 	$(BIN)/python train.py --experiment $(EXPERIMENT)
 
 # Two workers: half the suite waits on servers, browsers and subprocesses, so one core sat idle.
-# A file's tests stay on one worker (their module fixtures are built once). TEST_WORKERS=0 runs serially.
+# A file's tests stay on one worker (their module fixtures are built once); tests marked serial need
+# the machine to themselves and run after. TEST_WORKERS=0: no workers.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration"

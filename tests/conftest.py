@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,18 @@ def tracking_env(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, timeout: float) -> bool:
+    """Whether ``url`` answered 200 within ``timeout`` seconds, while ``server`` kept running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from conftest import (
     keep_screenshot,
     relabelled,
     run_cli,
+    wait_until_serving,
 )
 
 CHECK_SECONDS = 30  # how often each open page asks for the production version (the app's default is 60)
@@ -64,14 +64,7 @@ def app_url(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        if not wait_until_serving(f"{url}/_stcore/health", server, 90):
             pytest.fail(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()[-2000:]}")
         yield url
     finally:
@@ -160,6 +153,7 @@ def register_relabelled(client, first):
     return client.create_model_version("cifar10-classifier", uri, run_id=run.info.run_id)
 
 
+@pytest.mark.serial  # 20 Chromium pages and the app need both cores: make test runs it after the parallel part
 def test_twenty_concurrent_sessions_while_a_new_version_is_promoted(app_url, tmp_path, mini_raw, monkeypatch):
     """20 browser sessions open and answer an upload; while all are open, production moves to version 2.
 

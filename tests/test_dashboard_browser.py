@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
-import urllib.request
 
 import optuna
 import pytest
@@ -17,6 +15,7 @@ from conftest import (
     free_port,
     keep_screenshot,
     stop_process_group,
+    wait_until_serving,
 )
 
 pytestmark = BROWSER_TEST
@@ -44,14 +43,7 @@ def dashboard(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if urllib.request.urlopen(f"{url}/api/studies", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        if not wait_until_serving(f"{url}/api/studies", server, 120):
             pytest.fail(f"make dashboard did not serve: {server.stdout.read()[-2000:] if server.poll() else ''}")
         yield url
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-import urllib.request
 import venv
 
 import pytest
@@ -17,6 +16,7 @@ from conftest import (
     free_port,
     keep_screenshot,
     stop_process_group,
+    wait_until_serving,
 )
 
 pytestmark = BROWSER_TEST
@@ -82,14 +82,7 @@ def test_heroku_tree_installs_small_and_serves_from_its_procfile(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        if not wait_until_serving(f"{url}/_stcore/health", server, 180):
             pytest.fail(f"the web command did not serve: {(tmp_path / 'web.log').read_text()[-3000:]}")
 
         # (5) Chromium loads the page and predicts a sample.

@@ -201,8 +201,8 @@ def test_training_run_stores_and_reports_its_trust_profile(tracking_env, prepare
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_missing_ood_set_is_recorded_as_not_measured(tracking_env, prepared_dir, monkeypatch, tmp_path, capsys):
-    from cifar.assess import calibration
     from cifar.config import load_experiment
+    from cifar.run import calibration
     from cifar.run.calibration import FASHION_MNIST_MISSING
     from cifar.run.training import TrainOptions, train_experiment
 
