@@ -31,6 +31,10 @@ from cifar.contract import schema
 from cifar.engine.models import create_model
 from cifar.engine.steps import evaluate, tta_average
 
+NET_LOGITS, FEATURES = "net_logits", "features"  # the network part's outputs, which the head reads
+OPSET = 18
+HEAD = "contract/"  # prefix of the head's nodes and constants: quantization leaves them in float
+
 
 def model_metadata(model_name: str, width: float, classes: Sequence[str], mean, std, **extra: Any) -> dict[str, Any]:
     return {
@@ -190,11 +194,6 @@ def served_parity(model: nn.Module, proto, images: np.ndarray, tta: bool, transl
         expected = _served_net(model, tta, translate)(torch.from_numpy(np.array(images, np.uint8)))[0].numpy()
     (actual,) = session.run([schema.LOGITS], {schema.INPUT: np.ascontiguousarray(images, np.uint8)})
     return float(np.abs(actual - expected).max())
-
-
-NET_LOGITS, FEATURES = "net_logits", "features"  # the network part's outputs, which the head reads
-OPSET = 18
-HEAD = "contract/"  # prefix of the head's nodes and constants: quantization leaves them in float
 
 
 @dataclass(frozen=True)
