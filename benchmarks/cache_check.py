@@ -25,18 +25,24 @@ def evict(folder: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 
+
 def measure(data_dir: Path, repeats: int) -> dict:
     folder = data_dir / "cache"
     manifest = json.loads((folder / "manifest.json").read_text())
     files = [folder / name for name in manifest["files"]]
+
     def median(fn, before=lambda: None) -> float:
         return statistics.median(clock(fn, repeats, before=before))
-    return {"cache MB": sum(f.stat().st_size for f in files) / 1e6,
-            "check warm s": median(lambda: _check_files(folder, manifest)),
-            "check cold s": median(lambda: _check_files(folder, manifest), lambda: evict(folder)),
-            "load with check s": median(lambda: load_cache(data_dir)),
-            "mmap load s": median(lambda: [np.load(f, mmap_mode="r") for f in files]),
-            "model digest ms": 1000 * median(lambda: files_digest(ROOT / "models" / "bundled"))}
+
+    return {
+        "cache MB": sum(f.stat().st_size for f in files) / 1e6,
+        "check warm s": median(lambda: _check_files(folder, manifest)),
+        "check cold s": median(lambda: _check_files(folder, manifest), lambda: evict(folder)),
+        "load with check s": median(lambda: load_cache(data_dir)),
+        "mmap load s": median(lambda: [np.load(f, mmap_mode="r") for f in files]),
+        "model digest ms": 1000 * median(lambda: files_digest(ROOT / "models" / "bundled")),
+    }
+
 
 if __name__ == "__main__":
     p = parser(__doc__, "--data-dir", "--archive")

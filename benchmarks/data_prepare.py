@@ -34,6 +34,12 @@ if __name__ == "__main__":
             for _ in DataLoader(images, batch_size=500, num_workers=2):
                 pass
             conventional += time.perf_counter() - start
-    figures = {"images": count, "prepare s": prep, "load + read s": load, "ImageFolder pass s": conventional,
-               "cached epoch x cheaper": conventional / load, "prepare / pass": prep / conventional}
+    figures = {
+        "images": count,
+        "prepare s": prep,
+        "load + read s": load,
+        "ImageFolder pass s": conventional,
+        "cached epoch x cheaper": conventional / load,
+        "prepare / pass": prep / conventional,
+    }
     record("data_prepare", figures, write=not args.no_results)

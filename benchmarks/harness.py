@@ -43,11 +43,14 @@ def cpu_info() -> tuple[str, set[str], str]:
         name += f" family {family} model {fields.get('model', '?')}"
     return name, set(fields.get("flags", "").split()), family
 
+
 def gpu_name(device) -> str | None:
     """The GPU's name, unless ``device`` is the CPU or there is no GPU."""
     if str(device) != "cpu":
         import torch
+
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
 
 def machine_kind(device="cpu") -> str:
     """The GPU's name, or what CPU speeds depend on most: "AMX", "Zen 5 bf16", "Zen 4 bf16", "AVX2 fp32", ..."""
@@ -60,6 +63,7 @@ def machine_kind(device="cpu") -> str:
         return {"25": "Zen 4 bf16", "26": "Zen 5 bf16"}.get(family, "AVX512 bf16")
     return "AVX512 fp32" if "avx512f" in flags else "AVX2 fp32" if "avx2" in flags else f"{platform.machine()} fp32"
 
+
 def machine_name(device="cpu") -> str:
     """'NVIDIA H100 80GB HBM3', or 'Intel(R) Xeon(R) Processor family 6 model 167 (x86_64, AVX512, VNNI, AMX),
     2 cores, 2 threads, native bf16': native bf16 trains about 3x faster than fp32, int8 needs VNNI to gain."""
@@ -68,11 +72,13 @@ def machine_name(device="cpu") -> str:
     import torch
 
     from cifar.engine import native_bf16
+
     model, flags, _ = cpu_info()
     vnni = "VNNI" if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else "no VNNI"
     isa = f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {vnni}{', AMX' * ('amx_bf16' in flags)}"
     precision = "native bf16" if native_bf16(torch.device("cpu")) else "fp32"
     return f"{model} ({isa}), {os.cpu_count()} cores, {torch.get_num_threads()} threads, {precision}"
+
 
 def clock(fn, repeats: int, *, warmup: int = 0, before=lambda: None) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``before()`` untimed ahead)."""
@@ -86,6 +92,7 @@ def clock(fn, repeats: int, *, warmup: int = 0, before=lambda: None) -> list[flo
         times.append(time.perf_counter() - start)
     return times
 
+
 def parser(doc: str, *shared: str, quick: str | None = None) -> argparse.ArgumentParser:
     """The script's options: the ``shared`` ones named, --quick (with its help), --no-results (--no-record)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,18 +103,22 @@ def parser(doc: str, *shared: str, quick: str | None = None) -> argparse.Argumen
     p.add_argument("--no-results", "--no-record", dest="no_results", action="store_true", help="append no record")
     return p
 
+
 def train(args, experiment: str, overrides=(), **options):
     """(config, outcome) of ``experiment`` trained on ``args.device``, untracked and quiet unless ``options`` say."""
     from cifar.config import load_experiment
     from cifar.engine import device_kind, resolve_device
     from cifar.run.training import TrainOptions, train_experiment
+
     cfg = load_experiment(experiment, list(overrides), device_kind(resolve_device(args.device)))
     options = {"data_dir": args.data_dir, "device": args.device, "track": False, "progress": False, **options}
     return cfg, train_experiment(cfg, TrainOptions(**options))
 
+
 def label(model_uri: str) -> str:
     """A model's name in a benchmark's: ``bundled``, ``cifar10-classifier@production``, ``m-<id>``."""
     return re.sub(r"[^\w@=-]+", "-", model_uri.rstrip("/").rsplit("/", 1)[-1])
+
 
 def git_commit() -> str:
     try:
@@ -115,6 +126,7 @@ def git_commit() -> str:
     except OSError:  # no git
         return "unknown"
     return out.strip() or "unknown"
+
 
 def record(benchmark: str, figures: dict, *, seeds=(), device="cpu", write=True, folder=RECORDS, command=None) -> dict:
     """Print one measurement and append it to ``folder/<script>.jsonl``, the script being ``benchmark`` up to
@@ -131,8 +143,10 @@ def record(benchmark: str, figures: dict, *, seeds=(), device="cpu", write=True,
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
         if folder == RECORDS:
             import results
+
             results.write()
     return entry
+
 
 def extract_imagefolder(archive: Path, dest: Path, split: str = "train", per_class: int = 0) -> Path:
     """Extract ``<root>/<split>/<class>/*.jpg`` from the JPEG archive (the first ``per_class`` of each)."""

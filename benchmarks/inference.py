@@ -29,10 +29,16 @@ from cifar.serve.inference import Predictor
 def predict_cli(folder: str, model_uri: str, env: dict | None = None) -> float:
     """Seconds of one ``python -m cifar.serve.predict`` over ``folder``, start-up included."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cifar.serve.predict", folder, "--model-uri", model_uri, "--json"],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-m", "cifar.serve.predict", folder, "--model-uri", model_uri, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return time.perf_counter() - start
+
 
 if __name__ == "__main__":
     p = parser(__doc__, quick="fewer repeats (under 2 minutes)")
@@ -53,8 +59,11 @@ if __name__ == "__main__":
     float_meta = {k: v for k, v in {**predictor.metadata, **meta}.items() if k not in ("precision", "quantization")}
     served, float_path = export.constants_of(onnx.load(str(predictor.onnx_path))), f"{scratch.name}/float32.onnx"
     onnx.save(export_served(net, float_meta, served), float_path)
-    runners = {"served": predictor.predict_arrays, "float32 ONNX": Predictor(Path(float_path)).predict_arrays,
-               "eager": lambda x: model(torch.from_numpy(x))}
+    runners = {
+        "served": predictor.predict_arrays,
+        "float32 ONNX": Predictor(Path(float_path)).predict_arrays,
+        "eager": lambda x: model(torch.from_numpy(x)),
+    }
     rng = np.random.default_rng(0)
     one, batch = rng.integers(0, 255, (1, 32, 32, 3), np.uint8), rng.integers(0, 255, (256, 32, 32, 3), np.uint8)
     figures = {"served precision": predictor.metadata.get("precision", "float32")}

@@ -27,9 +27,11 @@ def selection_outliers(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarra
     smooth = np.stack([np.asarray(Image.fromarray(s).resize((32, 32), Image.Resampling.BICUBIC)) for s in small])
     return {"jigsaw": jigsaw, "smooth_noise": smooth, "inverted": 255 - images}
 
+
 def _logsumexp(z: np.ndarray) -> np.ndarray:
     top = z.max(1, keepdims=True)
     return (top + np.log(np.exp(z - top).sum(1, keepdims=True)))[:, 0]
+
 
 def mahalanobis(train_f, train_y, classes: int, normalise: bool, per_class: bool = True):
     """Nearest-class squared Mahalanobis distance (higher = more out of distribution)."""
@@ -42,10 +44,13 @@ def mahalanobis(train_f, train_y, classes: int, normalise: bool, per_class: bool
         eigenvalues, vectors = np.linalg.eigh(centred.T @ centred / len(centred))
         whitening = vectors / np.sqrt(np.maximum(eigenvalues, eigenvalues.max() * 1e-9))
         means = means @ whitening
+
     def score(f):
         z = (f / np.linalg.norm(f, axis=1, keepdims=True) if normalise else f) @ np.asarray(whitening, np.float64)
         return ((z[:, None, :] - means[None]) ** 2).sum(-1).min(1) / z.shape[1]
+
     return score
+
 
 if __name__ == "__main__":
     p = parser(__doc__, "--data-dir")
@@ -62,10 +67,13 @@ if __name__ == "__main__":
     held_out = {s.name: net(s.images) for s in ood_sets()[0]}
     shipped = export.constants_of(proto)
     all_fit = fit_density(net(np.asarray(data.images["train"]))[1], data.labels["train"], classes)
+
     def head(constants):
         return lambda lf: export.apply_head(data.classes, constants, *lf)[schema.OOD_SCORE]
+
     def energy(lf):
         return -temperature * _logsumexp(lf[0] / temperature)
+
     log_norm = np.log(np.linalg.norm(train_f, axis=1)).mean()
     candidates = {  # name: score of (logits, features), higher = more out of distribution
         "energy (the score before)": energy,
@@ -74,20 +82,30 @@ if __name__ == "__main__":
     }
     last, every = slice(-(pen or 1), None), slice(None)
     for name, cols, normalise, per_class in [
-        *([("Mahalanobis penultimate raw (Lee et al.)", last, False, True),
-           ("Mahalanobis penultimate normalised", last, True, True)] if pen else []),
-        ("Mahalanobis all stages raw", every, False, True), ("one Gaussian all stages normalised", every, True, False),
+        *(
+            [
+                ("Mahalanobis penultimate raw (Lee et al.)", last, False, True),
+                ("Mahalanobis penultimate normalised", last, True, True),
+            ]
+            if pen
+            else []
+        ),
+        ("Mahalanobis all stages raw", every, False, True),
+        ("one Gaussian all stages normalised", every, True, False),
     ]:
         fitted = mahalanobis(train_f[:, cols], train_y, classes, normalise, per_class)
         candidates[name] = lambda lf, fitted=fitted, cols=cols: fitted(lf[1][:, cols])
     candidates["SHIPPED Mahalanobis all stages normalised"] = head(shipped)
     val_s, val_e = head(shipped)(val), energy(val)  # the sum below standardises each on validation
-    candidates["shipped + energy standardised"] = lambda lf: ((head(shipped)(lf) - val_s.mean()) / val_s.std()
-                                                              + (energy(lf) - val_e.mean()) / val_e.std())
+    candidates["shipped + energy standardised"] = lambda lf: (
+        (head(shipped)(lf) - val_s.mean()) / val_s.std() + (energy(lf) - val_e.mean()) / val_e.std()
+    )
     candidates["shipped fitted on 45,000"] = head(export.Constants(shipped.temperature, shipped.threshold, *all_fit))
     meta = predictor.metadata
-    figures = {"model": f"{meta.get('model')} {meta.get('width')} {meta.get('precision', 'float32')}",
-               "training images": len(train_y)}
+    figures = {
+        "model": f"{meta.get('model')} {meta.get('width')} {meta.get('precision', 'float32')}",
+        "training images": len(train_y),
+    }
     for name, score in candidates.items():
         threshold, test_scores = np.quantile(score(val), ACCEPT_RATE), score(test)
         chosen = {k: auroc(test_scores, score(v)) for k, v in selection.items()}
@@ -96,7 +114,11 @@ if __name__ == "__main__":
         if name.startswith("SHIPPED"):
             figures |= {f"shipped: {k} AUROC": a for k, (a, _) in reported.items()}
         held = ", ".join(f"{k} AUROC {a:.3f}, accepted {f:.1%}" for k, (a, f) in reported.items())
-        print(f"{name}: selection " + ", ".join(f"{k} AUROC {v:.3f}" for k, v in chosen.items()) +
-              f"; test accepted {np.mean(test_scores <= threshold):.1%}; held out: {held}", flush=True)
+        print(
+            f"{name}: selection "
+            + ", ".join(f"{k} AUROC {v:.3f}" for k, v in chosen.items())
+            + f"; test accepted {np.mean(test_scores <= threshold):.1%}; held out: {held}",
+            flush=True,
+        )
     figures["best"] = max(candidates, key=lambda name: figures[f"{name}: selection AUROC"])
     record(f"ood_scores.{label(args.model)}", figures, seeds=[0], write=not args.no_results)

@@ -31,12 +31,14 @@ PEERS, GPU_PAIRS, CPU_PAIRS = ("94", "96"), ("94=speedrun", "96=best"), ("94=cpu
 @dataclass(frozen=True)
 class Point:
     """One setting (a system at an epoch count): test accuracy and training seconds over seeds."""
+
     system: str
     epochs: float
     accuracies: tuple[float, ...]
     seconds: tuple[float, ...]
     accuracy = property(lambda self: statistics.mean(self.accuracies))
     time = property(lambda self: statistics.mean(self.seconds))
+
 
 def time_to_reach(points: list[Point], accuracy: float) -> tuple[str, float]:
     """Seconds the curve ``points`` needs to reach ``accuracy``: ('=', s), ('<=', s), or ('>', longest s)."""
@@ -48,6 +50,7 @@ def time_to_reach(points: list[Point], accuracy: float) -> tuple[str, float]:
             return "=", a.time + (accuracy - a.accuracy) / (b.accuracy - a.accuracy) * (b.time - a.time)
     return ">", curve[-1].time
 
+
 def ratio_lines(peer: list[Point], project: list[Point]) -> list[str]:
     """For each setting of one side: how long the other side needs for its accuracy, as a ratio."""
     lines = []
@@ -55,41 +58,58 @@ def ratio_lines(peer: list[Point], project: list[Point]) -> list[str]:
         for p in mine:
             how, seconds = time_to_reach(theirs, p.accuracy)
             other, at = theirs[0].system, f"{p.system}'s {p.accuracy:.2%} ({p.epochs:g} epochs, {p.time:.1f} s)"
-            lines.append(f"{other} does not reach {at} within its longest measured run ({seconds:.1f} s): ratio > "
-                         f"{seconds / p.time:.2f}x" if how == ">" else f"{other} needs {how} {seconds:.1f} s for "
-                         f"{at}: time ratio {other}/{p.system} {how} {seconds / p.time:.2f}x")
+            lines.append(
+                f"{other} does not reach {at} within its longest measured run ({seconds:.1f} s): ratio > "
+                f"{seconds / p.time:.2f}x"
+                if how == ">"
+                else f"{other} needs {how} {seconds:.1f} s for "
+                f"{at}: time ratio {other}/{p.system} {how} {seconds / p.time:.2f}x"
+            )
     return lines
+
 
 class _WallEvent:
     """``torch.cuda.Event(enable_timing=True)`` on a CPU: a wall-clock mark."""
+
     def __init__(self, **_: object) -> None:
         self.at = 0.0
+
     def record(self) -> None:
         self.at = time.perf_counter()
+
     def elapsed_time(self, end) -> float:
         return (end.at - self.at) * 1000.0
+
 
 @contextlib.contextmanager
 def cpu_adaptation(bf16: bool):
     """airbench on a CPU: the device, bf16 autocast with fp32 weights (where native), fp32 whitening statistics."""
     import airbench.utils
+
     class CpuCifarLoader(airbench.utils.CifarLoader):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "gpu": "cpu"})
             self.images = self.images.float()  # fp16 arithmetic on a CPU is emulated: slow
+
     def whitening_in_fp32(layer, train_set, **kwargs):  # as on CUDA, where it casts to fp32 itself
         with torch.autocast("cpu", enabled=False):
             return init_whitening(layer, train_set, **kwargs)
+
     init_whitening = airbench.utils.init_whitening_conv
     with contextlib.ExitStack() as stack:
-        for owner, name, value in ((airbench.utils, "CifarLoader", CpuCifarLoader), (nn.Module, "half", lambda s: s),
-                                   (airbench.utils, "init_whitening_conv", whitening_in_fp32),
-                                   (nn.Module, "cuda", lambda self, *a, **k: self), (torch.cuda, "Event", _WallEvent),
-                                   (torch.cuda, "synchronize", lambda *a, **k: None)):
+        for owner, name, value in (
+            (airbench.utils, "CifarLoader", CpuCifarLoader),
+            (nn.Module, "half", lambda s: s),
+            (airbench.utils, "init_whitening_conv", whitening_in_fp32),
+            (nn.Module, "cuda", lambda self, *a, **k: self),
+            (torch.cuda, "Event", _WallEvent),
+            (torch.cuda, "synchronize", lambda *a, **k: None),
+        ):
             stack.enter_context(mock.patch.object(owner, name, value))
         # one autocast region spans its whole loop: without the cast cache each step sees the new weights
         stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False))
         yield CpuCifarLoader
+
 
 def write_airbench_files(data: CifarData, folder: Path, peer_train: str) -> Path:
     """The cache as airbench reads it: ``cifar10/{train,test}.pt`` of NHWC uint8 images and labels."""
@@ -100,17 +120,20 @@ def write_airbench_files(data: CifarData, folder: Path, peer_train: str) -> Path
         torch.save({"images": images, "labels": labels, "classes": list(data.classes)}, root / f"{name}.pt")
     return root
 
+
 def run_airbench(peer: str, epochs: float, seed: int, root: Path, device: torch.device) -> tuple[float, float]:
     """(test accuracy with its own TTA, training seconds) of one airbench run."""
     import airbench
     import airbench.utils
+
     lib, train = getattr(airbench, f"lib_airbench{peer}"), getattr(airbench, f"train{peer}")
     on_cpu, gpu = device.type == "cpu", "cpu" if device.type == "cpu" else (device.index or 0)
     adapt = cpu_adaptation(native_bf16(device)) if on_cpu else contextlib.nullcontext(airbench.utils.CifarLoader)
     sync = (lambda: None) if on_cpu else torch.cuda.synchronize
     with adapt as loader_cls, contextlib.chdir(root.parent):  # its test loader opens ./cifar10/test.pt
-        loader = loader_cls("cifar10", train=True, batch_size=lib.hyp["opt"]["batch_size"], aug=lib.hyp["aug"],
-                            altflip=True, gpu=gpu)
+        loader = loader_cls(
+            "cifar10", train=True, batch_size=lib.hyp["opt"]["batch_size"], aug=lib.hyp["aug"], altflip=True, gpu=gpu
+        )
         test = loader_cls("cifar10", train=False, batch_size=2000, gpu=gpu)
         torch.manual_seed(seed)
         sync()
@@ -120,11 +143,13 @@ def run_airbench(peer: str, epochs: float, seed: int, root: Path, device: torch.
         seconds = time.perf_counter() - start
         return airbench.evaluate(model, test, tta_level=lib.hyp["net"]["tta_level"]), seconds
 
+
 def run_project(args, experiment: str, epochs: float, seed: int, *extra: str) -> tuple[float, float]:
     """(test accuracy with the recipe's TTA, the engine's training seconds) of one recipe run."""
     settings = [*args.overrides, f"train.epochs={int(epochs)}", f"train.seed={seed}", "train.eval_every=0", *extra]
     out = train(args, experiment, settings)[1]
     return out.test.accuracy, out.fit.train_seconds
+
 
 def main() -> None:
     p = parser(__doc__, "--seeds", "--set", "--device", "--data-dir", quick="4,000 images, 1 epoch each")
@@ -141,19 +166,23 @@ def main() -> None:
     if args.quick:
         data, args.overrides = data.subset(4000), ["data.subset=4000", *args.overrides]
         args.peer_epochs, args.project_epochs = args.peer_epochs or [1.0], args.project_epochs or [1]
+
     def curve(system: str, epoch_counts: list[float], run) -> list[Point]:
         points = [Point(system, e, *map(tuple, zip(*(run(e, s) for s in range(args.seeds))))) for e in epoch_counts]
         print(*(f"{p.system} {p.epochs:g} epochs: {p.accuracy:.2%} in {p.time:.1f} s" for p in points), sep="\n")
         return points
+
     with tempfile.TemporaryDirectory() as tmp:
         root = write_airbench_files(data, Path(tmp), "train+val")  # airbench's design: no validation split
         for peer, experiment in pairs:
             import airbench
+
             run_airbench(peer, 0.05, 0, root, device)  # warm-up: allocation, kernel choice
             run_project(args, experiment, 1, 0, "data.subset=2000")
             own = [getattr(airbench, f"lib_airbench{peer}").hyp["opt"]["train_epochs"]]
-            peers = curve(f"airbench{peer}", args.peer_epochs or own, partial(run_airbench, peer, root=root,
-                                                                            device=device))
+            peers = curve(
+                f"airbench{peer}", args.peer_epochs or own, partial(run_airbench, peer, root=root, device=device)
+            )
             recipe = [load_experiment(experiment, args.overrides, device_kind(device)).train.epochs]
             ours = curve(experiment, args.project_epochs or recipe, partial(run_project, args, experiment))
             print(*ratio_lines(peers, ours), sep="\n")
@@ -166,8 +195,14 @@ def main() -> None:
                 how, seconds = time_to_reach(ours, pt.accuracy)
                 ratio = seconds / pt.time if how == "=" else f"{how} {seconds / pt.time:.2f}"
                 figures[f"{experiment} time for airbench{peer} {pt.epochs:g}-epoch % (x)"] = ratio
-            record(f"peer_airbench.{peer}-{experiment}", figures, seeds=range(args.seeds), device=device.type,
-                   write=not args.no_results)
+            record(
+                f"peer_airbench.{peer}-{experiment}",
+                figures,
+                seeds=range(args.seeds),
+                device=device.type,
+                write=not args.no_results,
+            )
+
 
 if __name__ == "__main__":
     main()

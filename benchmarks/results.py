@@ -1,6 +1,6 @@
 """RESULTS.md from the records (results/*.jsonl): the latest figures of each benchmark on each kind of machine.
 
-    python benchmarks/results.py [--check]   # --check: exit 1 if RESULTS.md is not what the records make
+python benchmarks/results.py [--check]   # --check: exit 1 if RESULTS.md is not what the records make
 """
 
 import json
@@ -24,9 +24,11 @@ def kind_order(kind: str) -> tuple:
     """CPU kinds as in KINDS, then the GPUs (and any other kind) by name."""
     return (0, list(KINDS).index(kind), "") if kind in KINDS else (1, 0, kind)
 
+
 def load(folder: Path = RECORDS) -> list[dict]:
     """Every record, file by file, each file's in the order appended."""
     return [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.read_text().splitlines()]
+
 
 def current(records: list[dict]) -> list[dict]:
     """The latest record of each (benchmark, machine kind): the latest date, then the last appended."""
@@ -37,10 +39,16 @@ def current(records: list[dict]) -> list[dict]:
     rows = sorted(latest.values(), key=lambda r: r["date"])[len(NOT_MEASURED) - MAX_ROWS :]  # the most recent
     return sorted(rows, key=lambda r: (r["benchmark"], kind_order(r["machine_kind"])))
 
+
 def show(value) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value).replace("|", "\\|")
     return f"{value:,}" if isinstance(value, int) else f"{value:,.6g}"
+
+
+def figures(record: dict) -> str:
+    return "; ".join(f"{k}: {show(v)}" for k, v in record["figures"].items())
+
 
 def render(records: list[dict]) -> str:
     rows = current(records)
@@ -56,15 +64,23 @@ def render(records: list[dict]) -> str:
         f"\nThe latest GPU figures are from {max((r['date'] for r in gpu), default='no date')}.\n",
         "| benchmark | machine kind | figures | date | commit | command |",
         "|---|---|---|---|---|---|",
-        *(f"| {r['benchmark']} | {r['machine_kind']} | {'; '.join(f'{k}: {show(v)}' for k, v in r['figures'].items())}"
-          f" | {r['date']} | {r['commit']} | `{show(r['command'])}` |" for r in rows),
-        *(f"| {name} | GPU | not measured | - | - | `{command}` |" for name, command in NOT_MEASURED.items()
-          if not any(r["benchmark"].split(".")[0] == name for r in gpu)),
+        *(
+            f"| {r['benchmark']} | {r['machine_kind']} | {figures(r)} | {r['date']} | {r['commit']} | "
+            f"`{show(r['command'])}` |"
+            for r in rows
+        ),
+        *(
+            f"| {name} | GPU | not measured | - | - | `{command}` |"
+            for name, command in NOT_MEASURED.items()
+            if not any(r["benchmark"].split(".")[0] == name for r in gpu)
+        ),
     ]
     return "\n".join(lines) + "\n"
 
+
 def write(folder: Path = RECORDS, out: Path = RESULTS) -> None:
     out.write_text(render(load(folder)))
+
 
 if __name__ == "__main__":
     if sys.argv[1:] not in ([], ["--check"]):

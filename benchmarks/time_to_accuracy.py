@@ -14,16 +14,28 @@ from harness import machine_name, parser, record, train
 from cifar.plots import Figure
 
 if __name__ == "__main__":
-    p = parser(__doc__, "--experiment", "--seeds", "--set", "--device", "--data-dir",
-               quick="half-width model, 4,000 images, 3 epochs (under 2 min)")
+    p = parser(
+        __doc__,
+        "--experiment",
+        "--seeds",
+        "--set",
+        "--device",
+        "--data-dir",
+        quick="half-width model, 4,000 images, 3 epochs (under 2 min)",
+    )
     p.add_argument("--track", action="store_true")
     args = p.parse_args()
     overrides = ["model.width=0.5", "data.subset=4000", "train.epochs=3"] * args.quick + args.overrides
     warm, _ = train(args, args.experiment, [*overrides, "train.epochs=1"])
     rows, accs, secs = [], [], []
     for seed in range(args.seeds):
-        cfg, out = train(args, args.experiment, [*overrides, f"train.seed={seed}"], track=args.track,
-                         mlflow_experiment=f"bench-{warm.name}")
+        cfg, out = train(
+            args,
+            args.experiment,
+            [*overrides, f"train.seed={seed}"],
+            track=args.track,
+            mlflow_experiment=f"bench-{warm.name}",
+        )
         elapsed = 0.0
         for m in out.fit.history:
             elapsed += m.epoch_seconds
@@ -46,8 +58,20 @@ if __name__ == "__main__":
     ax.legend(fontsize=8)
     fig.savefig(f"{stem}.png", dpi=120)
     std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (accs, secs)]
-    figures = {"width": cfg.model.width, "epochs": cfg.train.epochs, "subset": cfg.data.subset or "all",
-               "test %": statistics.mean(accs), "test % std": std[0], "test % min": min(accs),
-               "training s": statistics.mean(secs), "training s std": std[1]}
-    record(f"time_to_accuracy.{cfg.name}" + ".quick" * args.quick, figures, seeds=range(args.seeds),
-           device=args.device, write=not args.no_results)
+    figures = {
+        "width": cfg.model.width,
+        "epochs": cfg.train.epochs,
+        "subset": cfg.data.subset or "all",
+        "test %": statistics.mean(accs),
+        "test % std": std[0],
+        "test % min": min(accs),
+        "training s": statistics.mean(secs),
+        "training s std": std[1],
+    }
+    record(
+        f"time_to_accuracy.{cfg.name}" + ".quick" * args.quick,
+        figures,
+        seeds=range(args.seeds),
+        device=args.device,
+        write=not args.no_results,
+    )

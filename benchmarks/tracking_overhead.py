@@ -24,8 +24,10 @@ HOOKS = [  # (owner, attribute, bucket, clock) timed while the tracking runs
     (TrainingRun, "log_epoch", "in_clock", time.perf_counter),
     (cifar.run.training, "save_checkpoint", "in_clock", time.perf_counter),  # tracked runs only
     (TrainingRun, "push_metrics", "upload_cpu", time.thread_time),  # the uploader thread
-    *((TrainingRun, name, "after_clock", time.perf_counter)  # run start (before the clock) counted here
-      for name in ("__enter__", "log_data", "publish", "__exit__")),
+    *(
+        (TrainingRun, name, "after_clock", time.perf_counter)  # run start (before the clock) counted here
+        for name in ("__enter__", "log_data", "publish", "__exit__")
+    ),
     (SystemMetricsMonitor, "monitor", "sampler_cpu", time.thread_time),  # the whole sampler thread
 ]
 
@@ -35,6 +37,7 @@ def timing_tracking_code():
     """Seconds spent in the tracking hooks, by where they run, while the block runs."""
     seconds: dict[str, float] = defaultdict(float)
     originals = [(owner, name, getattr(owner, name)) for owner, name, _, _ in HOOKS]
+
     def timed(function, bucket, clock):
         def call(*args, **kwargs):
             start = clock()
@@ -42,7 +45,9 @@ def timing_tracking_code():
                 return function(*args, **kwargs)
             finally:
                 seconds[bucket] += clock() - start
+
         return call
+
     for (owner, name, bucket, clock), (_, _, function) in zip(HOOKS, originals):
         setattr(owner, name, timed(function, bucket, clock))
     try:
@@ -51,9 +56,16 @@ def timing_tracking_code():
         for owner, name, function in originals:
             setattr(owner, name, function)
 
+
 if __name__ == "__main__":
-    p = parser(__doc__, "--experiment", "--set", "--device", "--data-dir",
-               quick="quarter width, 5,000 images x 2 epochs, one round (under 3 minutes on 2 cores)")
+    p = parser(
+        __doc__,
+        "--experiment",
+        "--set",
+        "--device",
+        "--data-dir",
+        quick="quarter width, 5,000 images x 2 epochs, one round (under 3 minutes on 2 cores)",
+    )
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     # every run compared trains the same epochs: the recipe's time budget (if any) would plan each anew
@@ -69,27 +81,44 @@ if __name__ == "__main__":
             os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = str(arm == ARMS[2]).lower()
             with timing_tracking_code() as seconds:
                 start = time.perf_counter()
-                cfg, out = train(args, args.experiment, overrides, track=arm != ARMS[0],
-                                 mlflow_experiment="bench-tracking-overhead")
+                cfg, out = train(
+                    args, args.experiment, overrides, track=arm != ARMS[0], mlflow_experiment="bench-tracking-overhead"
+                )
                 seconds.update(fit=out.fit.train_seconds, whole=time.perf_counter() - start)
             runs[arm].append(dict(seconds))
-            print(f"{arm}: training {seconds['fit']:.2f} s, whole call {seconds['whole']:.2f} s, "
-                  f"test accuracy {out.test.accuracy:.4f}", flush=True)
+            print(
+                f"{arm}: training {seconds['fit']:.2f} s, whole call {seconds['whole']:.2f} s, "
+                f"test accuracy {out.test.accuracy:.4f}",
+                flush=True,
+            )
     os.environ.pop("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
     client = mlflow.MlflowClient()  # the samples the store received: a sampler that never ran shows
     logged = client.search_runs([client.get_experiment_by_name("bench-tracking-overhead").experiment_id])
     samples = sum(len(client.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage")) for r in logged)
     tmp.cleanup()
+
     def mean(arm: int, key: str) -> float:
         return statistics.mean(run.get(key, 0.0) for run in runs[ARMS[arm]])
+
     own = mean(1, "in_clock") + mean(1, "after_clock")
-    figures = {"width": cfg.model.width, "epochs": cfg.train.epochs, "subset": cfg.data.subset or "all",
-               "rounds": repeats, "untracked training s": mean(0, "fit"), "untracked whole run s": mean(0, "whole")}
+    figures = {
+        "width": cfg.model.width,
+        "epochs": cfg.train.epochs,
+        "subset": cfg.data.subset or "all",
+        "rounds": repeats,
+        "untracked training s": mean(0, "fit"),
+        "untracked whole run s": mean(0, "whole"),
+    }
     for clock in ("training", "whole run"):  # % over the arm before
         key = "fit" if clock == "training" else "whole"
         figures[f"tracked {clock} +%"] = 100 * (mean(1, key) / mean(0, key) - 1)
         figures[f"system metrics {clock} +%"] = 100 * (mean(2, key) / mean(1, key) - 1)
-    figures |= {"tracking code in the clock s": mean(1, "in_clock"), "upload CPU s": mean(1, "upload_cpu"),
-                "tracking code per run s": own, "tracking code % of untracked run": 100 * own / mean(0, "whole"),
-                "sampler CPU s": mean(2, "sampler_cpu"), "samples": samples}
+    figures |= {
+        "tracking code in the clock s": mean(1, "in_clock"),
+        "upload CPU s": mean(1, "upload_cpu"),
+        "tracking code per run s": own,
+        "tracking code % of untracked run": 100 * own / mean(0, "whole"),
+        "sampler CPU s": mean(2, "sampler_cpu"),
+        "samples": samples,
+    }
     record("tracking_overhead" + ".quick" * args.quick, figures, device=args.device, write=not args.no_results)

@@ -38,9 +38,17 @@ def timed_steps(make_batches, steps: int, warmup: int, step_fn) -> float:
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
+
 if __name__ == "__main__":
-    p = parser(__doc__, "--experiment", "--set", "--archive", "--data-dir", "--device",
-               quick="fewer steps and images (under 2 minutes on 2 cores)")
+    p = parser(
+        __doc__,
+        "--experiment",
+        "--set",
+        "--archive",
+        "--data-dir",
+        "--device",
+        quick="fewer steps and images (under 2 minutes on 2 cores)",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps against eager ones")
     args = p.parse_args()
     cfg = load_experiment(args.experiment, args.overrides)
@@ -48,24 +56,46 @@ if __name__ == "__main__":
     steps, warmup = (8, 2) if args.quick else (40, 5)
     per_class = max(1, (steps + warmup) * t.batch_size // 10 + 1)  # enough files for one pass
     data = ensure_cache(args.data_dir, str(args.archive))
-    project = DeviceLoader(data.images["train"][: per_class * 10], data.labels["train"][: per_class * 10],
-                           t.batch_size, device, augmentation=Augmentation.from_config(aug), shuffle=True,
-                           drop_last=True, channels_last=t.channels_last)
+    project = DeviceLoader(
+        data.images["train"][: per_class * 10],
+        data.labels["train"][: per_class * 10],
+        t.batch_size,
+        device,
+        augmentation=Augmentation.from_config(aug),
+        shuffle=True,
+        drop_last=True,
+        channels_last=t.channels_last,
+    )
     tmp = tempfile.TemporaryDirectory(prefix="throughput-")
-    preset = transforms.Compose([transforms.RandomCrop(32, padding=aug.translate, padding_mode="reflect"),
-                                 transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    preset = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=aug.translate, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
     folder = extract_imagefolder(args.archive, Path(tmp.name), "train", per_class)
-    conventional = DataLoader(datasets.ImageFolder(folder, preset), batch_size=t.batch_size, shuffle=True,
-                              drop_last=True, num_workers=2, pin_memory=device.type == "cuda", persistent_workers=True)
+    conventional = DataLoader(
+        datasets.ImageFolder(folder, preset),
+        batch_size=t.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
+    )
+
     def to_device():
         for x, y in conventional:
             x = x.to(device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
             yield x, y.to(device, non_blocking=True)
+
     def stepper(model, compiled=False):
         optimizer = build_optimizer(model, cfg, device)
         model = torch.compile(model) if compiled else model
         return lambda x, y: train_step(model, optimizer, x, y, amp=t.amp, label_smoothing=t.label_smoothing)
+
     model = create_model(cfg.model.name, width=cfg.model.width, mean=data.mean, std=data.std).to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -76,8 +106,12 @@ if __name__ == "__main__":
     if args.compile:
         variants["compiled"] = copy.deepcopy(model)
     step, variants = stepper(model), {k: stepper(m, k == "compiled") for k, m in variants.items()}
-    figures = {"model": f"{cfg.model.name} {cfg.model.width}", "batch": t.batch_size, "steps": steps,
-               "precision": "bf16 autocast" if t.amp and native_bf16(device) else "fp32"}
+    figures = {
+        "model": f"{cfg.model.name} {cfg.model.width}",
+        "batch": t.batch_size,
+        "steps": steps,
+        "precision": "bf16 autocast" if t.amp and native_bf16(device) else "fp32",
+    }
     for pipeline, make in (("project", lambda: iter(project)), ("conventional", to_device)):
         figures[f"{pipeline} input only img/s"] = timed_steps(make, steps, warmup, lambda x, y: None)
         figures[f"{pipeline} img/s"] = timed_steps(make, steps, warmup, step)

@@ -22,9 +22,23 @@ SETTINGS = [("none", False, 0), ("flip", True, 0), ("flip + translate 1", True, 
 def score(folder: Path, data, device: torch.device) -> dict[str, dict[str, float]]:
     """{setting: {split: accuracy %}} for the weights in ``folder``, evaluated as the recipes evaluate."""
     model = load_weights(folder)[0].to(device)
-    return {name: {split: 100 * evaluate(model, data.images[split], data.labels[split], device=device, tta=tta,
-                                         tta_translate=translate, amp=native_bf16(device)).accuracy
-                   for split in ("val", "test")} for name, tta, translate in SETTINGS}
+    return {
+        name: {
+            split: 100
+            * evaluate(
+                model,
+                data.images[split],
+                data.labels[split],
+                device=device,
+                tta=tta,
+                tta_translate=translate,
+                amp=native_bf16(device),
+            ).accuracy
+            for split in ("val", "test")
+        }
+        for name, tta, translate in SETTINGS
+    }
+
 
 if __name__ == "__main__":
     p = parser(__doc__)

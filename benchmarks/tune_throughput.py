@@ -21,19 +21,38 @@ from harness import ROOT, parser, record
 def run_workers(workers: int, args, storage: str, env: dict[str, str]) -> tuple[float, Counter]:
     """Wall seconds of ``workers`` tune.py processes sharing ``args.trials``, and the study's trial states."""
     study = f"throughput-{workers}w-{int(time.time())}"
-    cmd = [sys.executable, "tune.py", "--experiment", args.experiment, "--study-name", study, "--storage", storage,
-           "--n-trials", str(args.trials // workers), "--epochs-per-trial", str(args.epochs), "--subset",
-           str(args.subset), *(["--space", str(args.space)] if args.space else []),
-           *(["--data-dir", str(args.data_dir)] if args.data_dir else [])]
+    cmd = [
+        sys.executable,
+        "tune.py",
+        "--experiment",
+        args.experiment,
+        "--study-name",
+        study,
+        "--storage",
+        storage,
+        "--n-trials",
+        str(args.trials // workers),
+        "--epochs-per-trial",
+        str(args.epochs),
+        "--subset",
+        str(args.subset),
+        *(["--space", str(args.space)] if args.space else []),
+        *(["--data-dir", str(args.data_dir)] if args.data_dir else []),
+    ]
     env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     start = time.perf_counter()
-    procs = [subprocess.Popen([*cmd, "--seed", str(i)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--seed", str(i)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(workers)
+    ]
     for proc, (_, err) in zip(procs, [proc.communicate() for proc in procs]):  # stderr read while they run
         if proc.returncode:
             raise SystemExit(f"tune.py worker failed ({proc.returncode}):\n{err[-2000:]}")
     wall = time.perf_counter() - start
     return wall, Counter(t.state.name for t in optuna.load_study(study_name=study, storage=storage).trials)
+
 
 if __name__ == "__main__":
     p = parser(__doc__, "--experiment", "--data-dir", quick="2 trials of 1 epoch on 2,000 images, quarter width")
@@ -49,11 +68,16 @@ if __name__ == "__main__":
         args.space = args.space or Path(__file__).with_name("quick_space.yaml")
     tmp = tempfile.TemporaryDirectory(prefix="tune-throughput-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k == "MLFLOW_TRACKING_URI"}
-    figures = {"space": args.space.name if args.space else "the experiment's", "trials": args.trials,
-               "epochs": args.epochs, "subset": args.subset}
+    figures = {
+        "space": args.space.name if args.space else "the experiment's",
+        "trials": args.trials,
+        "epochs": args.epochs,
+        "subset": args.subset,
+    }
     with contextlib.ExitStack() as stack:
         if args.postgres:
             from cifar.ops.localstack import MlflowServer, PostgresCluster
+
             cluster = stack.enter_context(PostgresCluster(tempfile.mkdtemp(prefix="cifar-pg-")))
             args.storage = cluster.create_database("optuna")
             server = stack.enter_context(MlflowServer(cluster.create_database("mlflow"), Path(tmp.name) / "artifacts"))
