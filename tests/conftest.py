@@ -169,24 +169,14 @@ def train_small_model(prepared_dir: Path, overrides=(), callback=None):
 
     from cifar.config import load_experiment
     from cifar.data import load_cache
-    from cifar.engine import fit, seed_everything
+    from cifar.engine import Hooks, fit, seed_everything
     from cifar.engine.models import create_model
 
     data = load_cache(prepared_dir)
     cfg = load_experiment("smoke", ["train.epochs=6", "train.batch_size=50", "optim.lr=0.05", *overrides])
     seed_everything(cfg.train.seed, deterministic=True)
     model = create_model(cfg.model.name, mean=data.mean, std=data.std)
-    result = fit(
-        model,
-        data.images["train"],
-        data.labels["train"],
-        data.images["val"],
-        data.labels["val"],
-        cfg,
-        torch.device("cpu"),
-        on_epoch_end=callback,
-        progress=False,
-    )
+    result = fit(model, data, cfg, torch.device("cpu"), hooks=Hooks(epoch_end=callback))
     return data, cfg, model, result
 
 

@@ -31,10 +31,7 @@ def main() -> None:
     data = load_cache(Path(os.environ["CIFAR_DATA"]))
     with process_group(torch.device("cpu")) as group:
         model = create_model(cfg.model.name, num_classes=10, mean=data.mean, std=data.std)
-        run = prepare_training(
-            model, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"], cfg,
-            torch.device("cpu"),
-        )  # fmt: skip
+        run = prepare_training(model, data, cfg, torch.device("cpu"))
         run.wrap()
         seen: list[list[str]] = []
         model.register_forward_pre_hook(lambda module, args: seen.append(row_hashes(args[0].detach())))

@@ -29,8 +29,7 @@ def main() -> None:
     with process_group(torch.device("cpu")) as group:
         model = create_model(cfg.model.name, num_classes=10, mean=data.mean, std=data.std)
         deadline = Deadline(time.perf_counter() + (-1.0 if group.rank == 0 else 86_400.0), val_seconds=0.0)
-        split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
-        result = fit(model, *split, cfg, torch.device("cpu"), progress=False, deadline=deadline)
+        result = fit(model, data, cfg, torch.device("cpu"), deadline=deadline)
         out = Path(os.environ["OUT"]) / f"rank{group.rank}.json"
         out.write_text(json.dumps({"epochs": [m.epoch for m in result.history], "replans": result.replans}))
 

@@ -9,7 +9,7 @@ from conftest import STEP, train_small_model
 
 from cifar.config import load_experiment
 from cifar.data import load_cache
-from cifar.engine import evaluate, fit, seed_everything
+from cifar.engine import Hooks, evaluate, fit, seed_everything
 from cifar.engine.loop import compiled_graphs, prepare_training, warm_up_compile
 from cifar.engine.models import create_model
 from cifar.engine.steps import tta_views
@@ -125,8 +125,7 @@ def fastnet_run(prepared_dir, overrides):
     model = create_model("fastnet", width=0.25, mean=data.mean, std=data.std)
 
     def run(**kwargs):
-        split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
-        return fit(model, *split, cfg, CPU, progress=False, **kwargs)
+        return fit(model, data, cfg, CPU, **kwargs)
 
     return model, run
 
@@ -134,7 +133,7 @@ def fastnet_run(prepared_dir, overrides):
 def test_whitening_bias_learns_then_freezes(prepared_dir):
     model, run = fastnet_run(prepared_dir, ["train.epochs=3", "train.whiten_bias_epochs=1"])
     biases = []
-    run(on_epoch_end=lambda _: biases.append(model.body.whiten.bias.detach().clone()))
+    run(hooks=Hooks(epoch_end=lambda _: biases.append(model.body.whiten.bias.detach().clone())))
     assert biases[0].abs().sum() > 0, "the bias (zero at init) learned in epoch 1"
     assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])
     # Nothing before the first conv needs a gradient now, so backward stops there.
@@ -178,7 +177,8 @@ def test_training_tricks_resume_exactly(prepared_dir, tricks):
     model, run = fastnet_run(prepared_dir, ["train.epochs=3", *tricks])
     steps = iter(range(10_000))
     with pytest.raises(TrainingInterrupted) as stopped:
-        run(should_stop=lambda: next(steps) == 2 * len(load_cache(prepared_dir).labels["train"]) // 50 - 3)
+        stop_at = 2 * len(load_cache(prepared_dir).labels["train"]) // 50 - 3
+        run(hooks=Hooks(should_stop=lambda: next(steps) == stop_at))
     assert stopped.value.state.epoch == 2, "stopped during epoch 2, after the stem froze"
     model, run = fastnet_run(prepared_dir, ["train.epochs=3", *tricks])
     resumed = run(resume=stopped.value.state)
@@ -206,8 +206,8 @@ def test_a_budget_plan_times_the_low_resolution_epochs_as_they_will_run(prepared
     cfg = load_experiment("smoke", ["train.time_budget=20", "train.low_res_epochs=2", "train.low_res=16"])
     model = create_model(cfg.model.name, mean=data.mean, std=data.std)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    splits = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
-    planned, plan = plan_budget(model, *splits, cfg, torch.device("cpu"))
+    plan = plan_budget(model, data, cfg, torch.device("cpu"))
+    planned = plan.recipe(cfg)
     assert plan.low_res_step_seconds > 0 and plan.step_seconds > 0
     left = SAFETY * (20 - plan.probe_seconds)  # eval_every 1: every epoch pays its validation pass
     assert (
@@ -247,8 +247,7 @@ def test_the_budget_times_a_step_with_the_batch_it_draws(prepared_dir, clock):
     data = load_cache(prepared_dir)
     cfg = load_experiment("smoke", [])
     model = create_model(cfg.model.name, mean=data.mean, std=data.std)
-    run = prepare_training(model, data.images["train"], data.labels["train"], data.images["val"],
-                           data.labels["val"], cfg, CPU)  # fmt: skip
+    run = prepare_training(model, data, cfg, CPU)
     run.wrap()
     assert _step_seconds(run, 1, 3) == pytest.approx(STEP)
     run.loader = _SlowInput(run.loader, clock)
@@ -262,8 +261,7 @@ def test_the_compile_warm_up_leaves_the_run_as_it_found_it(prepared_dir):
                                     "train.low_res_epochs=1", "train.whiten_bias_epochs=1", "train.ema_decay=0.9",
                                     "train.lookahead=true"])  # fmt: skip
     model = create_model("fastnet", width=0.25, mean=data.mean, std=data.std)
-    run = prepare_training(model, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"],
-                           cfg, CPU)  # fmt: skip
+    run = prepare_training(model, data, cfg, CPU)
     run.wrap()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     averaged = {k: v.clone() for k, v in run.ema.state_dict().items()}

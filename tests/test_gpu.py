@@ -94,9 +94,8 @@ def test_compiled_training_on_cuda_compiles_before_the_clock_and_never_inside_it
     assert cfg.train.amp and cfg.train.channels_last
     seed_everything(cfg.train.seed)
     model = create_model("fastnet", width=0.25, mean=data.mean, std=data.std)
-    split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
     before = compiled_graphs()
-    result = fit(model, *split, cfg, CUDA, progress=False)
+    result = fit(model, data, cfg, CUDA)
     assert compiled_graphs() - before >= 3, "the warm-up compiled each of the three states"
     assert result.recompiles == 0 and result.compile_seconds > 0
     assert result.history[-1].train_loss < result.history[0].train_loss

@@ -10,7 +10,7 @@ from conftest import STEP
 
 from cifar.config import load_experiment
 from cifar.data import load_cache
-from cifar.engine import fit, seed_everything
+from cifar.engine import Hooks, fit, seed_everything
 from cifar.engine.horizon import Deadline, Horizon, epochs_before_deadline
 from cifar.engine.models import create_model
 from cifar.engine.optim import lr_factor
@@ -57,9 +57,8 @@ def _fit_against(prepared_dir, clock, epochs: int, seconds: float, **kwargs):
     cfg = smoke(epochs)
     seed_everything(cfg.train.seed, deterministic=True)
     model = create_model(cfg.model.name, mean=data.mean, std=data.std)
-    split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
     deadline = Deadline(clock.now + seconds, val_seconds=0.0) if seconds else None
-    result = fit(model, *split, cfg, CPU, progress=False, deadline=deadline, **kwargs)
+    result = fit(model, data, cfg, CPU, deadline=deadline, **kwargs)
     return cfg, model, result, deadline
 
 
@@ -69,7 +68,7 @@ EPOCH = 40 * STEP  # 400 images in batches of 10
 def test_a_deadline_too_close_for_the_plan_shortens_the_run_and_the_rate_still_ends_at_its_floor(prepared_dir, clock):
     states = []
     cfg, model, result, deadline = _fit_against(
-        prepared_dir, clock, 8, 3.5 * EPOCH, on_checkpoint=lambda state: states.append(copy.deepcopy(state))
+        prepared_dir, clock, 8, 3.5 * EPOCH, hooks=Hooks(checkpoint=lambda state: states.append(copy.deepcopy(state)))
     )
     assert [m.epoch for m in result.history] == [1, 2, 3]  # 3 whole epochs fit in 3.5
     assert result.replans == ["after epoch 1: 8 -> 3 epochs (100 s left, epochs taking 40.0 s)"]
@@ -110,10 +109,10 @@ def test_a_probe_slowed_by_a_busy_machine_plans_one_epoch_and_the_run_grows_into
     cfg = smoke(6, "train.time_budget=400", "train.low_res_epochs=1", "train.low_res=16")
     seed_everything(cfg.train.seed, deterministic=True)
     model = create_model(cfg.model.name, mean=data.mean, std=data.std)
-    split = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
-    planned, plan = budget.plan_budget(model, *split, cfg, CPU)
+    plan = budget.plan_budget(model, data, cfg, CPU)
+    planned = plan.recipe(cfg)
     assert planned.train.epochs == 1  # 40 steps at a measured 50 s each: only the one epoch the plan never goes below
-    result = fit(model, *split, planned, CPU, progress=False, deadline=plan.deadline)
+    result = fit(model, data, planned, CPU, deadline=plan.deadline)
     # Halfway through epoch 1 (20 steps, 20 s): 20 s to finish it, then full-size epochs counted at 4x
     # the low-resolution rate (160 s): 2 more fit in 97% of what is left.
     assert result.replans[0].startswith("halfway through epoch 1: 1 -> 3 epochs"), result.replans

@@ -5,6 +5,7 @@ Tensors in, metrics out; nothing here touches files or MLflow.
 
 from cifar.engine.loop import (
     EpochSums,
+    Hooks,
     Training,
     begin_epoch,
     end_epoch,
@@ -33,6 +34,7 @@ __all__ = [
     "EpochSums",
     "EvalResult",
     "FitResult",
+    "Hooks",
     "Training",
     "begin_epoch",
     "device_kind",

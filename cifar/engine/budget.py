@@ -2,9 +2,10 @@
 
 The schedule's length must be known before the first step, so the plan is made first: a copy
 of the model trains a few real batches (its warm-up steps are not timed) and scores the
-validation split once; the epochs that fit in what is left of the budget become the recipe's
-``train.epochs``. Low-resolution epochs and the steps after the stem freezes are timed in their
-own state, since they cost less. Tensors in, a plan out.
+validation split once; the epochs that fit in what is left of the budget become the run's
+``train.epochs`` (``BudgetPlan.recipe``), fixed before the run starts. Low-resolution epochs and
+the steps after the stem freezes are timed in their own state, since they cost less. Tensors
+in, a plan out.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class BudgetPlan:
             + f", plus validation passes of {self.val_seconds:.2f} s, filling {SAFETY:.0%} of the budget"
         )
 
+    def recipe(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The run's recipe: ``cfg`` with the planned epochs (a deadline moves the horizon, not this)."""
+        return replace(cfg, train=replace(cfg.train, epochs=self.epochs))
+
     def as_tags(self) -> dict[str, str]:
         return {
             "budget.seconds": f"{self.budget_seconds:g}",
@@ -102,20 +107,12 @@ def fitting_epochs(seconds: float, steps: int, low_res_step: float, step: float,
         epochs, spent = epochs + 1, spent + cost
 
 
-def plan_budget(
-    model: nn.Module,
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    val_images: np.ndarray,
-    val_labels: np.ndarray,
-    cfg: ExperimentConfig,
-    device: torch.device,
-) -> tuple[ExperimentConfig, BudgetPlan]:
-    """The recipe with ``train.epochs`` set so that training ends within ``train.time_budget`` seconds."""
+def plan_budget(model: nn.Module, data, cfg: ExperimentConfig, device: torch.device) -> BudgetPlan:
+    """The epochs that end training within ``train.time_budget`` seconds, timed on ``data``'s splits here."""
     t = cfg.train
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the real run's draws stay
-        run = prepare_training(copy.deepcopy(model), train_images, train_labels, val_images, val_labels, cfg, device)
+        run = prepare_training(copy.deepcopy(model), data, cfg, device)
         run.wrap()
         # Low-resolution epochs cost less per step; after them (and the stem's freezing) steps cost
         # what they will for the rest of the run: each state is timed as it will run.
@@ -135,5 +132,4 @@ def plan_budget(
         shared = [epochs]
         dist.broadcast_object_list(shared, src=0)
         epochs = shared[0]
-    plan = BudgetPlan(t.time_budget, probe, step_seconds, low_res_step, val_seconds, steps, epochs, started)
-    return replace(cfg, train=replace(t, epochs=epochs)), plan
+    return BudgetPlan(t.time_budget, probe, step_seconds, low_res_step, val_seconds, steps, epochs, started)

@@ -27,6 +27,9 @@ class Training(Protocol):
     loader: Any
     world: int
 
+    @property
+    def epochs(self) -> int: ...
+
     def set_epochs(self, epochs: int) -> None: ...
 
 
@@ -92,12 +95,12 @@ def keep_deadline(run: Training, epoch: int, deadline: Deadline) -> bool:
     run's own recent epochs ran (timed once the resolution and the stem have settled). True when it moved."""
     t = run.cfg.train
     settled = [m.epoch_seconds for m in run.result.history if m.epoch > max(t.low_res_epochs, t.whiten_bias_epochs)]
-    if epoch >= t.epochs or not settled:
+    if epoch >= run.epochs or not settled:
         return False
     left = deadline.at - time.perf_counter()
     per_epoch = float(np.mean(settled[-3:]))  # recent epochs: a machine that slows down is followed
-    epochs = epochs_before_deadline(left, epoch, t.epochs, per_epoch, deadline.val_seconds)
-    return _move(run, epochs, f"after epoch {epoch}: {t.epochs} -> {epochs} epochs ({left:.0f} s left, "
+    epochs = epochs_before_deadline(left, epoch, run.epochs, per_epoch, deadline.val_seconds)
+    return _move(run, epochs, f"after epoch {epoch}: {run.epochs} -> {epochs} epochs ({left:.0f} s left, "
                               f"epochs taking {per_epoch:.1f} s)")  # fmt: skip
 
 
@@ -114,7 +117,7 @@ def stretch_last_epoch(run: Training, epoch: int, steps_done: int, epoch_start: 
     per_epoch = step_seconds * steps * ((FULL_SIZE / t.low_res) ** 2 if epoch <= t.low_res_epochs else 1.0)
     left = deadline.at - time.perf_counter() - step_seconds * (steps - steps_done)  # once this epoch ends
     more = max(0, math.floor((LENGTHEN_MARGIN * left - deadline.val_seconds) / per_epoch))
-    return _move(run, epoch + more, f"halfway through epoch {epoch}: {t.epochs} -> {epoch + more} epochs "
+    return _move(run, epoch + more, f"halfway through epoch {epoch}: {run.epochs} -> {epoch + more} epochs "
                                     f"({left:.0f} s left after it, epochs taking about {per_epoch:.1f} s)")  # fmt: skip
 
 
@@ -125,7 +128,7 @@ def _move(run: Training, epochs: int, note: str) -> bool:
         shared = [epochs, note]
         dist.broadcast_object_list(shared, src=0)
         epochs, note = shared
-    if epochs == run.cfg.train.epochs:
+    if epochs == run.epochs:
         return False
     run.result.replans.append(note)
     run.set_epochs(epochs)

@@ -1,7 +1,8 @@
-"""The training loop: ``fit`` = prepare, then per epoch begin -> train_one_epoch -> end_epoch -> hooks.
+"""The training loop: ``fit`` = prepare, then per epoch begin -> train_one_epoch -> end_epoch -> after_epoch.
 
 Tensors in, metrics out; no files, no MLflow. Checkpoints, epoch metrics and stopping reach the
-caller through the hooks ``fit`` takes.
+caller through the ``Hooks`` ``fit`` takes. The recipe stays as given: the schedule's length is
+the ``Horizon``'s, which a deadline can move.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +40,17 @@ from cifar.errors import CifarError
 STOP_VOTE_EVERY = 8
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """How ``fit`` reports and is stopped; none of it changes what is trained."""
+
+    epoch_end: EpochCallback | None = None
+    checkpoint: Callable[[TrainingState], None] | None = None  # every train.checkpoint_every epochs
+    should_stop: Callable[[], bool] | None = None  # polled after every step: True raises TrainingInterrupted
+    progress: bool = False  # a line per epoch
+    progress_bar: bool = False  # and a per-step bar
+
+
 @dataclass
 class Training:
     """What one ``fit`` owns: the model and its optimisation, the loader, the record so far.
@@ -65,6 +77,11 @@ class Training:
     result: FitResult = field(default_factory=FitResult)
     best_state: dict[str, torch.Tensor] | None = None
     started: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        """The last epoch as planned now (a deadline moves it; the recipe keeps what was asked)."""
+        return self.horizon.total_steps // len(self.loader)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -107,7 +124,6 @@ class Training:
     def set_epochs(self, epochs: int) -> None:
         """End after ``epochs`` instead, from the step reached (the schedule does not jump)."""
         self.horizon.move(self.scheduler.last_epoch, max(1, epochs * len(self.loader)))
-        self.cfg = replace(self.cfg, train=replace(self.cfg.train, epochs=epochs))
 
 
 @dataclass
@@ -122,10 +138,10 @@ class EpochSums:
         return torch.stack([self.loss, self.correct])
 
 
-def prepare_training(
-    model: nn.Module, train_images, train_labels, val_images, val_labels, cfg, device, *, fresh: bool = True
-) -> Training:
+def prepare_training(model: nn.Module, data, cfg: ExperimentConfig, device, *, fresh: bool = True) -> Training:
     """Model on the device, the shuffling loader, optimizer, schedule, EMA and Lookahead as the recipe asks.
+
+    ``data``: the training and validation splits (``images``/``labels`` by split, as the cache holds them).
 
     ``fresh`` (not resuming): a model with a data-dependent stem (fastnet's whitening) fits it to
     the training images first, before EMA and Lookahead copy the weights.
@@ -140,8 +156,9 @@ def prepare_training(
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     loader = DeviceLoader(
-        train_images, train_labels, t.batch_size, device, augmentation=Augmentation.from_config(cfg.augment),
-        shuffle=True, drop_last=True, seed=t.seed, channels_last=t.channels_last,
+        data.images["train"], data.labels["train"], t.batch_size, device,
+        augmentation=Augmentation.from_config(cfg.augment), shuffle=True, drop_last=True, seed=t.seed,
+        channels_last=t.channels_last,
     )  # fmt: skip
     if fresh and hasattr(model, "init_from_data"):
         spread = torch.linspace(0, len(loader.images) - 1, min(5000, len(loader.images)), device=device).long()
@@ -158,7 +175,8 @@ def prepare_training(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
         )
     return Training(
-        cfg, device, model, loader, images_to_tensor(val_images, device), np.asarray(val_labels), optimizer,
+        cfg, device, model, loader, images_to_tensor(data.images["val"], device), np.asarray(data.labels["val"]),
+        optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(horizon.progress(step))), ema,
         Lookahead(model) if t.lookahead else None, horizon, rank, world,
     )  # fmt: skip
@@ -186,7 +204,7 @@ def warm_up_compile(run: Training, first_epoch: int = 1, *, force: bool = False)
     trainable = [p.requires_grad for p in run.model.parameters()]
     states = {first_epoch, max(first_epoch, t.low_res_epochs + 1), max(first_epoch, t.whiten_bias_epochs + 1)}
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        for epoch in sorted(e for e in states if e <= t.epochs):
+        for epoch in sorted(e for e in states if e <= run.epochs):
             begin_epoch(run, epoch)
             x, y = next(iter(run.loader))
             run.train_on(x, y)[0].item()
@@ -206,7 +224,6 @@ def resume_training(run: Training, state: TrainingState) -> tuple[int, int, Epoc
     run.best_state = restored["best_state"]
     if "horizon" in state.info:
         run.horizon.load(state.info["horizon"])
-        run.cfg = replace(run.cfg, train=replace(run.cfg.train, epochs=run.horizon.total_steps // len(run.loader)))
     run.result.history = [EpochMetrics(**m) for m in state.info["history"]]
     run.result.best_epoch, run.result.best_val_accuracy = state.info["best_epoch"], state.info["best_val_accuracy"]
     sums = restored["sums"]
@@ -227,21 +244,20 @@ def begin_epoch(run: Training, epoch: int) -> None:
 def train_one_epoch(
     run: Training,
     epoch: int,
+    hooks: Hooks = Hooks(),
+    deadline: Deadline | None = None,
     *,
     skip: int = 0,
     sums: EpochSums | None = None,
-    show_bar: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-    deadline: Deadline | None = None,
 ) -> EpochSums:
     """Every step of one epoch (the first ``skip`` batches are drawn, not trained: resuming mid-epoch).
 
     With a ``deadline``, halfway through the planned last epoch the plan may grow (``stretch_last_epoch``).
     """
-    t = run.cfg.train
     sums = sums or EpochSums(torch.zeros((), device=run.device), torch.zeros((), device=run.device))
     start = time.perf_counter()
-    bar = tqdm(run.loader, desc=f"epoch {epoch}/{t.epochs}", unit="batch", leave=False, disable=not show_bar,
+    show_bar = hooks.progress and hooks.progress_bar
+    bar = tqdm(run.loader, desc=f"epoch {epoch}/{run.epochs}", unit="batch", leave=False, disable=not show_bar,
                mininterval=1.0)  # fmt: skip
     for step, (x, y) in enumerate(bar):
         if step < skip:  # the same generator state as the interrupted run: draw, do not train
@@ -262,9 +278,9 @@ def train_one_epoch(
                 loss=f"{loss.item():.3f}", acc=f"{(sums.correct / sums.seen).item():.3f}", img_s=f"{rate:.0f}"
             )
         halfway = step + 1 == max(skip + 1, len(run.loader) // 2)
-        if deadline is not None and halfway and epoch == run.cfg.train.epochs:
+        if deadline is not None and halfway and epoch == run.epochs:
             stretch_last_epoch(run, epoch, step + 1 - skip, start, deadline)
-        if should_stop is not None and stop_agreed(run, should_stop, step):
+        if hooks.should_stop is not None and stop_agreed(run, hooks.should_stop, step):
             raise TrainingInterrupted(run.snapshot(epoch, step + 1, sums.stacked(), sums.seen))
     return sums
 
@@ -295,11 +311,11 @@ def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) ->
             f"training diverged at epoch {epoch} (loss {train_loss}); lower optim.lr and try again "
             "(the last checkpoint, if any, holds the last finite epoch)."
         )
-    if run.lookahead is not None and epoch == t.epochs:
+    if run.lookahead is not None and epoch == run.epochs:
         run.lookahead.finish()
     train_time = time.perf_counter() - epoch_start
     val = None
-    if epoch == t.epochs or (t.eval_every and epoch % t.eval_every == 0):
+    if epoch == run.epochs or (t.eval_every and epoch % t.eval_every == 0):
         val = evaluate(
             run.eval_model, run.val_images, run.val_labels, device=run.device, batch_size=t.eval_batch_size,
             tta=t.tta, tta_translate=t.tta_translate, amp=t.amp, channels_last=t.channels_last,
@@ -321,75 +337,56 @@ def end_epoch(run: Training, epoch: int, sums: EpochSums, epoch_start: float) ->
     return metrics
 
 
+def after_epoch(run: Training, metrics: EpochMetrics, hooks: Hooks, deadline: Deadline | None) -> None:
+    """The epoch's line and hook, the deadline kept, and a checkpoint when one is due."""
+    epoch, t = metrics.epoch, run.cfg.train
+    if hooks.progress:
+        val = "" if metrics.val_loss is None else f"val loss {metrics.val_loss:.4f} "
+        val += "" if metrics.val_accuracy is None else f"acc {metrics.val_accuracy:.4f}  "
+        tqdm.write(
+            f"epoch {epoch:>3}/{run.epochs}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}  "
+            f"{val}{metrics.images_per_second:,.0f} img/s  {metrics.epoch_seconds:.1f} s"
+        )
+    if hooks.epoch_end is not None:
+        hooks.epoch_end(metrics)
+    if deadline is not None and keep_deadline(run, epoch, deadline) and hooks.progress:
+        tqdm.write(f"Time budget: {run.result.replans[-1]}")
+    if hooks.checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == run.epochs):
+        hooks.checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=run.device), 0))
+
+
 def fit(
     model: nn.Module,
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    val_images: np.ndarray,
-    val_labels: np.ndarray,
+    data,
     cfg: ExperimentConfig,
     device: torch.device,
     *,
-    on_epoch_end: EpochCallback | None = None,
-    progress: bool = True,
-    progress_bar: bool = True,
+    hooks: Hooks = Hooks(),
     resume: TrainingState | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_checkpoint: Callable[[TrainingState], None] | None = None,
     deadline: Deadline | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; leave it holding the weights of the best validation epoch.
+    """Train ``model`` on ``data``'s train split in place; leave it holding the best validation epoch's weights.
 
-    ``progress`` prints a line per epoch; ``progress_bar`` adds a per-step bar to it.
     ``resume`` continues from a captured state (same batches, same augmentation: on CPU in
-    deterministic mode the final weights are bit-identical to an uninterrupted run).
-    ``should_stop`` is polled after every step; when it answers True, fit raises
-    ``TrainingInterrupted`` carrying the state. ``on_checkpoint`` gets the state every
-    ``train.checkpoint_every`` epochs (only after a finite epoch: the last one is always good).
-    ``deadline`` (a time budget's): the last epoch moves, after each epoch, so that training ends
-    by it; ``FitResult.replans`` says when and why.
+    deterministic mode the final weights are bit-identical to an uninterrupted run). ``deadline``
+    (a time budget's): the last epoch moves so that training ends by it; ``FitResult.replans``
+    says when and why.
     """
-    run = prepare_training(model, train_images, train_labels, val_images, val_labels, cfg, device, fresh=resume is None)
-    start_epoch, skip, partial = 1, 0, None
-    if resume is not None:
-        start_epoch, skip, partial = resume_training(run, resume)
+    run = prepare_training(model, data, cfg, device, fresh=resume is None)
+    first, skip, partial = resume_training(run, resume) if resume is not None else (1, 0, None)
     run.wrap()
     tick = time.perf_counter()
-    warm_up_compile(run, start_epoch)
+    warm_up_compile(run, first)
     run.result.compile_seconds = time.perf_counter() - tick
     graphs = compiled_graphs() if cfg.train.compile else 0  # torch._dynamo takes seconds to import: only when compiling
     run.started = time.perf_counter()
-    epoch = start_epoch
-    while epoch <= run.cfg.train.epochs:  # a deadline can move the last epoch
+    epoch = first
+    while epoch <= run.epochs:  # a deadline can move the last epoch
         begin_epoch(run, epoch)
         epoch_start = time.perf_counter()
-        resuming = epoch == start_epoch and skip > 0
-        sums = train_one_epoch(
-            run,
-            epoch,
-            skip=skip if resuming else 0,
-            sums=partial if resuming else None,
-            show_bar=progress and progress_bar,
-            should_stop=should_stop,
-            deadline=deadline,
-        )
-        metrics = end_epoch(run, epoch, sums, epoch_start)
-        t = run.cfg.train
-        if progress:
-            val = "" if metrics.val_loss is None else f"val loss {metrics.val_loss:.4f} "
-            val += "" if metrics.val_accuracy is None else f"acc {metrics.val_accuracy:.4f}  "
-            tqdm.write(
-                f"epoch {epoch:>3}/{t.epochs}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}  "
-                f"{val}{metrics.images_per_second:,.0f} img/s  {metrics.epoch_seconds:.1f} s"
-            )
-        if on_epoch_end is not None:
-            on_epoch_end(metrics)
-        if deadline is not None and keep_deadline(run, epoch, deadline):
-            t = run.cfg.train
-            if progress:
-                tqdm.write(f"Time budget: {run.result.replans[-1]}")
-        if on_checkpoint is not None and t.checkpoint_every and (epoch % t.checkpoint_every == 0 or epoch == t.epochs):
-            on_checkpoint(run.snapshot(epoch + 1, 0, torch.zeros(2, device=device), 0))
+        resumed = {"skip": skip, "sums": partial} if epoch == first and skip > 0 else {}
+        sums = train_one_epoch(run, epoch, hooks, deadline, **resumed)
+        after_epoch(run, end_epoch(run, epoch, sums, epoch_start), hooks, deadline)
         epoch += 1
     run.result.train_seconds = time.perf_counter() - run.started
     if cfg.train.compile:  # graphs built inside the timed loop: 0 when the warm-up saw every state

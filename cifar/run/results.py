@@ -66,7 +66,7 @@ class Results:
 def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model, served) -> Results:
     """Every file a tracked run publishes, written into ``folder`` (created).
 
-    ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.assess.recalibrate.ServedModel``) is
+    ``fit`` and ``test`` are the engine's results; ``served`` (``cifar.run.calibration.ServedModel``) is
     the exported graph with its fitted constants.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model
         **calibration.profile.metrics,
     }
     not_measured = calibration.profile.not_measured
-    tags = {"mlflow.note.content": run_description(cfg, metrics, not_measured)}
+    tags = {"mlflow.note.content": run_description(cfg, metrics, fit.history[-1].epoch, not_measured)}
     if not_measured:  # visible on the run: a set that could not be measured
         tags["ood_not_measured"] = ",".join(sorted(not_measured))
     if fit.replans:  # a time budget's deadline moved the last epoch (the params hold the first plan)
@@ -120,14 +120,14 @@ def augmented_batch(cfg: ExperimentConfig, data, count: int = 64):
     return to_pil_image(make_grid(augmented, nrow=8, padding=1).clamp(0, 1))
 
 
-def run_description(cfg: ExperimentConfig, final: dict[str, float], not_measured=()) -> str:
-    """The run page's Description (MLflow's ``mlflow.note.content``): the recipe and what it reached."""
+def run_description(cfg: ExperimentConfig, final: dict[str, float], epochs: int, not_measured=()) -> str:
+    """The run page's Description (MLflow's ``mlflow.note.content``): the recipe, the epochs it ran, what it reached."""
     ood = headline_ood_auroc(final)
     lines = [
         f"**{cfg.name}**: {cfg.description or cfg.model.name}",
         "",
         f"- validation accuracy {final['best_val_accuracy']:.4f} (best epoch {final['best_epoch']:.0f} of "
-        f"{cfg.train.epochs}), in {final['train_seconds']:.1f} s of training",
+        f"{epochs}), in {final['train_seconds']:.1f} s of training",
         f"- test accuracy {final['test_accuracy']:.4f}",
     ]
     if "test_ece_uncalibrated" in final and "test_ece_calibrated" in final:

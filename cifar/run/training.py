@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from cifar.config import ExperimentConfig, config_from_dict
 from cifar.data import ensure_cache
-from cifar.engine import EpochMetrics, EvalResult, FitResult, evaluate, fit, resolve_device, seed_everything
+from cifar.engine import EpochMetrics, EvalResult, FitResult, Hooks, evaluate, fit, resolve_device, seed_everything
 from cifar.engine.budget import plan_budget
 from cifar.engine.models import create_model
 from cifar.engine.trainstate import TrainingInterrupted, TrainingState
@@ -113,84 +113,45 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def train_experiment(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOutcome:
-    """Train ``cfg`` (under torchrun: as one rank of DistributedDataParallel) and test it once."""
+    """Train ``cfg`` and test it once: prepare -> fit -> finalize -> publish.
+
+    Under torchrun each process is one rank of DistributedDataParallel; only rank 0 tracks,
+    prints, tests, calibrates and writes files.
+    """
     options = options or TrainOptions()
-    with process_group(resolve_device(options.device)) as group:
+    with process_group(resolve_device(options.device)) as group, _ranks_stop_together(group):
+        options = options if group.is_main else replace(options, track=False, progress=False, save_dir=None)
+        _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
+        data, model = _prepare(cfg, options, group)
+        cfg, plan = _plan_budget(model, data, cfg, group.device, options)
+        with (
+            _tracked(cfg, options, data, group, plan) as run,
+            _checkpointed(cfg, run) as on_checkpoint,
+            stop_on_signals() as should_stop,
+        ):
+            hooks = Hooks(_epoch_hooks(run, options), on_checkpoint, should_stop, options.progress,
+                          options.progress_bar)  # fmt: skip
+            deadline = plan.deadline if plan else None
+            result = fit(model, data, cfg, group.device, hooks=hooks, resume=options.resume, deadline=deadline)
+            if not group.is_main:  # the test pass and calibration are rank 0's, once
+                return TrainOutcome(result, None, None, None)
+            test, served = _finalize(model, data, cfg, result, group.device, options, run)
+            if run is not None:
+                _publish(run, cfg, result, test, data, model, served)
+    return TrainOutcome(result, test, run and run.run_id, run and run.model_uri)
+
+
+@contextlib.contextmanager
+def _ranks_stop_together(group) -> Iterator[None]:
+    """A stopped DDP run: the other ranks wait for rank 0's checkpoint (torchrun stops them once one exits)."""
+    try:
+        yield
+    except TrainingInterrupted as stop:
         if group.world_size > 1:
-            if group.is_main:  # one process prepares a missing cache; the others wait for it
-                ensure_cache(options.data_dir, options.source)
+            if not group.is_main:
+                print(f"rank {group.rank}: stopped at epoch {stop.state.epoch}, step {stop.state.step}", flush=True)
             dist.barrier()
-        if not group.is_main:  # under torchrun only rank 0 tracks, prints and writes files
-            options = replace(options, track=False, progress=False, save_dir=None, on_run_start=None)
-        try:
-            return _train(cfg, options, group)
-        except TrainingInterrupted as stop:
-            if group.world_size > 1:
-                if not group.is_main:
-                    print(f"rank {group.rank}: stopped at epoch {stop.state.epoch}, step {stop.state.step}", flush=True)
-                dist.barrier()  # rank 0 has saved the checkpoint: torchrun stops the rest once one rank exits
-            raise
-
-
-def _train(cfg: ExperimentConfig, options: TrainOptions, group) -> TrainOutcome:
-    """Prepare -> fit -> finalize (test once, calibrate, export) -> publish; under DDP rank 0 finalizes."""
-    device = group.device
-    _check_outputs(cfg, options)  # before any data work: a wrong URI or folder fails in a second, not after
-    data, source, model = _prepare(cfg, options)
-    budget, deadline = {}, None
-    if cfg.train.time_budget and options.resume is None:  # a resumed run keeps the epochs it planned
-        splits = (data.images["train"], data.labels["train"], data.images["val"], data.labels["val"])
-        cfg, plan = plan_budget(model, *splits, cfg, device)
-        budget, deadline = plan.as_tags(), plan.deadline
-        if options.progress:
-            print(f"Time budget: {plan.reason}.", flush=True)
-    run = (
-        TrainingRun(
-            cfg,
-            experiment_name=options.mlflow_experiment,
-            run_name=options.run_name or default_run_name(cfg),
-            tags={**_run_tags(options, device, group.world_size), **budget},
-            nested=options.nested,
-            parent_run_id=options.parent_run_id,
-            resume_run_id=options.resume_run_id,
-        )
-        if options.track
-        else contextlib.nullcontext()
-    )
-    with run, stop_on_signals() as should_stop:
-        if options.track:
-            if options.on_run_start:
-                options.on_run_start(run.run_id)
-            if options.resume is None:
-                run.log_data(data, source)
-        result, checkpoint = _fit(
-            model, data, cfg, device, options, run if options.track else None, should_stop, deadline
-        )
-        if result.replans:  # the deadline moved the last epoch: the recipe as it ran
-            cfg = replace(cfg, train=replace(cfg.train, epochs=result.history[-1].epoch))
-        if not group.is_main:  # the test pass and calibration are rank 0's, once
-            return TrainOutcome(result, None, None, None)
-        test = _served_evaluate(model, data.images["test"], data.labels["test"], device, cfg.train)
-        if options.progress:
-            print(
-                f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
-                f"test accuracy {test.accuracy:.4f}; training {result.train_seconds:.1f} s",
-                flush=True,
-            )
-        metadata = _metadata(cfg, data)
-        if options.save_dir:
-            _save_weights_and_results(model, Path(options.save_dir), metadata, cfg, result, test)
-        if not options.track:
-            return TrainOutcome(result, test, None, None)
-        served = _served_model(model, data, test, device, cfg.train, metadata, run.run_id, result.best_val_accuracy)
-        if options.progress:
-            print(describe_calibration(served.calibration.profile), flush=True)
-        with tempfile.TemporaryDirectory(prefix="cifar-results-") as tmp:  # made here, published by tracking
-            results = write_results(Path(tmp), cfg=cfg, fit=result, test=test, data=data, model=model, served=served)
-            run.publish(results)
-        if checkpoint is not None:  # finished: the checkpoint has done its job
-            shutil.rmtree(checkpoint.parent, ignore_errors=True)
-    return TrainOutcome(result, test, run.run_id, run.model_uri)
+        raise
 
 
 def _check_outputs(cfg: ExperimentConfig, options: TrainOptions) -> None:
@@ -204,16 +165,46 @@ def _check_outputs(cfg: ExperimentConfig, options: TrainOptions) -> None:
         writable_dir(options.save_dir, "output folder", "--save-dir")
 
 
-def _prepare(cfg: ExperimentConfig, options: TrainOptions):
-    """(data split, its source, a seeded fresh model) for the recipe."""
-    data = ensure_cache(options.data_dir, options.source)
-    source = data.manifest["source"]
-    data = data.subset(cfg.data.subset, seed=cfg.train.seed)
+def _prepare(cfg: ExperimentConfig, options: TrainOptions, group):
+    """(the recipe's data split, a seeded fresh model); under DDP one process prepares a missing cache."""
+    if group.world_size > 1:
+        if group.is_main:
+            ensure_cache(options.data_dir, options.source)
+        dist.barrier()
+    data = ensure_cache(options.data_dir, options.source).subset(cfg.data.subset, seed=cfg.train.seed)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = create_model(
         cfg.model.name, num_classes=len(data.classes), width=cfg.model.width, mean=data.mean, std=data.std
     )
-    return data, source, model
+    return data, model
+
+
+def _plan_budget(model, data, cfg: ExperimentConfig, device, options: TrainOptions):
+    """(the run's recipe, the budget's plan or None): a budget's epochs are fixed here, before the run starts."""
+    if not cfg.train.time_budget or options.resume is not None:  # a resumed run keeps the epochs it planned
+        return cfg, None
+    plan = plan_budget(model, data, cfg, device)
+    if options.progress:
+        print(f"Time budget: {plan.reason}.", flush=True)
+    return plan.recipe(cfg), plan
+
+
+@contextlib.contextmanager
+def _tracked(cfg: ExperimentConfig, options: TrainOptions, data, group, plan) -> Iterator[TrainingRun | None]:
+    """The MLflow run (None untracked), its inputs logged once when it starts."""
+    if not options.track:
+        yield None
+        return
+    tags = {**_run_tags(options, group.device, group.world_size), **(plan.as_tags() if plan else {})}
+    with TrainingRun(
+        cfg, experiment_name=options.mlflow_experiment, run_name=options.run_name or default_run_name(cfg), tags=tags,
+        nested=options.nested, parent_run_id=options.parent_run_id, resume_run_id=options.resume_run_id,
+    ) as run:  # fmt: skip
+        if options.on_run_start:
+            options.on_run_start(run.run_id)
+        if options.resume is None:
+            run.log_data(data, data.manifest["source"])
+        yield run
 
 
 def _run_tags(options: TrainOptions, device, world_size: int) -> dict[str, str]:
@@ -227,44 +218,66 @@ def _run_tags(options: TrainOptions, device, world_size: int) -> dict[str, str]:
     }
 
 
-def _fit(model, data, cfg: ExperimentConfig, device, options: TrainOptions, run, should_stop, deadline=None):
-    """``engine.fit`` with the run's hooks: epoch metrics, checkpoints, a checkpoint when stopped.
-
-    Returns (fit result, the checkpoint path or None). A pruned trial's checkpoint is removed
-    (never to be resumed); any other failure keeps its last good one.
-    """
-    checkpoint = checkpoint_root() / run.run_id / CHECKPOINT_FILE if run is not None else None
+def _epoch_hooks(run: TrainingRun | None, options: TrainOptions):
+    """Each epoch's metrics to the run, then to the caller's hook (a search's pruner)."""
     callbacks = [cb for cb in (run.log_epoch if run is not None else None, options.on_epoch_end) if cb]
+    return (lambda metrics: [callback(metrics) for callback in callbacks]) if callbacks else None
 
-    def on_epoch_end(metrics: EpochMetrics) -> None:
-        for callback in callbacks:
-            callback(metrics)
 
-    def on_checkpoint(state: TrainingState) -> None:
+@contextlib.contextmanager
+def _checkpointed(cfg: ExperimentConfig, run: TrainingRun | None) -> Iterator[Callable[[TrainingState], None] | None]:
+    """Yields the hook that saves a tracked run's checkpoint. Stopped: the state is saved and logged
+    to the run. Pruned: removed, never to be resumed. Finished: removed, its job done. Any other
+    failure keeps the last good one."""
+    if run is None:
+        yield None
+        return
+    checkpoint = checkpoint_root() / run.run_id / CHECKPOINT_FILE
+
+    def save(state: TrainingState) -> None:
         save_checkpoint(checkpoint, state.tensors, {**state.info, "config": cfg.to_dict(), "run_id": run.run_id})
 
     try:
-        result = fit(
-            model, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"], cfg, device,
-            on_epoch_end=on_epoch_end, progress=options.progress, progress_bar=options.progress_bar,
-            resume=options.resume, should_stop=should_stop, on_checkpoint=on_checkpoint if checkpoint else None,
-            deadline=deadline,
-        )  # fmt: skip
+        yield save
     except Pruned:
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
         raise
     except TrainingInterrupted as stop:
-        if checkpoint is not None:
-            on_checkpoint(stop.state)
-            run.log_checkpoint(checkpoint)
-            print(
-                f"Stopped at epoch {stop.state.epoch}, step {stop.state.step}; checkpoint {checkpoint} "
-                f"(also logged to the run). Resume with: python train.py --resume {run.run_id}",
-                flush=True,
-            )
+        save(stop.state)
+        run.log_checkpoint(checkpoint)
+        print(
+            f"Stopped at epoch {stop.state.epoch}, step {stop.state.step}; checkpoint {checkpoint} "
+            f"(also logged to the run). Resume with: python train.py --resume {run.run_id}",
+            flush=True,
+        )
         raise
-    return result, checkpoint
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+
+
+def _finalize(model, data, cfg: ExperimentConfig, result: FitResult, device, options: TrainOptions, run):
+    """(the test pass, the served model or None): tested once in the precision served, then
+    saved (``--save-dir``) and, for a tracked run, exported with its fitted constants."""
+    test = _served_evaluate(model, data.images["test"], data.labels["test"], device, cfg.train)
+    if options.progress:
+        print(
+            f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
+            f"test accuracy {test.accuracy:.4f}; training {result.train_seconds:.1f} s",
+            flush=True,
+        )
+    metadata = _metadata(cfg, data)
+    if options.save_dir:
+        _save_weights_and_results(model, Path(options.save_dir), metadata, cfg, result, test)
+    if run is None:
+        return test, None
+    served = _served_model(model, data, test, device, cfg.train, metadata, run.run_id, result.best_val_accuracy)
+    if options.progress:
+        print(describe_calibration(served.calibration.profile), flush=True)
+    return test, served
+
+
+def _publish(run: TrainingRun, cfg: ExperimentConfig, result: FitResult, test, data, model, served) -> None:
+    with tempfile.TemporaryDirectory(prefix="cifar-results-") as tmp:  # made here, published by tracking
+        run.publish(write_results(Path(tmp), cfg=cfg, fit=result, test=test, data=data, model=model, served=served))
 
 
 def _metadata(cfg: ExperimentConfig, data) -> dict:
