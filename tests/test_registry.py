@@ -77,20 +77,16 @@ def test_chooses_on_validation_not_test(store, trained_proto):
         registry.find_best_run(metric="test_accuracy")
 
 
-def test_chooses_across_both_metric_layouts(store, trained_proto):
-    """Linked models are ranked by search_logged_models, old-layout runs by their run metrics; the best wins."""
+def test_chooses_among_linked_models_and_ignores_the_old_metric_layout(store, trained_proto):
+    """Linked models are ranked by search_logged_models; a run of the layout before 2026-12-02 is no candidate."""
     linked = make_run("a", val=0.8, test=0.5, proto_meta=trained_proto)
-    old = make_run("a", val=0.7, test=0.9, proto_meta=trained_proto, layout="old")
+    make_run("a", val=0.85, test=0.9, proto_meta=trained_proto, layout="old")  # higher, but no longer read
     chosen = registry.find_best_run()
     assert (chosen.run_id, chosen.metric, chosen.value) == (linked, "val/best_accuracy", 0.8)
     assert chosen.run_test_accuracy == 0.5
-    newer_old = make_run("a", val=0.85, test=0.1, proto_meta=trained_proto, layout="old")
-    chosen = registry.find_best_run()
-    assert (chosen.run_id, chosen.metric, chosen.value) == (newer_old, "best_val_accuracy", 0.85)
-    assert old != newer_old
     decision = promote()
     description = mlflow.MlflowClient().get_registered_model(NAME).description
-    assert decision.promote and production_run() == newer_old
+    assert decision.promote and production_run() == linked
     assert "uint8, N x 32 x 32 x 3" in description and "`in_distribution`" in description and "airplane" in description
 
 

@@ -1,8 +1,8 @@
 """Calibrated confidence, "none of these" detection, occlusion maps and corruption robustness.
 
 Pure functions on constructed data, then the real bundled model (ONNX Runtime) on real CIFAR-10
-test images, then the CLIs and the registry on a real SQLite store, and a model logged in the
-old format converted by ``cifar.assess.recalibrate``.
+test images, then the CLIs and the registry on a real SQLite store, where a run without its
+trust figures is gated, calibrated by ``cifar.assess.recalibrate``, promoted and assessed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import mlflow
 import numpy as np
 import pytest
-from conftest import ROOT, png_bytes, run_cli, train_small_model
+from conftest import ROOT, log_served, png_bytes, run_cli, served_small_model
 from PIL import Image
 
 from cifar.assess.corruptions import CORRUPTIONS, corrupt
@@ -223,58 +223,17 @@ def test_a_missing_ood_set_is_recorded_as_not_measured(tracking_env, prepared_di
     assert candidate.ood_not_measured == ("fashion_mnist",) and "not measured: fashion_mnist" in candidate.ood_basis
 
 
-def _old_format_model(model, data, folder):
-    """What runs logged before the contract: float N x 3 x 32 x 32 in, logits out, an MLmodel saying so."""
-    import onnx
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from cifar.run.export import model_metadata
-
-    path = folder / "old.onnx"
-    torch.onnx.export(
-        model.eval(),
-        (torch.rand(2, 3, 32, 32),),
-        str(path),
-        dynamo=False,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=18,
-    )
-    proto = onnx.load(str(path))
-    meta = model_metadata("small_cnn", 1.0, data.classes, data.mean, data.std)
-    meta.pop("contract")
-    meta["input"] = {"name": "image", "shape": [-1, 3, 32, 32], "dtype": "float32"}
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "cifar", json.dumps(meta)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "logits")]),
-    )
-    return proto, meta, signature
-
-
 @pytest.fixture
-def old_run(tracking_env, prepared_dir, monkeypatch):
-    """A run logged before the served contract: metrics, weights/ and an old-format ONNX model."""
-    from cifar.run.export import save_weights
-
+def uncalibrated_run(tracking_env, prepared_dir, monkeypatch):
+    """A run that logged a served model and its accuracy but none of its trust figures (a notebook's run)."""
     monkeypatch.setenv("CIFAR_DATA", str(prepared_dir))
-    data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=4"])
-    folder = tracking_env_path(tracking_env)
-    proto, meta, signature = _old_format_model(model, data, folder)
-    save_weights(model, folder / "weights", meta)
-    mlflow.set_experiment("older")
+    data, served = served_small_model(prepared_dir, ["train.epochs=4"])
+    mlflow.set_experiment("notebook")
     with mlflow.start_run() as run:
-        mlflow.log_metrics({"best_val_accuracy": 0.5, "test_accuracy": 0.5})
-        mlflow.log_artifacts(str(folder / "weights"), "weights")
-        info = mlflow.onnx.log_model(
-            proto, name="model", signature=signature, metadata=meta, save_as_external_data=False
-        )
-        mlflow.set_tags({"model_uri": info.model_uri, "git_commit": "abc", "data_digest": data.digest})
-    return run.info.run_id, info.model_uri, {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
+        uri = log_served(served, data)
+        mlflow.log_metrics({"val/best_accuracy": 0.5, "test/accuracy": 0.5}, model_id=uri.removeprefix("models:/"))
+        mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": data.digest})
+    return run.info.run_id, uri, {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
 
 
 def tracking_env_path(uri: str):
@@ -285,26 +244,19 @@ def tracking_env_path(uri: str):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old_run):
-    run_id, model_uri, env = old_run
+def test_an_uncalibrated_run_is_gated_then_calibrated_then_promoted_and_assessed(uncalibrated_run):
+    run_id, model_uri, env = uncalibrated_run
     cwd = tracking_env_path(env["MLFLOW_TRACKING_URI"])
-    with pytest.raises(CifarError, match=f"old format .* python -m cifar calibrate --model-uri {model_uri}"):
-        Predictor.from_uri(model_uri)
-    image = str(ROOT / "tests/fixtures/cifar10-mini/test/cat/0000.jpg")
-    refused = run_cli(["-m", "cifar.serve.predict", image, "--model-uri", model_uri], env=env, cwd=cwd)
-    assert refused.returncode == 2 and "Convert it: python -m cifar calibrate" in refused.stderr
-    assert "Traceback" not in refused.stderr
-
     gated = run_cli([str(ROOT / "register.py"), "--max-ece", "0.5", "--robustness-images", "40"], env=env, cwd=cwd)
     assert gated.returncode == 1 and "Not registered" in gated.stderr and "Traceback" not in gated.stderr
     assert "KEEP production" in gated.stdout and f"python -m cifar calibrate --run-id {run_id}" in gated.stdout
     assert registry.production_version() is None and not registry.list_versions()
 
-    converted = run_cli(["-m", "cifar.assess.recalibrate", "--run-id", run_id], env=env, cwd=cwd)
-    assert converted.returncode == 0, converted.stderr
-    assert "re-exported" in converted.stdout and "fashion_mnist AUROC" in converted.stdout
+    calibrated = run_cli(["-m", "cifar.assess.recalibrate", "--run-id", run_id], env=env, cwd=cwd)
+    assert calibrated.returncode == 0, calibrated.stderr
+    assert "rewrote model" in calibrated.stdout and "fashion_mnist AUROC" in calibrated.stdout
     metrics = mlflow.get_run(run_id).data.metrics  # the refit's figures, under the current names
-    served = Predictor.from_uri(model_uri)  # the same logged model, rewritten in place
+    served = Predictor.from_uri(model_uri)  # the same logged model, its constants rewritten in place
     temperature = metrics["calibration/temperature"]
     assert served.trust.temperature == pytest.approx(temperature) and temperature != 1.0
     assert served.predict_arrays(generated_ood_images(5)[0].images)[0].in_distribution is False
@@ -331,7 +283,7 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     refit = run_cli(
         ["-m", "cifar.assess.recalibrate", "--model-uri", "models:/cifar10-classifier@production"], env=env, cwd=cwd
     )
-    assert refit.returncode == 0 and "rewrote model" in refit.stdout and "re-exported" not in refit.stdout
+    assert refit.returncode == 0 and "rewrote model" in refit.stdout
 
     robust = run_cli(["-m", "cifar.assess.robustness", "--images", "40"], env=env, cwd=cwd)
     assert robust.returncode == 0, robust.stderr
@@ -344,15 +296,17 @@ def test_an_old_format_model_is_refused_then_converted_then_gated_and_served(old
     assert files == {"robustness/corruption_accuracy.csv", "robustness/corruption_accuracy.png"}
 
 
-def test_an_old_format_folder_without_weights_says_how_to_rebuild(tmp_path, prepared_dir):
-    import onnx
+def test_a_graph_outside_the_served_contract_is_refused_with_one_message(tmp_path, prepared_dir):
+    """A plain exported network (float N x 3 x 32 x 32 in, logits out) has no constants to refit."""
+    import torch
 
-    data, _, model, _ = train_small_model(prepared_dir, ["train.epochs=1"])
-    proto, _, _ = _old_format_model(model, data, tmp_path)
-    (tmp_path / "old").mkdir()
-    onnx.save(proto, str(tmp_path / "old" / "model.onnx"))
-    result = run_cli(
-        ["-m", "cifar.assess.recalibrate", "--model-uri", str(tmp_path / "old")], env={"CIFAR_DATA": str(prepared_dir)}
-    )
-    assert result.returncode == 2 and "no weights" in result.stderr and "python -m cifar bundle build" in result.stderr
-    assert "Traceback" not in result.stderr
+    from cifar.engine.models import create_model
+
+    (tmp_path / "plain").mkdir()
+    path = str(tmp_path / "plain" / "model.onnx")
+    torch.onnx.export(create_model("small_cnn").eval(), (torch.rand(2, 3, 32, 32),), path, dynamo=False,
+                      input_names=["image"], output_names=["logits"], opset_version=18)  # fmt: skip
+    env = {"CIFAR_DATA": str(prepared_dir)}
+    result = run_cli(["-m", "cifar.assess.recalibrate", "--model-uri", str(tmp_path / "plain")], env=env)
+    assert result.returncode == 2 and "is not a served model of this project" in result.stderr
+    assert "python train.py" in result.stderr and "Traceback" not in result.stderr

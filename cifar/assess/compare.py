@@ -43,8 +43,8 @@ def find_runs(run_ids: list[str] | None = None, experiment: str | None = None, t
             filter_string="attributes.status = 'FINISHED' and tags.model_uri != ''",
         )
         if not runs.empty:
-            best = _metric_column(runs, "best_val_accuracy")
-            runs = runs.loc[best.sort_values(ascending=False).index[:top]] if best is not None else runs.head(top)
+            best = f"metrics.{metric_key('best_val_accuracy')}"
+            runs = runs.sort_values(best, ascending=False).head(top) if best in runs else runs.head(top)
     else:
         raise CifarError("give run ids or --experiment NAME.")
     if runs.empty:
@@ -61,19 +61,10 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     for column in differing:
         table[column.removeprefix("params.")] = runs[column]
     for metric, name in RESULT_COLUMNS.items():
-        values = _metric_column(runs, metric)
-        if values is not None:
-            table[name] = values.round(4)
+        column = f"metrics.{metric_key(metric)}"
+        if column in runs:
+            table[name] = runs[column].round(4)
     return table.sort_values("val_accuracy", ascending=False) if "val_accuracy" in table else table
-
-
-def _metric_column(runs: pd.DataFrame, name: str) -> pd.Series | None:
-    """A metric's column under its MLflow name, filled from the old name for runs of the older layout."""
-    new, old = f"metrics.{metric_key(name)}", f"metrics.{name}"
-    columns = [runs[c] for c in (new, old) if c in runs]
-    if not columns:
-        return None
-    return columns[0].combine_first(columns[1]) if len(columns) == 2 else columns[0]
 
 
 def learning_curves(runs: pd.DataFrame):
@@ -83,9 +74,7 @@ def learning_curves(runs: pd.DataFrame):
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for _, run in runs.iterrows():
-        history = client.get_metric_history(run["run_id"], "val/accuracy") or client.get_metric_history(
-            run["run_id"], "val_accuracy"
-        )
+        history = client.get_metric_history(run["run_id"], "val/accuracy")
         if history:
             label = f"{run.get('tags.mlflow.runName', '')} ({run['run_id'][:8]})"
             ax.plot([m.step for m in history], [m.value for m in history], "o-", ms=3, label=label)

@@ -8,7 +8,7 @@ Weights become int8 per output channel (7-bit range, see ``quantize_onnx``), act
 with ranges taken from validation images (the 99.999th percentile of each tensor: a few extreme
 activations do not widen the range for all the others). The contract's head (temperature, the
 out-of-distribution score and its threshold) stays in float, and its constants are refitted on
-the int8 network's own logits and features (``cifar.assess.recalibrate.refit``); its accuracy is measured on validation
+the int8 network's own logits and features (``cifar.run.calibration.refit``); its accuracy is measured on validation
 (against the float model's, for ``register.py --max-int8-drop``) and on test, for the record. It
 runs about 2x faster than the float model even on 2 AVX2 cores without VNNI
 (``benchmarks/inference.py``, RESULTS.md).

@@ -5,9 +5,8 @@
     python -m cifar calibrate --model-uri models/bundled
 
 rewrites the graph's constants (in the logged model in MLflow, which every registered version
-of it shares) and logs the metrics and figures to the run. A model logged in the old format
-(float N x 3 x 32 x 32 in, logits out) is re-exported from its run's ``weights/`` first. The
-fitting itself is ``cifar.run.calibration``.
+of it shares) and logs the metrics and figures to the run. The fitting itself is
+``cifar.run.calibration``.
 """
 
 from __future__ import annotations
@@ -16,30 +15,16 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 from cifar.cli import run_cli
 from cifar.contract import schema
 from cifar.contract.registered_model import logged_model_id
 from cifar.data import ensure_cache
 from cifar.errors import CifarError
-from cifar.run.calibration import (  # noqa: F401 (re-exported: the names users and older code import from here)
-    FIT_IMAGES,
-    Calibration,
-    ServedModel,
-    calibrate_network,
-    describe,
-    fit_sample,
-    ood_sets,
-    refit,
-    serve_model,
-    write_trust_report,
-)
-from cifar.run.export import load_weights
+from cifar.run.calibration import describe, refit, write_trust_report
 from cifar.serve.inference import find_onnx
 from cifar.tracking import check_tracking_store, replace_logged_model, save_onnx_model_folder
 from cifar.tracking.names import mlflow_metrics
@@ -52,22 +37,6 @@ def _model_id(model_uri: str) -> str:
     if model_id:
         return model_id
     raise CifarError(f"{model_uri} is not a logged MLflow model (models:/m-..., models:/name/N or @alias).")
-
-
-def _reexport(old_metadata: dict[str, Any], weights: Path, data, source: str) -> ServedModel:
-    """An old-format model rebuilt in the served format from its safetensors weights."""
-    if not (weights / "model.safetensors").is_file():
-        raise CifarError(
-            f"{source} is in the old format (float N x 3 x 32 x 32 in, logits out) and there are no weights "
-            f"(model.safetensors + model_config.json) to re-export it from; retrain it, or rebuild a folder "
-            "with python -m cifar bundle build --weights DIR."
-        )
-    model, _ = load_weights(weights)
-    keep = {k: v for k, v in old_metadata.items() if k not in ("input", "trust")}
-    metadata = {**keep, "contract": schema.describe(old_metadata["classes"])}
-    served = serve_model(model, data, metadata, torch.device("cpu"), batch_size=500)
-    print(f"re-exported {source} from its weights in the served format (logit parity {served.parity:.1e})")
-    return served
 
 
 def calibrate_model(model_uri: str | None = None, run_id: str | None = None, data_dir: Path | None = None):
@@ -90,20 +59,19 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
     data = ensure_cache(data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         folder = local or Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=f"{tmp}/model"))
-        onnx_path = _onnx_file(folder)
-        proto = onnx.load(str(onnx_path))
+        proto = onnx.load(str(find_onnx(folder)))
+        if not schema.is_served(proto):
+            raise CifarError(
+                f"{model_uri} is not a served model of this project (uint8 images in; label, probabilities and "
+                "OOD score out), so it has no constants to refit; train it again with python train.py."
+            )
         metadata = schema.metadata_of(proto)
         if tuple(metadata.get("classes", ())) != tuple(data.classes):
             raise CifarError(
                 f"{model_uri} predicts {metadata.get('classes')}, but the prepared data has {data.classes}."
             )
-        if schema.is_served(proto):
-            proto, calibration = refit(proto, data)
-            metadata = schema.metadata_of(proto)
-        else:
-            weights = local if local is not None else _download_weights(run_id, Path(tmp) / "weights")
-            served = _reexport(metadata, weights, data, model_uri)
-            proto, metadata, calibration = served.proto, served.metadata, served.calibration
+        proto, calibration = refit(proto, data)
+        metadata = schema.metadata_of(proto)
         report = write_trust_report(calibration, data.labels["test"], Path(tmp) / "trust")
         example = np.asarray(data.images["val"][:2])
         if local is not None:
@@ -120,23 +88,6 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
             print(f"rewrote model {model_id}'s constants" + (f"; report in run {run_id}" if run_id else ""))
     print(describe(calibration.profile))
     return calibration
-
-
-def _onnx_file(folder: Path) -> Path:
-    return find_onnx(folder)
-
-
-def _download_weights(run_id: str | None, folder: Path) -> Path:
-    """The run's ``weights/`` artifacts (safetensors + config), for re-exporting an old-format model."""
-    mlflow = _mlflow()
-    if run_id:
-        try:
-            return Path(
-                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights", dst_path=str(folder))
-            )
-        except (mlflow.exceptions.MlflowException, OSError):
-            pass
-    return folder  # empty: _reexport says what to do
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Which run to register: the finished run with a logged model and the best validation figure.
 
-Models whose metrics are linked to them are ranked by ``mlflow.search_logged_models``; runs of the
-older layout by their run metrics. The test split is never used to choose.
+Logged models are ranked by their linked validation metric (``mlflow.search_logged_models``).
+The test split is never used to choose.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Candidate:
 
 
 def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The calibration and OOD metrics of a run, under their code names (old or new run layout)."""
+    """The calibration and OOD metrics of a run, under their code names."""
     named = code_names(metrics)
     return {k: v for k, v in named.items() if k in ("test_ece_calibrated", "temperature") or k.startswith("ood_")}
 
@@ -59,12 +59,7 @@ def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
 def find_best_run(
     experiments: list[str] | None = None, study: str | None = None, metric: str = "val_accuracy"
 ) -> Candidate:
-    """The FINISHED run with a logged model and the highest validation ``metric``.
-
-    Models whose metrics are linked to them (runs since 2026-12-02) are ranked by
-    ``mlflow.search_logged_models``; runs of the older layout, whose metrics sit on the run only,
-    by ``search_runs`` on the old name. The higher of the two leaders wins.
-    """
+    """The FINISHED run with a logged model and the highest validation ``metric`` linked to that model."""
     client = _client()
     name = METRIC_ALIASES.get(metric, metric)
     key = metric_key(name)
@@ -79,14 +74,14 @@ def find_best_run(
         ids = [e.experiment_id for e in found]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-    leaders = [r for r in (_leader_by_model(ids, key, study), _leader_by_run(ids, name, study)) if r is not None]
-    if not leaders:
+    leader = _leader_by_model(ids, key, study)
+    if leader is None:
         scope = f"study '{study}'" if study else f"experiment(s) {', '.join(names)}" if names else "any experiment"
         raise CifarError(
             f"no finished run with a logged model and metric '{key}' in {scope} ({_tracking_uri()}). "
             "Train one first: python train.py (or python tune.py)."
         )
-    best, metric_name, value = max(leaders, key=lambda leader: leader[2])
+    best, metric_name, value = leader
     tags, metrics = best.data.tags, best.data.metrics
     experiment = client.get_experiment(best.info.experiment_id).name
     return Candidate(
@@ -94,7 +89,7 @@ def find_best_run(
         tags["model_uri"],
         metric_name,
         value,
-        metrics.get(metric_key("test_accuracy"), metrics.get("test_accuracy")),
+        metrics.get(metric_key("test_accuracy")),
         experiment,
         tags.get("optuna_study", ""),
         tags.get("git_commit", "unknown"),
@@ -131,18 +126,6 @@ def _leader_by_model(ids: list[str], key: str, study: str | None):
             value = max(m.value for m in model.metrics if m.key == key)
             return run, key, float(value)
     return None
-
-
-def _leader_by_run(ids: list[str], name: str, study: str | None):
-    """(run, metric, value) of the best run that logged ``name`` in the layout before metric sections, or None."""
-    if not ids:
-        return None
-    query = "attributes.status = 'FINISHED' and tags.model_uri != ''"
-    if study:
-        query += f" and tags.optuna_study = '{study}' and tags.trial_state = 'COMPLETE'"
-    runs = _client().search_runs(ids, query, order_by=[f"metrics.`{name}` DESC"], max_results=50)
-    runs = [r for r in runs if name in r.data.metrics and _eligible(r, study)]
-    return (runs[0], name, float(runs[0].data.metrics[name])) if runs else None
 
 
 def has_trained_runs() -> bool:

@@ -71,14 +71,9 @@ def find_onnx(folder: Path) -> Path:
 
 
 def _check_contract(session, name: str, classes: list[str]) -> None:
-    """The graph must follow ``cifar.contract.schema``; the old format gets the command that converts it."""
+    """The graph must follow ``cifar.contract.schema``."""
     inputs = session.get_inputs()
     outputs = {o.name: o for o in session.get_outputs()}
-    if len(inputs) == 1 and inputs[0].type == "tensor(float)" and list(inputs[0].shape[1:]) == [3, 32, 32]:
-        raise CifarError(
-            f"{name} is in the old format (float N x 3 x 32 x 32 in, logits out): the calibration and the "
-            f"'none of these' threshold are not in its graph. Convert it: python -m cifar calibrate --model-uri {name}"
-        )
     if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape[1:]) != list(schema.IMAGE_SHAPE):
         raise CifarError(f"{name} expects input {inputs[0].type} {inputs[0].shape}, not N x 32 x 32 x 3 uint8 images.")
     missing = [o for o in schema.OUTPUTS if o not in outputs]

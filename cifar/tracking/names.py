@@ -2,8 +2,8 @@
 
 The MLflow UI groups a run's charts into sections by the part of a name before ``/``, so the
 code's names (``val_accuracy``, ``best_val_accuracy``) are published as ``val/accuracy``,
-``val/best_accuracy``. Runs logged before 2026-12-02 carry the old names; nothing rewrites
-them, and readers ask ``run_metric`` or ``code_names``, which accept both.
+``val/best_accuracy``. (Runs logged before 2026-12-02 used the code names on MLflow too; they
+are no longer read: train them again.)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def mlflow_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def code_name(key: str) -> str:
-    """The code name of an MLflow metric name, old or new (``val/best_accuracy`` -> ``best_val_accuracy``)."""
+    """The code name of an MLflow metric name (``val/best_accuracy`` -> ``best_val_accuracy``)."""
     if key in _CODE:
         return _CODE[key]
     section, _, rest = key.partition("/")
@@ -46,19 +46,7 @@ def code_name(key: str) -> str:
 
 
 def code_names(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A run's metrics under their code names, whichever layout the run was logged with.
-
-    A run of the old layout may have gained new names since (``cifar.assess.recalibrate`` rewrites its
-    figures); the new name wins.
-    """
-    ordered = sorted(metrics.items(), key=lambda item: "/" in item[0])
-    return {code_name(k): v for k, v in ordered}
-
-
-def run_metric(metrics: Mapping[str, float], name: str) -> float | None:
-    """One metric of a run by its code name, under the new name or the old one."""
-    value = metrics.get(metric_key(name), metrics.get(name))
-    return None if value is None else float(value)
+    return {code_name(k): v for k, v in metrics.items()}
 
 
 def search_key(name: str) -> str:
