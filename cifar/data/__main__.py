@@ -1,4 +1,4 @@
-"""``python -m cifar.data prepare|info``: decode CIFAR-10 once into the cache."""
+"""``python -m cifar.data prepare|info``: decode a dataset (CIFAR-10 unless ``--dataset``) once into its cache."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--source",
         default=default_source(),
-        help="'cifar10' to download (default, or $CIFAR_SOURCE), or a path: cifar-10-python.tar.gz, "
-        "cifar-10-batches-py/, an ImageFolder tree or a .tar.gz of one",
+        help="'cifar10' to download (default, or $CIFAR_SOURCE), 'fashion-mnist' (Debian's package), or a path: "
+        "cifar-10-python.tar.gz, cifar-10-batches-py/, an ImageFolder tree (train/<class>/*, optionally "
+        "test/<class>/*) or a .tar.gz of one",
+    )
+    prepare.add_argument(
+        "--dataset",
+        default=None,
+        help="the dataset's name: cifar10 (default, in DATA_DIR/cache) or any other, in DATA_DIR/NAME/cache",
     )
     prepare.add_argument("--data-dir", default="", help="default $CIFAR_DATA or ./data")
     prepare.add_argument(
@@ -47,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             args.val_size or None,
             args.seed,
             args.workers,
+            args.dataset,
         )
         sizes = data.sizes()
         print(
-            f"Prepared {sum(sizes.values()):,} images from {source} in {time.perf_counter() - started:.1f} s "
+            f"Prepared {sum(sizes.values()):,} images of {len(data.classes)} classes from {source} in "
+            f"{time.perf_counter() - started:.1f} s "
             f"-> {data.manifest['cache_dir']} (train {sizes['train']:,}, val {sizes['val']:,}, "
             f"test {sizes['test']:,}; digest {data.digest[:12]})"
         )

@@ -9,24 +9,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from cifar.data.sources import RawDataset, load_source
+from cifar.data.sources import CIFAR10_CLASSES, RawDataset, load_source
 from cifar.errors import CifarError
 from cifar.settings import settings
 
 CACHE_FORMAT = 1
 SPLITS = ("train", "val", "test")
 DEFAULT_VAL_SIZE = 5000
+DEFAULT_DATASET = "cifar10"
+TEST_SHARE = 1 / 6  # carved out when a source has no test split: CIFAR-10's own 10,000 of 60,000
+FEW_IMAGES = 20  # a class with fewer training images than this is named in a warning
 
 
 def default_data_dir() -> Path:
@@ -124,24 +129,41 @@ def cache_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "cache"
 
 
+def dataset_dir(data_dir: Path | None, dataset: str | None) -> Path:
+    """A dataset's own data folder: ``data_dir`` itself for CIFAR-10 (as always), else ``data_dir/NAME``."""
+    data_dir = Path(data_dir or default_data_dir())
+    name = dataset or DEFAULT_DATASET
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+        raise CifarError(f"--dataset {name!r}: use lower-case letters, digits, '.', '_' and '-' (e.g. my-photos).")
+    return data_dir if name == DEFAULT_DATASET else data_dir / name
+
+
 def prepare_cache(
     source: str | None = None,
     data_dir: Path | None = None,
     val_size: int | None = None,
     seed: int = 0,
     workers: int | None = None,
+    dataset: str | None = None,
 ) -> CifarData:
-    """Decode ``source`` once into ``data_dir/cache`` (written to a temp folder, then renamed).
+    """Decode ``source`` once into the dataset's ``cache/`` (written to a temp folder, then renamed).
 
-    ``val_size`` defaults to 5,000 images, or a tenth of the training images for small sources.
+    ``dataset`` (default ``cifar10``, which must hold the CIFAR-10 classes) names the data folder
+    (``dataset_dir``). ``val_size`` defaults to 5,000 images, or a tenth of the training images for
+    small sources. A source without a test split has one carved out of train (``TEST_SHARE``).
     """
     source = source or default_source()
-    data_dir = Path(data_dir or default_data_dir())
+    dataset = dataset or DEFAULT_DATASET
+    data_dir = dataset_dir(data_dir, dataset)
     started = time.perf_counter()
-    raw = load_source(source, data_dir, workers)
+    raw = load_source(source, data_dir, workers, classes=CIFAR10_CLASSES if dataset == DEFAULT_DATASET else None)
+    test_split = "the source's"
+    if not len(raw.test_labels):
+        raw, test_split = carve_test_split(raw, seed)
     if val_size is None:
         val_size = min(DEFAULT_VAL_SIZE, len(raw.train_labels) // 10)
     arrays = split_source(raw, val_size, seed)
+    _warn_few_images(arrays["train"][1], raw.classes)
     mean, std = channel_stats(arrays["train"][0])
     with _staging_folder(data_dir) as tmp:
         files = {}
@@ -152,10 +174,13 @@ def prepare_cache(
                 files[name] = _sha256(tmp / name)
         manifest = {
             "format": CACHE_FORMAT,
+            "dataset": dataset,
             "source": source,
             "source_format": raw.source_format,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "classes": list(raw.classes),
+            "image_size": [32, 32, 3],  # every source is decoded to this (cifar.contract.images)
+            "test_split": test_split,
             "counts": {split: int(len(arrays[split][1])) for split in SPLITS},
             "class_counts": {
                 split: np.bincount(arrays[split][1], minlength=len(raw.classes)).tolist() for split in SPLITS
@@ -170,6 +195,25 @@ def prepare_cache(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return load_cache(data_dir)
+
+
+def carve_test_split(raw: RawDataset, seed: int) -> tuple[RawDataset, str]:
+    """A stratified, seeded test split out of the training images, and the manifest's words for it."""
+    size = max(len(raw.classes), round(len(raw.train_labels) * TEST_SHARE))
+    train_idx, test_idx = stratified_split(raw.train_labels, size, seed + 2)  # not the validation split's draw
+    images, labels = raw.train_images, raw.train_labels
+    carved = replace(
+        raw, train_images=images[train_idx], train_labels=labels[train_idx],
+        test_images=images[test_idx], test_labels=labels[test_idx],
+    )  # fmt: skip
+    return carved, f"carved: {len(test_idx)} of the source's training images (stratified, seed {seed + 2})"
+
+
+def _warn_few_images(train_labels: np.ndarray, classes: tuple[str, ...]) -> None:
+    counts = np.bincount(train_labels, minlength=len(classes))
+    few = [f"{classes[i]} ({n})" for i, n in enumerate(counts) if n < FEW_IMAGES]
+    if few:
+        print(f"warning: few training images in {', '.join(few)}; their figures will be noisy.", file=sys.stderr)
 
 
 def split_source(raw: RawDataset, val_size: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -249,12 +293,15 @@ def _check_files(folder: Path, manifest: dict) -> None:
 
 def _prepare_again(folder: Path, manifest_path: Path) -> str:
     """The command that rebuilds this cache: the same source, split size and seed when the manifest says."""
+    data_dir = folder.parent
     try:
         m = json.loads(manifest_path.read_text())
         how = f"--source {shlex.quote(m['source'])} --val-size {int(m['val_size'])} --seed {int(m['seed'])}"
+        if m.get("dataset", DEFAULT_DATASET) != DEFAULT_DATASET:
+            how, data_dir = f"{how} --dataset {shlex.quote(m['dataset'])}", data_dir.parent
     except (OSError, ValueError, KeyError, TypeError):
         how = "--source cifar10|PATH"
-    return f"Run again: python -m cifar.data prepare {how} --data-dir {shlex.quote(str(folder.parent))}"
+    return f"Run again: python -m cifar.data prepare {how} --data-dir {shlex.quote(str(data_dir))}"
 
 
 def ensure_cache(data_dir: Path | None = None, source: str | None = None) -> CifarData:

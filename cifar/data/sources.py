@@ -1,6 +1,8 @@
-"""Where CIFAR-10 comes from: the canonical download, its archive or folder, or an ImageFolder tree.
+"""Where a dataset comes from: CIFAR-10's canonical download, its archive or folder, Fashion-MNIST's
+idx files, or any ImageFolder tree (``train/<class>/*``, optionally ``test/<class>/*``).
 
-Every reader returns a ``RawDataset`` of decoded uint8 arrays; nothing here writes the cache.
+Every reader returns a ``RawDataset`` of decoded uint8 arrays, 32 x 32 RGB (``cifar.contract.images``
+converts any mode and resizes with bicubic filtering); nothing here writes the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar.contract.images import decode_image
+from cifar.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_split
 from cifar.errors import CifarError
 from cifar.settings import settings
 
@@ -41,6 +44,7 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCH = "test_batch"
 _SPLITS = ("train", "test")
+MAX_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,17 @@ class RawDataset:
     source_format: str
 
 
-def load_source(source: str, data_dir: Path, workers: int | None = None) -> RawDataset:
-    """Read CIFAR-10 from ``source``: ``cifar10`` (download) or a path in any supported format."""
+def load_source(
+    source: str, data_dir: Path, workers: int | None = None, classes: tuple[str, ...] | None = CIFAR10_CLASSES
+) -> RawDataset:
+    """Read ``source``: ``cifar10`` (download), ``fashion-mnist`` (Debian's package) or a path in any
+    supported format. An ImageFolder must hold exactly ``classes``; with None, any 2 to 1,000 classes."""
     if source == "cifar10":
         archive = download_cifar10(data_dir)
         return read_canonical_archive(archive)
+    if source == "fashion-mnist":
+        train, test = (fashion_mnist_split(settings().fashion_mnist, split) for split in ("train", "t10k"))
+        return RawDataset(*train, *test, FASHION_MNIST_CLASSES, "fashion-mnist", "fashion-mnist-idx")
     path = Path(source).expanduser()
     if not path.exists():
         raise CifarError(
@@ -67,12 +77,12 @@ def load_source(source: str, data_dir: Path, workers: int | None = None) -> RawD
             "an ImageFolder tree (train/<class>/*, test/<class>/*) or a .tar.gz of one."
         )
     if path.is_dir():
-        return _read_directory(path, workers)
+        return _read_directory(path, workers, classes)
     if tarfile.is_tarfile(path):
         names = _tar_names(path)
         if any(Path(name).name == _TRAIN_BATCHES[0] for name in names):
             return read_canonical_archive(path)
-        return read_imagefolder_archive(path, workers)
+        return read_imagefolder_archive(path, workers, classes)
     raise CifarError(f"data source '{source}' is neither a folder nor a .tar/.tar.gz archive.")
 
 
@@ -203,20 +213,33 @@ def read_canonical_folder(folder: Path) -> RawDataset:
 
 
 # --- ImageFolder trees and archives of them ------------------------------------------------------
-def _check_classes(found: dict[str, set[str]], source: str) -> None:
-    expected = set(CIFAR10_CLASSES)
+def _check_classes(found: dict[str, set[str]], source: str, expected: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The dataset's classes in label order: ``expected`` when given (CIFAR-10's canonical order), else
+    the train folders' names sorted. Every split present must hold exactly those class folders."""
+    train = found.get("train", set())
+    if expected is None and not 2 <= len(train) <= MAX_CLASSES:
+        raise CifarError(
+            f"ImageFolder {source}: train/ holds {len(train)} class folder(s) ({', '.join(sorted(train))}); "
+            f"a classifier needs 2 to {MAX_CLASSES:,}."
+        )
+    classes = expected or tuple(sorted(train))
     for split in _SPLITS:
-        classes = found.get(split, set())
-        missing, extra = sorted(expected - classes), sorted(classes - expected)
+        if split == "test" and expected is None and split not in found:
+            continue  # no test split: the cache carves one out of train
+        there = found.get(split, set())
+        missing, extra = sorted(set(classes) - there), sorted(there - set(classes))
         if missing or extra:
             parts = [
                 f"missing {', '.join(missing)}" if missing else "",
                 f"unexpected {', '.join(extra)}" if extra else "",
             ]
-            raise CifarError(
-                f"ImageFolder {source}: {split}/ must hold exactly the 10 CIFAR-10 class folders "
-                f"({', '.join(CIFAR10_CLASSES)}); {'; '.join(p for p in parts if p)}."
+            wanted = (
+                f"exactly the {len(expected)} CIFAR-10 class folders ({', '.join(expected)})"
+                if expected
+                else "the same class folders as train/"
             )
+            raise CifarError(f"ImageFolder {source}: {split}/ must hold {wanted}; {'; '.join(p for p in parts if p)}.")
+    return classes
 
 
 def _classes_by_split(entries: Iterable[tuple]) -> dict[str, set[str]]:
@@ -274,10 +297,14 @@ def _decode_all(items: Iterable[tuple[str, bytes | str]], workers: int | None, s
 
 
 def _to_dataset(
-    entries: Iterable[tuple[str, str, str, bytes | str]], source: str, fmt: str, workers: int | None
+    entries: Iterable[tuple[str, str, str, bytes | str]],
+    source: str,
+    fmt: str,
+    workers: int | None,
+    expected: tuple[str, ...] | None = CIFAR10_CLASSES,
 ) -> RawDataset:
     """entries: (split, class, name, bytes-or-path), decoded as they stream in (an archive is read
-    while the first images decode), then labelled and put in CIFAR-10 class order."""
+    while the first images decode), then labelled and put in class order."""
     keys: list[tuple[str, str, str]] = []
 
     def payloads() -> Iterator[tuple[str, bytes | str]]:
@@ -286,24 +313,16 @@ def _to_dataset(
             yield name, data
 
     images = _decode_all(payloads(), workers, source)
-    _check_classes(_classes_by_split(keys), source)
-    order = sorted(range(len(keys)), key=lambda i: (keys[i][0], CIFAR10_CLASSES.index(keys[i][1]), keys[i][2]))
+    classes = _check_classes(_classes_by_split(keys), source, expected)
+    order = sorted(range(len(keys)), key=lambda i: (keys[i][0], classes.index(keys[i][1]), keys[i][2]))
     images = images[order]
-    labels = np.array([CIFAR10_CLASSES.index(keys[i][1]) for i in order], dtype=np.int64)
-    is_train = np.array([keys[i][0] == "train" for i in order])
-    return RawDataset(
-        images[is_train],
-        labels[is_train],
-        images[~is_train],
-        labels[~is_train],
-        CIFAR10_CLASSES,
-        source,
-        fmt,
-    )
+    labels = np.array([classes.index(keys[i][1]) for i in order], dtype=np.int64)
+    is_train = np.array([keys[i][0] == "train" for i in order], dtype=bool)
+    return RawDataset(images[is_train], labels[is_train], images[~is_train], labels[~is_train], classes, source, fmt)
 
 
 def _imagefolder_root(path: Path) -> Path | None:
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if (path / "train").is_dir():
         return path
     children = [c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")]
     if len(children) == 1:
@@ -311,15 +330,20 @@ def _imagefolder_root(path: Path) -> Path | None:
     return None
 
 
-def read_imagefolder(root: Path, workers: int | None = None) -> RawDataset:
+def read_imagefolder(
+    root: Path, workers: int | None = None, expected: tuple[str, ...] | None = CIFAR10_CLASSES
+) -> RawDataset:
     entries = []
-    for split in _SPLITS:
+    for split in (s for s in _SPLITS if (root / s).is_dir()):
         for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            for file in sorted(class_dir.iterdir()):
-                if file.is_file() and not file.name.startswith("."):
-                    entries.append((split, class_dir.name, str(file.relative_to(root)), str(file)))
-    _check_classes(_classes_by_split(entries), str(root))  # before any decoding: the listing tells
-    return _to_dataset(entries, str(root), "imagefolder", workers)
+            files = sorted(f for f in class_dir.iterdir() if f.is_file() and not f.name.startswith("."))
+            if not files:
+                raise CifarError(
+                    f"ImageFolder {root}: {split}/{class_dir.name}/ holds no images; add some or remove it."
+                )
+            entries += [(split, class_dir.name, str(file.relative_to(root)), str(file)) for file in files]
+    _check_classes(_classes_by_split(entries), str(root), expected)  # before any decoding: the listing tells
+    return _to_dataset(entries, str(root), "imagefolder", workers, expected)
 
 
 def _iter_tar_images(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
@@ -335,7 +359,9 @@ def _iter_tar_images(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
                     break
 
 
-def read_imagefolder_archive(path: Path, workers: int | None = None) -> RawDataset:
+def read_imagefolder_archive(
+    path: Path, workers: int | None = None, expected: tuple[str, ...] | None = CIFAR10_CLASSES
+) -> RawDataset:
     """Read an ImageFolder tree straight from a tar(.gz): no extraction, so no path can escape."""
     try:
         entries = _iter_tar_images(path)
@@ -345,12 +371,12 @@ def read_imagefolder_archive(path: Path, workers: int | None = None) -> RawDatas
                 f"archive {path} holds no ImageFolder tree (train/<class>/*, test/<class>/*) "
                 "and no CIFAR-10 python batches."
             )
-        return _to_dataset(itertools.chain([first], entries), str(path), "imagefolder-archive", workers)
+        return _to_dataset(itertools.chain([first], entries), str(path), "imagefolder-archive", workers, expected)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise CifarError(f"archive {path} is truncated or corrupt ({exc}). Replace it and try again.") from None
 
 
-def _read_directory(path: Path, workers: int | None) -> RawDataset:
+def _read_directory(path: Path, workers: int | None, expected: tuple[str, ...] | None) -> RawDataset:
     if (path / _TRAIN_BATCHES[0]).is_file():
         return read_canonical_folder(path)
     if (path / "cifar-10-batches-py" / _TRAIN_BATCHES[0]).is_file():
@@ -359,9 +385,9 @@ def _read_directory(path: Path, workers: int | None) -> RawDataset:
     if root is None:
         raise CifarError(
             f"folder {path} is neither cifar-10-batches-py/ nor an ImageFolder tree with "
-            "train/<class>/ and test/<class>/ subfolders."
+            "train/<class>/ (and optionally test/<class>/) subfolders."
         )
-    return read_imagefolder(root, workers)
+    return read_imagefolder(root, workers, expected)
 
 
 def _tar_names(path: Path) -> list[str]:

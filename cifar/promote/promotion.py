@@ -44,10 +44,6 @@ class Promotion:
     already: bool  # the candidate is production already
     notes: list[str] = field(default_factory=list)  # what was done on the way (the int8 model)
 
-    @property
-    def to_register(self) -> bool:
-        return not (self.decision.refused or self.already)
-
 
 def decide_promotion(req: PromotionRequest) -> Promotion:
     """Choose the best run on validation and decide against production; change nothing."""

@@ -16,7 +16,6 @@ split and the out-of-distribution sets (noise, flat colours, Fashion-MNIST) only
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from cifar.contract import schema
 from cifar.contract.trust import ACCEPT_RATE, TrustProfile
+from cifar.data.fashion_mnist import fashion_mnist_split
 from cifar.metrics import calibration_bins, expected_calibration_error, negative_log_likelihood, softmax
 from cifar.run import export
 from cifar.run.export import export_served, feature_layout, served_parity, torch_network, tta_of
@@ -135,15 +134,9 @@ def generated_ood_images(count: int = 500, seed: int = 0) -> list[OodSet]:
 def fashion_mnist_images(count: int = 2000, folder: Path | None = None) -> OodSet | None:
     """Fashion-MNIST test images as 32x32 RGB (Debian's ``dataset-fashion-mnist``), or None when absent."""
     folder = Path(folder or settings().fashion_mnist)
-    path = folder / "t10k-images-idx3-ubyte.gz"
-    if not path.is_file():
+    if not (folder / "t10k-images-idx3-ubyte.gz").is_file():
         return None
-    with gzip.open(path, "rb") as f:
-        raw = np.frombuffer(f.read(), np.uint8)
-    images = raw[16:].reshape(-1, 28, 28)[:count]
-    # the same resize the prediction path applies to any non-32x32 image
-    big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BICUBIC)) for im in images])
-    return OodSet("fashion_mnist", np.repeat(big[..., None], 3, axis=3))
+    return OodSet("fashion_mnist", fashion_mnist_split(folder, "t10k")[0][:count])  # as a prepared dataset sees them
 
 
 def assess(

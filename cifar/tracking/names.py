@@ -47,8 +47,3 @@ def code_name(key: str) -> str:
 
 def code_names(metrics: Mapping[str, float]) -> dict[str, float]:
     return {code_name(k): v for k, v in metrics.items()}
-
-
-def search_key(name: str) -> str:
-    """The metric as MLflow's search syntax writes it: ``metrics.`val/best_accuracy```."""
-    return f"metrics.`{metric_key(name)}`"
