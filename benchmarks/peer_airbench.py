@@ -1,6 +1,6 @@
-"""The peer, side by side: airbench (PyPI ``airbench==0.1.8``) against the project's recipes on one cache,
-clock and device, seed by seed, each epoch count a whole run; the time each needs for the other's accuracy.
-On a CPU airbench runs with the smallest change that runs it there (``cpu_adaptation``).
+"""The peer, side by side: airbench (PyPI ``airbench==0.1.8``) against the project's recipes on one cache, clock
+and device, seed by seed, each epoch count a whole run; the time each needs for the other's accuracy. On a CPU
+airbench runs with the smallest change that runs it there (``cpu_adaptation``).
 
     python benchmarks/peer_airbench.py --seeds 3                  # CUDA: airbench94 vs speedrun, airbench96 vs best
     python benchmarks/peer_airbench.py --pair 94=cpu --peer-epochs 2 3.8 --project-epochs 3 6   # a CPU curve
@@ -10,28 +10,22 @@ On a CPU airbench runs with the smallest change that runs it there (``cpu_adapta
 import contextlib
 import statistics
 import tempfile
-import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import torch
-from harness import parser, record, train
+from harness import config, parser, record, spread, timed, train
 from torch import nn
 
-from cifar.config import load_experiment
 from cifar.data import ensure_cache
-from cifar.data.cache import CifarData
-from cifar.engine import device_kind, native_bf16
+from cifar.engine import native_bf16, resolve_device
 
 PEERS, GPU_PAIRS, CPU_PAIRS = ("94", "96"), ("94=speedrun", "96=best"), ("94=cpu",)
 
 
-@dataclass(frozen=True)
-class Point:
-    """One setting (a system at an epoch count): test accuracy and training seconds over seeds."""
-
+class Point(NamedTuple):  # one setting (a system at an epoch count): test accuracy and training seconds by seed
     system: str
     epochs: float
     accuracies: tuple[float, ...]
@@ -51,40 +45,16 @@ def time_to_reach(points: list[Point], accuracy: float) -> tuple[str, float]:
     return ">", curve[-1].time
 
 
-def ratio_lines(peer: list[Point], project: list[Point]) -> list[str]:
-    """For each setting of one side: how long the other side needs for its accuracy, as a ratio."""
-    lines = []
-    for mine, theirs in ((peer, project), (project, peer)):
-        for p in mine:
-            how, seconds = time_to_reach(theirs, p.accuracy)
-            other, at = theirs[0].system, f"{p.system}'s {p.accuracy:.2%} ({p.epochs:g} epochs, {p.time:.1f} s)"
-            lines.append(
-                f"{other} does not reach {at} within its longest measured run ({seconds:.1f} s): ratio > "
-                f"{seconds / p.time:.2f}x"
-                if how == ">"
-                else f"{other} needs {how} {seconds:.1f} s for "
-                f"{at}: time ratio {other}/{p.system} {how} {seconds / p.time:.2f}x"
-            )
-    return lines
-
-
-class _WallEvent:
-    """``torch.cuda.Event(enable_timing=True)`` on a CPU: a wall-clock mark."""
-
-    def __init__(self, **_: object) -> None:
-        self.at = 0.0
-
-    def record(self) -> None:
-        self.at = time.perf_counter()
-
-    def elapsed_time(self, end) -> float:
-        return (end.at - self.at) * 1000.0
+def time_ratio(curve: list[Point], p: Point) -> float | str:
+    """The time ``curve`` needs for ``p``'s accuracy as a multiple of ``p``'s ('<= x', '> x' outside the curve)."""
+    how, seconds = time_to_reach(curve, p.accuracy)
+    return seconds / p.time if how == "=" else f"{how} {seconds / p.time:.2f}"
 
 
 @contextlib.contextmanager
 def cpu_adaptation(bf16: bool):
     """airbench on a CPU: the device, bf16 autocast with fp32 weights (where native), fp32 whitening statistics."""
-    import airbench.utils
+    import airbench.utils  # lazy: optional (requirements-dev), and importing it turns cudnn.benchmark on
 
     class CpuCifarLoader(airbench.utils.CifarLoader):
         def __init__(self, *args, **kwargs):
@@ -102,7 +72,7 @@ def cpu_adaptation(bf16: bool):
             (nn.Module, "half", lambda s: s),
             (airbench.utils, "init_whitening_conv", whitening_in_fp32),
             (nn.Module, "cuda", lambda self, *a, **k: self),
-            (torch.cuda, "Event", _WallEvent),
+            (torch.cuda, "Event", mock.MagicMock),  # its own clock, unused: ours times the call
             (torch.cuda, "synchronize", lambda *a, **k: None),
         ):
             stack.enter_context(mock.patch.object(owner, name, value))
@@ -111,10 +81,11 @@ def cpu_adaptation(bf16: bool):
         yield CpuCifarLoader
 
 
-def write_airbench_files(data: CifarData, folder: Path, peer_train: str) -> Path:
-    """The cache as airbench reads it: ``cifar10/{train,test}.pt`` of NHWC uint8 images and labels."""
+def write_airbench_files(data, folder: Path) -> Path:
+    """The cache as airbench reads it, ``cifar10/{train,test}.pt`` of NHWC uint8 images and labels; it trains on
+    train+val (its design has no validation split)."""
     (root := folder / "cifar10").mkdir(parents=True, exist_ok=True)
-    for name, parts in {"train": ("train", "val")[: 2 if peer_train == "train+val" else 1], "test": ("test",)}.items():
+    for name, parts in {"train": ("train", "val"), "test": ("test",)}.items():
         images = torch.cat([torch.from_numpy(data.images[p][:].copy()) for p in parts])
         labels = torch.cat([torch.from_numpy(data.labels[p].astype("int64")) for p in parts])
         torch.save({"images": images, "labels": labels, "classes": list(data.classes)}, root / f"{name}.pt")
@@ -123,42 +94,34 @@ def write_airbench_files(data: CifarData, folder: Path, peer_train: str) -> Path
 
 def run_airbench(peer: str, epochs: float, seed: int, root: Path, device: torch.device) -> tuple[float, float]:
     """(test accuracy with its own TTA, training seconds) of one airbench run."""
-    import airbench
-    import airbench.utils
+    import airbench.utils  # lazy: as above
 
-    lib, train = getattr(airbench, f"lib_airbench{peer}"), getattr(airbench, f"train{peer}")
-    on_cpu, gpu = device.type == "cpu", "cpu" if device.type == "cpu" else (device.index or 0)
-    adapt = cpu_adaptation(native_bf16(device)) if on_cpu else contextlib.nullcontext(airbench.utils.CifarLoader)
-    sync = (lambda: None) if on_cpu else torch.cuda.synchronize
-    with adapt as loader_cls, contextlib.chdir(root.parent):  # its test loader opens ./cifar10/test.pt
-        loader = loader_cls(
-            "cifar10", train=True, batch_size=lib.hyp["opt"]["batch_size"], aug=lib.hyp["aug"], altflip=True, gpu=gpu
-        )
-        test = loader_cls("cifar10", train=False, batch_size=2000, gpu=gpu)
+    lib, gpu = getattr(airbench, f"lib_airbench{peer}"), "cpu" if device.type == "cpu" else (device.index or 0)
+    adapt = cpu_adaptation(native_bf16(device)) if gpu == "cpu" else contextlib.nullcontext(airbench.utils.CifarLoader)
+    with adapt as loader, contextlib.chdir(root.parent):  # its test loader opens ./cifar10/test.pt
+        batch, aug = lib.hyp["opt"]["batch_size"], lib.hyp["aug"]
+        train_set = loader("cifar10", train=True, batch_size=batch, aug=aug, altflip=True, gpu=gpu)
+        test = loader("cifar10", train=False, batch_size=2000, gpu=gpu)
         torch.manual_seed(seed)
-        sync()
-        start = time.perf_counter()
-        model = train(loader, epochs=epochs, verbose=False)
-        sync()
-        seconds = time.perf_counter() - start
+        model, seconds = timed(getattr(airbench, f"train{peer}"), train_set, epochs=epochs, verbose=False)
         return airbench.evaluate(model, test, tta_level=lib.hyp["net"]["tta_level"]), seconds
 
 
 def run_project(args, experiment: str, epochs: float, seed: int, *extra: str) -> tuple[float, float]:
     """(test accuracy with the recipe's TTA, the engine's training seconds) of one recipe run."""
-    settings = [*args.overrides, f"train.epochs={int(epochs)}", f"train.seed={seed}", "train.eval_every=0", *extra]
-    out = train(args, experiment, settings)[1]
+    out = train(args, experiment, [*args.overrides, f"train.epochs={int(epochs)}", f"train.seed={seed}", *extra])[1]
     return out.test.accuracy, out.fit.train_seconds
 
 
-def main() -> None:
-    p = parser(__doc__, "--seeds", "--set", "--device", "--data-dir", quick="4,000 images, 1 epoch each")
+if __name__ == "__main__":
+    import airbench  # only here and in the functions above: optional, and importing it turns cudnn.benchmark on
+
+    p = parser(__doc__, "seeds set device data-dir", quick="4,000 images, 1 epoch each")
     p.add_argument("--pair", action="append", help="PEER=EXPERIMENT, PEER one of 94, 96 (default: by device)")
     p.add_argument("--peer-epochs", type=float, nargs="+", help="airbench epoch counts (default: its own)")
     p.add_argument("--project-epochs", type=int, nargs="+", help="recipe epoch counts (default: the recipe's)")
     args = p.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    args.device = str(device)
+    args.device = str(device := resolve_device(args.device))
     pairs = [pair.split("=", 1) for pair in args.pair or (GPU_PAIRS if device.type == "cuda" else CPU_PAIRS)]
     if any(len(pair) < 2 or pair[0] not in PEERS or not pair[1] for pair in pairs):
         p.error(f"--pair expects PEER=EXPERIMENT, PEER one of {', '.join(PEERS)} (e.g. 94=cpu)")
@@ -166,6 +129,7 @@ def main() -> None:
     if args.quick:
         data, args.overrides = data.subset(4000), ["data.subset=4000", *args.overrides]
         args.peer_epochs, args.project_epochs = args.peer_epochs or [1.0], args.project_epochs or [1]
+    args.overrides.append("train.eval_every=0")
 
     def curve(system: str, epoch_counts: list[float], run) -> list[Point]:
         points = [Point(system, e, *map(tuple, zip(*(run(e, s) for s in range(args.seeds))))) for e in epoch_counts]
@@ -173,36 +137,19 @@ def main() -> None:
         return points
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_airbench_files(data, Path(tmp), "train+val")  # airbench's design: no validation split
+        root = write_airbench_files(data, Path(tmp))
         for peer, experiment in pairs:
-            import airbench
-
             run_airbench(peer, 0.05, 0, root, device)  # warm-up: allocation, kernel choice
             run_project(args, experiment, 1, 0, "data.subset=2000")
             own = [getattr(airbench, f"lib_airbench{peer}").hyp["opt"]["train_epochs"]]
-            peers = curve(
-                f"airbench{peer}", args.peer_epochs or own, partial(run_airbench, peer, root=root, device=device)
-            )
-            recipe = [load_experiment(experiment, args.overrides, device_kind(device)).train.epochs]
+            run = partial(run_airbench, peer, root=root, device=device)
+            peers = curve(f"airbench{peer}", args.peer_epochs or own, run)
+            recipe = [config(args, experiment, args.overrides).train.epochs]
             ours = curve(experiment, args.project_epochs or recipe, partial(run_project, args, experiment))
-            print(*ratio_lines(peers, ours), sep="\n")
             figures = {"airbench trains on": "train+val"}
-            for pt in peers + ours:
-                at, std = f"{pt.system} {pt.epochs:g} epochs", args.seeds > 1 and statistics.stdev
-                figures |= {f"{at} %": 100 * pt.accuracy, f"{at} s": pt.time}
-                figures |= {f"{at} % std": 100 * std(pt.accuracies), f"{at} s std": std(pt.seconds)} if std else {}
-            for pt in peers:  # the recipe's time for the peer's accuracy, as a share of the peer's
-                how, seconds = time_to_reach(ours, pt.accuracy)
-                ratio = seconds / pt.time if how == "=" else f"{how} {seconds / pt.time:.2f}"
-                figures[f"{experiment} time for airbench{peer} {pt.epochs:g}-epoch % (x)"] = ratio
-            record(
-                f"peer_airbench.{peer}-{experiment}",
-                figures,
-                seeds=range(args.seeds),
-                device=device.type,
-                write=not args.no_results,
-            )
-
-
-if __name__ == "__main__":
-    main()
+            for pt, other in [(pt, ours) for pt in peers] + [(pt, peers) for pt in ours]:
+                at = f"{pt.system} {pt.epochs:g}"
+                figures |= spread(f"{at} epochs %", [100 * a for a in pt.accuracies])
+                figures |= spread(f"{at} epochs s", pt.seconds)
+                figures[f"{other[0].system} time for {at}-epoch % (x)"] = time_ratio(other, pt)  # for pt's accuracy
+            record(f"peer_airbench.{peer}-{experiment}", figures, args)

@@ -46,10 +46,6 @@ def show(value) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:,.6g}"
 
 
-def figures(record: dict) -> str:
-    return "; ".join(f"{k}: {show(v)}" for k, v in record["figures"].items())
-
-
 def render(records: list[dict]) -> str:
     rows = current(records)
     gpu = [r for r in records if r["machine_kind"] not in KINDS and not r["machine_kind"].endswith(" fp32")]
@@ -65,8 +61,9 @@ def render(records: list[dict]) -> str:
         "| benchmark | machine kind | figures | date | commit | command |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {r['benchmark']} | {r['machine_kind']} | {figures(r)} | {r['date']} | {r['commit']} | "
-            f"`{show(r['command'])}` |"
+            f"| {r['benchmark']} | {r['machine_kind']} | "
+            + "; ".join(f"{k}: {show(v)}" for k, v in r["figures"].items())
+            + f" | {r['date']} | {r['commit']} | `{show(r['command'])}` |"
             for r in rows
         ),
         *(
@@ -83,9 +80,9 @@ def write(folder: Path = RECORDS, out: Path = RESULTS) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] not in ([], ["--check"]):
-        sys.exit(__doc__)
     if sys.argv[1:] == []:
         write()
+    elif sys.argv[1:] != ["--check"]:
+        sys.exit(__doc__)
     elif not RESULTS.exists() or RESULTS.read_text() != render(load()):
         sys.exit(f"{RESULTS} is stale: `python benchmarks/results.py` makes it from the records")

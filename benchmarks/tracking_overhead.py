@@ -8,11 +8,12 @@ import contextlib
 import os
 import statistics
 import tempfile
-import time
 from collections import defaultdict
+from time import perf_counter, thread_time
+from unittest import mock
 
 import mlflow
-from harness import parser, record, train
+from harness import parser, record, timed, train
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 import cifar.run.training
@@ -21,14 +22,12 @@ from cifar.tracking.runs import TrainingRun
 
 ARMS = ("untracked", "tracked", "tracked + system metrics")
 HOOKS = [  # (owner, attribute, bucket, clock) timed while the tracking runs
-    (TrainingRun, "log_epoch", "in_clock", time.perf_counter),
-    (cifar.run.training, "save_checkpoint", "in_clock", time.perf_counter),  # tracked runs only
-    (TrainingRun, "push_metrics", "upload_cpu", time.thread_time),  # the uploader thread
-    *(
-        (TrainingRun, name, "after_clock", time.perf_counter)  # run start (before the clock) counted here
-        for name in ("__enter__", "log_data", "publish", "__exit__")
-    ),
-    (SystemMetricsMonitor, "monitor", "sampler_cpu", time.thread_time),  # the whole sampler thread
+    (TrainingRun, "log_epoch", "in_clock", perf_counter),
+    (cifar.run.training, "save_checkpoint", "in_clock", perf_counter),  # tracked runs only
+    (TrainingRun, "push_metrics", "upload_cpu", thread_time),  # the uploader thread
+    # after the clock; the run's start (before the clock) is counted here too
+    *((TrainingRun, hook, "after_clock", perf_counter) for hook in ("__enter__", "log_data", "publish", "__exit__")),
+    (SystemMetricsMonitor, "monitor", "sampler_cpu", thread_time),  # the whole sampler thread
 ]
 
 
@@ -36,9 +35,8 @@ HOOKS = [  # (owner, attribute, bucket, clock) timed while the tracking runs
 def timing_tracking_code():
     """Seconds spent in the tracking hooks, by where they run, while the block runs."""
     seconds: dict[str, float] = defaultdict(float)
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _, _ in HOOKS]
 
-    def timed(function, bucket, clock):
+    def timed_hook(function, bucket, clock):
         def call(*args, **kwargs):
             start = clock()
             try:
@@ -48,28 +46,18 @@ def timing_tracking_code():
 
         return call
 
-    for (owner, name, bucket, clock), (_, _, function) in zip(HOOKS, originals):
-        setattr(owner, name, timed(function, bucket, clock))
-    try:
+    with contextlib.ExitStack() as stack:
+        for owner, name, bucket, clock in HOOKS:
+            stack.enter_context(mock.patch.object(owner, name, timed_hook(getattr(owner, name), bucket, clock)))
         yield seconds
-    finally:
-        for owner, name, function in originals:
-            setattr(owner, name, function)
 
 
 if __name__ == "__main__":
-    p = parser(
-        __doc__,
-        "--experiment",
-        "--set",
-        "--device",
-        "--data-dir",
-        quick="quarter width, 5,000 images x 2 epochs, one round (under 3 minutes on 2 cores)",
-    )
+    p = parser(__doc__, "experiment set device data-dir", quick="quarter width, 5,000 images x 2 epochs, one round")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     # every run compared trains the same epochs: the recipe's time budget (if any) would plan each anew
-    quick = ["model.width=0.25", "data.subset=5000", "train.epochs=2"] if args.quick else []
+    quick = ["model.width=0.25", "data.subset=5000", "train.epochs=2"] * args.quick
     overrides, repeats = ["train.time_budget=0", *quick, *args.overrides], 1 if args.quick else args.repeats
     tmp = tempfile.TemporaryDirectory(prefix="tracking-overhead-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp.name}/mlflow.db")
@@ -80,17 +68,11 @@ if __name__ == "__main__":
         for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
             os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = str(arm == ARMS[2]).lower()
             with timing_tracking_code() as seconds:
-                start = time.perf_counter()
-                cfg, out = train(
-                    args, args.experiment, overrides, track=arm != ARMS[0], mlflow_experiment="bench-tracking-overhead"
-                )
-                seconds.update(fit=out.fit.train_seconds, whole=time.perf_counter() - start)
+                track = {"track": arm != ARMS[0], "mlflow_experiment": "bench-tracking-overhead"}
+                (cfg, out), whole = timed(train, args, args.experiment, overrides, **track)
+                seconds.update(fit=out.fit.train_seconds, whole=whole)
             runs[arm].append(dict(seconds))
-            print(
-                f"{arm}: training {seconds['fit']:.2f} s, whole call {seconds['whole']:.2f} s, "
-                f"test accuracy {out.test.accuracy:.4f}",
-                flush=True,
-            )
+            print(f"{arm}: training {seconds['fit']:.2f} s, whole call {whole:.2f} s, test {out.test.accuracy:.4f}")
     os.environ.pop("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
     client = mlflow.MlflowClient()  # the samples the store received: a sampler that never ran shows
     logged = client.search_runs([client.get_experiment_by_name("bench-tracking-overhead").experiment_id])
@@ -101,24 +83,12 @@ if __name__ == "__main__":
         return statistics.mean(run.get(key, 0.0) for run in runs[ARMS[arm]])
 
     own = mean(1, "in_clock") + mean(1, "after_clock")
-    figures = {
-        "width": cfg.model.width,
-        "epochs": cfg.train.epochs,
-        "subset": cfg.data.subset or "all",
-        "rounds": repeats,
-        "untracked training s": mean(0, "fit"),
-        "untracked whole run s": mean(0, "whole"),
-    }
-    for clock in ("training", "whole run"):  # % over the arm before
-        key = "fit" if clock == "training" else "whole"
+    figures = {"width": cfg.model.width, "epochs": cfg.train.epochs, "subset": cfg.data.subset or "all"}
+    figures |= {"rounds": repeats, "untracked training s": mean(0, "fit"), "untracked whole run s": mean(0, "whole")}
+    for clock, key in (("training", "fit"), ("whole run", "whole")):  # % over the arm before
         figures[f"tracked {clock} +%"] = 100 * (mean(1, key) / mean(0, key) - 1)
         figures[f"system metrics {clock} +%"] = 100 * (mean(2, key) / mean(1, key) - 1)
-    figures |= {
-        "tracking code in the clock s": mean(1, "in_clock"),
-        "upload CPU s": mean(1, "upload_cpu"),
-        "tracking code per run s": own,
-        "tracking code % of untracked run": 100 * own / mean(0, "whole"),
-        "sampler CPU s": mean(2, "sampler_cpu"),
-        "samples": samples,
-    }
-    record("tracking_overhead" + ".quick" * args.quick, figures, device=args.device, write=not args.no_results)
+    figures |= {"tracking code in the clock s": mean(1, "in_clock"), "upload CPU s": mean(1, "upload_cpu"),
+                "tracking code per run s": own, "tracking code % of untracked run": 100 * own / mean(0, "whole"),
+                "sampler CPU s": mean(2, "sampler_cpu"), "samples": samples}  # fmt: skip
+    record("tracking_overhead" + ".quick" * args.quick, figures, args)

@@ -23,9 +23,10 @@ def test_time_to_reach_interpolates_inside_the_curve_and_bounds_outside_it():
     assert peer.time_to_reach(curve, 0.85) == ("=", pytest.approx(150.0))
     assert peer.time_to_reach(curve, 0.70) == ("<=", 100.0)  # already there at its shortest run
     assert peer.time_to_reach(curve, 0.95) == (">", 200.0)  # not reached at its longest
-    lines = peer.ratio_lines(curve, [peer.Point("b", 6, (0.85,), (75.0,))])
-    assert any("b needs <= 75.0 s for a's 80.00%" in line for line in lines)
-    assert any("a needs = 150.0 s for b's 85.00%" in line and "2.00x" in line for line in lines)
+    b = [peer.Point("b", 6, (0.85,), (75.0,))]
+    assert peer.time_ratio(curve, b[0]) == pytest.approx(2.0)  # a needs 150 s for b's 85%, b took 75 s
+    assert peer.time_ratio(b, curve[1]) == "<= 0.75"  # b's shortest run already beats a's 80% (100 s)
+    assert peer.time_ratio(b, curve[0]) == "> 0.38"  # b never reaches a's 90% (200 s)
 
 
 @pytest.mark.slow
@@ -38,7 +39,7 @@ def test_airbench_learns_on_a_cpu_through_the_adaptation(prepared_dir, tmp_path)
     import airbench
 
     data = load_cache(prepared_dir)  # 500 train+val images, 200 test
-    root = peer.write_airbench_files(data, tmp_path, "train+val")
+    root = peer.write_airbench_files(data, tmp_path)
     torch.manual_seed(0)
     with peer.cpu_adaptation(native_bf16(torch.device("cpu"))) as loader_cls, contextlib.chdir(root.parent):
         hyp = airbench.lib_airbench94.hyp
