@@ -6,6 +6,7 @@ python register.py --dry-run                # decide and print, change nothing
 python register.py --max-ece 0.03 --min-ood-auroc 0.9   # also require calibration and OOD detection
 python register.py --int8                   # register the run's int8 model (2-3x faster on CPU)
 python register.py --list | --rollback
+python register.py --dataset fashion-mnist  # the best run of that dataset -> fashion-mnist-classifier
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from cifar.cli import run_cli
-from cifar.contract.registered_model import MODEL_NAME, VersionTags
+from cifar.contract.registered_model import VersionTags, model_name
 from cifar.promote.bundle import import_bundled
 
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", action="append", help="MLflow experiment(s) to choose from (default: all)")
     p.add_argument("--study-name", help="choose among the completed trials of this Optuna study")
     p.add_argument("--metric", default="val_accuracy", help="validation metric to maximise (default val_accuracy)")
-    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--dataset", help="choose among runs of this prepared dataset (default CIFAR-10)")
+    p.add_argument("--model-name", help="registered model (default <dataset>-classifier: cifar10-classifier)")
     p.add_argument("--min-improvement", type=float, default=0.0, help="margin over production on the metric")
     p.add_argument("--force", action="store_true", help="promote even if it does not beat production")
     p.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from cifar.tracking import check_tracking_store
 
     uri = check_tracking_store()
-    name = args.model_name
+    name = args.model_name or model_name(args.dataset)
     if args.list:
         rows = registry.list_versions(name)
         print(f"{name} in {uri}:" if rows else f"no versions of '{name}' in {uri}.")
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         int8=args.int8,
         max_int8_drop=args.max_int8_drop,
         robustness_images=args.robustness_images,
-        data_dir=args.data_dir,
+        data_dir=_dataset_folder(args),
+        dataset=args.dataset or "",
         dry_run=args.dry_run,
     )
     p = decide_promotion(req)
@@ -129,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         f"(re-evaluated now, for the record). Load it with models:/{name}@production"
     )
     return 0
+
+
+def _dataset_folder(args: argparse.Namespace) -> Path | None:
+    """The data the chosen model is re-evaluated on: another dataset's must be prepared (checked before any choice)."""
+    if not args.dataset:
+        return args.data_dir
+    from cifar.data import ensure_cache
+
+    return Path(ensure_cache(args.data_dir, dataset=args.dataset).manifest["cache_dir"]).parent
 
 
 if __name__ == "__main__":

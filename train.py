@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument("--mlflow-experiment", help="MLflow experiment (default: the recipe's name)")
     p.add_argument("--data-dir", type=Path, help="prepared data folder (default $CIFAR_DATA or ./data)")
+    p.add_argument("--dataset", help="a prepared dataset other than CIFAR-10 (python -m cifar.data prepare --dataset)")
     p.add_argument(
         "--source", help="where to prepare data from if the cache is missing (default $CIFAR_SOURCE or download)"
     )
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg,
         TrainOptions(
             data_dir=args.data_dir,
+            dataset=args.dataset,
             source=args.source,
             device=args.device,
             run_name=args.run_name,

@@ -310,3 +310,28 @@ def test_a_graph_outside_the_served_contract_is_refused_with_one_message(tmp_pat
     result = run_cli(["-m", "cifar.assess.recalibrate", "--model-uri", str(tmp_path / "plain")], env=env)
     assert result.returncode == 2 and "is not a served model of this project" in result.stderr
     assert "python train.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_other_real_dataset_is_the_out_of_distribution_set(prepared_dir, tmp_path, monkeypatch):
+    """A Fashion-MNIST model is measured on CIFAR-10's test images, any other on Fashion-MNIST's."""
+    from cifar.run import calibration
+    from cifar.settings import load_settings
+
+    def sets_with(data_dir, dataset):
+        monkeypatch.setenv("CIFAR_DATA", str(data_dir))
+        load_settings()
+        calibration.ood_sets.cache_clear()
+        return calibration.ood_sets(dataset)
+
+    try:
+        sets, missing = sets_with(prepared_dir, "fashion-mnist")
+        assert [s.name for s in sets] == ["noise", "flat", "cifar10"] and missing == {}
+        cifar = load_cache(prepared_dir).images["test"]
+        assert np.array_equal(sets[2].images, cifar[: len(sets[2].images)])
+        assert [s.name for s in sets_with(prepared_dir, "cifar10")[0]] == ["noise", "flat", "fashion_mnist"]
+        sets, missing = sets_with(tmp_path, "fashion-mnist")  # no CIFAR-10 prepared there
+        assert [s.name for s in sets] == ["noise", "flat"] and missing == {"cifar10": calibration.CIFAR10_MISSING}
+    finally:
+        monkeypatch.delenv("CIFAR_DATA")
+        load_settings()
+        calibration.ood_sets.cache_clear()

@@ -18,6 +18,11 @@ PRODUCTION, PREVIOUS = "production", "previous"  # PREVIOUS: what `register.py -
 PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"  # the default of every command
 
 
+def model_name(dataset: str | None = None) -> str:
+    """A dataset's registered model: ``<dataset>-classifier`` (``cifar10-classifier`` by default)."""
+    return f"{dataset or 'cifar10'}-classifier"
+
+
 def production_uri(name: str = MODEL_NAME) -> str:
     """``models:/<name>@production``: what the app serves."""
     return f"models:/{name}@{PRODUCTION}"

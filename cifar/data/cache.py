@@ -52,6 +52,10 @@ class CifarData:
     manifest: dict = field(repr=False)
 
     @property
+    def dataset(self) -> str:
+        return self.manifest.get("dataset", DEFAULT_DATASET)
+
+    @property
     def digest(self) -> str:
         return self.manifest["digest"]
 
@@ -304,10 +308,16 @@ def _prepare_again(folder: Path, manifest_path: Path) -> str:
     return f"Run again: python -m cifar.data prepare {how} --data-dir {shlex.quote(str(data_dir))}"
 
 
-def ensure_cache(data_dir: Path | None = None, source: str | None = None) -> CifarData:
-    """Load the cache, preparing it first (from ``source``, $CIFAR_SOURCE or the download) if missing."""
-    data_dir = Path(data_dir or default_data_dir())
+def ensure_cache(data_dir: Path | None = None, source: str | None = None, dataset: str | None = None) -> CifarData:
+    """Load the dataset's cache; CIFAR-10's is prepared first (from ``source``, $CIFAR_SOURCE or the
+    download) if missing. Another dataset must have been prepared: its source is the user's."""
+    data_dir = dataset_dir(data_dir, dataset)
     if not (cache_dir(data_dir) / "manifest.json").is_file():
+        if (dataset or DEFAULT_DATASET) != DEFAULT_DATASET:
+            raise CifarError(
+                f"dataset {dataset} is not prepared ({cache_dir(data_dir)} is missing). Run: python -m cifar.data "
+                f"prepare --source PATH --dataset {dataset} --data-dir {shlex.quote(str(data_dir.parent))}"
+            )
         source = source or default_source()
         print(f"No prepared data in {cache_dir(data_dir)}: preparing it from {source} ...", flush=True)
         return prepare_cache(source, data_dir)

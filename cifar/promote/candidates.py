@@ -57,9 +57,10 @@ def _trust_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def find_best_run(
-    experiments: list[str] | None = None, study: str | None = None, metric: str = "val_accuracy"
+    experiments: list[str] | None = None, study: str | None = None, metric: str = "val_accuracy", dataset: str = ""
 ) -> Candidate:
-    """The FINISHED run with a logged model and the highest validation ``metric`` linked to that model."""
+    """The FINISHED run of ``dataset`` (default CIFAR-10) with a logged model and the highest validation
+    ``metric`` linked to that model."""
     client = _client()
     name = METRIC_ALIASES.get(metric, metric)
     key = metric_key(name)
@@ -74,9 +75,10 @@ def find_best_run(
         ids = [e.experiment_id for e in found]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-    leader = _leader_by_model(ids, key, study)
+    leader = _leader_by_model(ids, key, study, dataset or "cifar10")
     if leader is None:
         scope = f"study '{study}'" if study else f"experiment(s) {', '.join(names)}" if names else "any experiment"
+        scope += f" of dataset {dataset}" if dataset else ""
         raise CifarError(
             f"no finished run with a logged model and metric '{key}' in {scope} ({_tracking_uri()}). "
             "Train one first: python train.py (or python tune.py)."
@@ -99,14 +101,14 @@ def find_best_run(
     )
 
 
-def _eligible(run, study: str | None) -> bool:
+def _eligible(run, study: str | None, dataset: str) -> bool:
     tags = run.data.tags
-    if run.info.status != "FINISHED" or not tags.get("model_uri"):
+    if run.info.status != "FINISHED" or not tags.get("model_uri") or tags.get("dataset", "cifar10") != dataset:
         return False
     return not study or (tags.get("optuna_study") == study and tags.get("trial_state") == "COMPLETE")
 
 
-def _leader_by_model(ids: list[str], key: str, study: str | None):
+def _leader_by_model(ids: list[str], key: str, study: str | None, dataset: str):
     """(run, metric, value) of the best logged model by its linked ``key`` metric, or None."""
     if not ids:
         return None
@@ -122,7 +124,7 @@ def _leader_by_model(ids: list[str], key: str, study: str | None):
         if not model.source_run_id:
             continue
         run = client.get_run(model.source_run_id)
-        if _eligible(run, study) and run.data.tags["model_uri"] == f"models:/{model.model_id}":
+        if _eligible(run, study, dataset) and run.data.tags["model_uri"] == f"models:/{model.model_id}":
             value = max(m.value for m in model.metrics if m.key == key)
             return run, key, float(value)
     return None

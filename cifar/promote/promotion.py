@@ -31,7 +31,8 @@ class PromotionRequest:
     int8: bool = False
     max_int8_drop: float = 0.005
     robustness_images: int = 500
-    data_dir: Path | None = None
+    data_dir: Path | None = None  # the dataset's own folder (cifar.data.cache.dataset_dir)
+    dataset: str = ""  # runs of this dataset only (default CIFAR-10)
     dry_run: bool = False
 
 
@@ -47,7 +48,7 @@ class Promotion:
 
 def decide_promotion(req: PromotionRequest) -> Promotion:
     """Choose the best run on validation and decide against production; change nothing."""
-    candidate = registry.find_best_run(req.experiments, req.study_name, req.metric)
+    candidate = registry.find_best_run(req.experiments, req.study_name, req.metric, req.dataset)
     precision = "int8" if req.int8 else "float32"
 
     def decide(c: Candidate) -> registry.Decision:

@@ -26,12 +26,15 @@ import pandas as pd
 
 from cifar.contract import schema
 from cifar.contract.trust import ACCEPT_RATE, TrustProfile
+from cifar.data import load_cache
 from cifar.data.fashion_mnist import fashion_mnist_split
+from cifar.errors import CifarError
 from cifar.metrics import calibration_bins, expected_calibration_error, negative_log_likelihood, softmax
 from cifar.run import export
 from cifar.run.export import export_served, feature_layout, served_parity, torch_network, tta_of
 from cifar.settings import settings
 
+CIFAR10_MISSING = "not measured: CIFAR-10 is not prepared here (python -m cifar.data prepare; $CIFAR_DATA)"
 FASHION_MNIST_MISSING = (
     "not measured: Fashion-MNIST is not installed (Debian package dataset-fashion-mnist: make system-deps; "
     "or point $CIFAR_FASHION_MNIST at a folder with t10k-images-idx3-ubyte.gz)"
@@ -169,20 +172,32 @@ def assess(
 
 
 # Training images the score is fitted on: all 45,000 gain little for a feature pass 4.5 times as long
-# in every run and trial (benchmarks/ood_scores.py, RESULTS.md 2026-12-02).
+# in every run and trial (docs/results-log.md, 2026-12-02).
 FIT_IMAGES = 10_000
 
 
-@functools.lru_cache(maxsize=1)
-def ood_sets() -> tuple[tuple[OodSet, ...], dict[str, str]]:
-    """(sets to measure on, {set: why it was not measured}): noise and flat images, and Fashion-MNIST.
+@functools.lru_cache(maxsize=4)
+def ood_sets(dataset: str = "cifar10") -> tuple[tuple[OodSet, ...], dict[str, str]]:
+    """(sets to measure on, {set: why it was not measured}): noise and flat images, and the other real
+    dataset: CIFAR-10's test images for a Fashion-MNIST model, Fashion-MNIST's for any other.
 
-    Built once per process: a tune worker calibrates every trial on the same images.
+    Built once per process and dataset: a tune worker calibrates every trial on the same images.
     """
-    fashion = fashion_mnist_images()
-    if fashion is None:
-        return tuple(generated_ood_images()), {"fashion_mnist": FASHION_MNIST_MISSING}
-    return (*generated_ood_images(), fashion), {}
+    if dataset == "fashion-mnist":
+        real, missing = cifar10_images(), ("cifar10", CIFAR10_MISSING)
+    else:
+        real, missing = fashion_mnist_images(), ("fashion_mnist", FASHION_MNIST_MISSING)
+    if real is None:
+        return tuple(generated_ood_images()), dict([missing])
+    return (*generated_ood_images(), real), {}
+
+
+def cifar10_images(count: int = 2000) -> OodSet | None:
+    """CIFAR-10 test images from the prepared CIFAR-10 cache ($CIFAR_DATA), or None when it is not prepared."""
+    try:
+        return OodSet("cifar10", np.asarray(load_cache(settings().data_dir).images["test"][:count]))
+    except CifarError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -218,7 +233,7 @@ def calibrate_network(net: export.NetOutputs, data, test: tuple[np.ndarray, np.n
     provisional = export.Constants(fit_temperature(val_logits, data.labels["val"]), np.inf, whitening, means)
     val_scores = export.apply_head(classes, provisional, val_logits, val_features)[schema.OOD_SCORE]
     constants = replace(provisional, threshold=acceptance_threshold(val_scores, ACCEPT_RATE))
-    sets, not_measured = ood_sets()
+    sets, not_measured = ood_sets(data.dataset)
     outputs = {"test": export.apply_head(classes, constants, test_logits, test_features)}
     outputs.update({s.name: export.apply_head(classes, constants, *net(s.images)) for s in sets})
     ood = {name: out for name, out in outputs.items() if name != "test"}

@@ -38,6 +38,7 @@ from cifar.tracking.outbox import outbox_root
 @dataclass
 class TrainOptions:
     data_dir: Path | None = None
+    dataset: str | None = None  # None: CIFAR-10; another's cache is data_dir/NAME (cifar.data.cache.dataset_dir)
     source: str | None = None  # used only when the cache is missing
     device: str = "auto"
     run_name: str | None = None
@@ -169,9 +170,10 @@ def _prepare(cfg: ExperimentConfig, options: TrainOptions, group):
     """(the recipe's data split, a seeded fresh model); under DDP one process prepares a missing cache."""
     if group.world_size > 1:
         if group.is_main:
-            ensure_cache(options.data_dir, options.source)
+            ensure_cache(options.data_dir, options.source, options.dataset)
         dist.barrier()
-    data = ensure_cache(options.data_dir, options.source).subset(cfg.data.subset, seed=cfg.train.seed)
+    data = ensure_cache(options.data_dir, options.source, options.dataset)
+    data = data.subset(cfg.data.subset, seed=cfg.train.seed)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = create_model(
         cfg.model.name, num_classes=len(data.classes), width=cfg.model.width, mean=data.mean, std=data.std

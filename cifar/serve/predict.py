@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cifar.cli import run_cli
 from cifar.contract.images import decode_image
+from cifar.contract.registered_model import model_name, production_uri
 from cifar.errors import CifarError
 from cifar.serve.inference import DEFAULT_MODEL_URI, NOT_ONE_OF_THE_CLASSES, Predictor
 from cifar.serve.occlusion import heatmap_overlay
@@ -52,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument(
         "--model-uri",
-        default=DEFAULT_MODEL_URI,
-        help="models:/name@alias, runs:/ID/model, a model folder or an .onnx file",
+        help=f"models:/name@alias, runs:/ID/model, a model folder or an .onnx file (default {DEFAULT_MODEL_URI})",
     )
+    parser.add_argument("--dataset", help="default model: that dataset's production one (NAME-classifier)")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     parser.add_argument("--explain", type=Path, metavar="DIR", help="write an occlusion map per image here")
     args = parser.parse_args(argv)
     files = collect(args.paths)
-    predictor = Predictor.from_uri(args.model_uri)
+    predictor = Predictor.from_uri(args.model_uri or production_uri(model_name(args.dataset)))
     results = predictor.predict_files(files, top_k=args.top_k)
     failed = 0
     records = []

@@ -207,10 +207,10 @@ class TrainingRun:
         mlflow = _mlflow()
         sizes = data.sizes()
         mlflow.log_params({f"data.{split}_size": n for split, n in sizes.items()})
-        mlflow.set_tags({"data_source": source, "data_digest": data.digest})
+        mlflow.set_tags({"data_source": source, "data_digest": data.digest, "dataset": data.dataset})
         contexts = {"train": "training", "val": "validation", "test": "testing"}
         for split, context in contexts.items():
-            self.datasets[split] = (f"cifar10-{split}", f"{data.digest[:10]}-{split}{sizes[split]}")
+            self.datasets[split] = (f"{data.dataset}-{split}", f"{data.digest[:10]}-{split}{sizes[split]}")
             dataset = mlflow.data.from_numpy(
                 np.asarray(data.images[split]),
                 targets=np.asarray(data.labels[split]),

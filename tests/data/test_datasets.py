@@ -74,22 +74,33 @@ def test_any_image_folder_is_prepared_trained_and_answers_by_class_name(tmp_path
         assert np.argmax(mean) == np.argmax(COLOURS[name]), (name, mean)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "CIFAR_DATA": str(data_dir)}
     trained = run_cli(
         [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "3", "--batch-size", "16", "--device", "cpu",
-         "--data-dir", str(data_dir / "my-photos"), "--mlflow-experiment", "photos", "--no-progress"],
+         "--dataset", "my-photos", "--mlflow-experiment", "photos", "--no-progress"],
         env=env, cwd=tmp_path,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("photos").experiment_id])
+    assert run.data.tags["dataset"] == "my-photos"
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"my-photos-train", "my-photos-val", "my-photos-test"}
+
+    cifar10 = run_cli([str(ROOT / "register.py"), "--robustness-images", "0"], env=env, cwd=tmp_path)
+    assert cifar10.returncode == 2 and "no finished run" in cifar10.stderr, "another dataset's run is no CIFAR-10 model"
+    registered = run_cli(
+        [str(ROOT / "register.py"), "--dataset", "my-photos", "--robustness-images", "0"], env=env, cwd=tmp_path
+    )
+    assert registered.returncode == 0, registered.stdout + registered.stderr[-3000:]
+    assert "my-photos-classifier version 1: production" in registered.stdout
+
     image = tmp_path / "blue.png"
     write_image(image, COLOURS["Über blau"], (90, 60), "RGB", 7)
-    model_uri = run.data.tags["model_uri"]
-    predict = ["-m", "cifar", "predict", str(image), "--model-uri", model_uri, "--json"]
+    predict = ["-m", "cifar", "predict", str(image), "--dataset", "my-photos", "--json"]
     predicted = run_cli(predict, env=env, cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     (answer,) = json.loads(predicted.stdout)
+    assert answer["model"].startswith("models:/my-photos-classifier@production")
     assert {entry["label"] for entry in answer["top_k"]} <= set(COLOURS)
     assert answer["top_k"][0]["label"] == "Über blau"
 
