@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", type=Path)
+    p.add_argument("--dataset", default="", help="a prepared dataset other than CIFAR-10")
     p.add_argument("--heartbeat-interval", type=int, default=10, help="seconds between a running trial's heartbeats")
     p.add_argument("--grace-period", type=int, default=30, help="seconds without heartbeat before a trial is failed")
     return p
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             subset=args.subset or None,
             seed=args.seed,
             data_dir=args.data_dir,
+            dataset=args.dataset,
             device=args.device,
             heartbeat_interval=args.heartbeat_interval,
             grace_period=args.grace_period,

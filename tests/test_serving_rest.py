@@ -26,13 +26,13 @@ PRODUCTION = "models:/cifar10-classifier@production"
 
 
 @contextlib.contextmanager
-def serving(env: dict, root: Path, name: str, *options: str):
-    """``mlflow models serve`` on 127.0.0.1 (a free port) for the production model; yields its URL."""
+def serving(env: dict, root: Path, name: str, *options: str, model: str = PRODUCTION):
+    """``mlflow models serve`` on 127.0.0.1 (a free port) for ``model`` (the production one); yields its URL."""
     port, bin_dir = free_port(), Path(sys.executable).parent
     log_path = root / f"{name}.log"
     log = open(log_path, "w")
     server = subprocess.Popen(  # MLflow starts uvicorn from PATH: the venv's bin first
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", PRODUCTION, "--env-manager", "local"]
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local"]
         + ["-h", "127.0.0.1", "-p", str(port), *options],
         env=clean_env({**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}),
         cwd=root,

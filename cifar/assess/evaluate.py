@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from cifar.cli import run_cli
-from cifar.contract.registered_model import PRODUCTION_URI, VersionTags, registered_version
+from cifar.contract.registered_model import (
+    PRODUCTION_URI,
+    VersionTags,
+    model_name,
+    production_uri,
+    registered_version,
+)
 from cifar.data import ensure_cache
 from cifar.run.classification_report import EvaluationReport, build_report, report_figures, write_report  # noqa: F401 (re-exported)
 from cifar.serve.inference import Predictor
@@ -30,12 +36,14 @@ def log_report(report: EvaluationReport, images: np.ndarray, folder: str = "eval
         _mlflow().log_artifacts(str(write_report(report, images, Path(tmp) / folder)), folder)
 
 
-def evaluate_model_uri(model_uri: str, data_dir: Path | None = None, experiment: str = "evaluation") -> str:
+def evaluate_model_uri(
+    model_uri: str, data_dir: Path | None = None, experiment: str = "evaluation", dataset: str = ""
+) -> str:
     """Score a logged/registered model on the test split; log the report as a new run. Returns its id."""
     mlflow = _mlflow()
     check_tracking_store()
     predictor = Predictor.from_uri(model_uri)
-    data = ensure_cache(data_dir)
+    data = ensure_cache(data_dir, dataset=dataset)
     images, labels = np.asarray(data.images["test"]), data.labels["test"]
     report = build_report(predictor.probabilities(images), labels, tuple(predictor.classes))
     mlflow.set_experiment(experiment)
@@ -58,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model-uri", default=PRODUCTION_URI)
+    parser.add_argument("--model-uri", help=f"default: the dataset's production model ({PRODUCTION_URI})")
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--dataset", default="", help="a prepared dataset other than CIFAR-10 (its data and model)")
     parser.add_argument("--experiment", default="evaluation", help="MLflow experiment for the report run")
     args = parser.parse_args(argv)
-    evaluate_model_uri(args.model_uri, args.data_dir, args.experiment)
+    model_uri = args.model_uri or production_uri(model_name(args.dataset))
+    evaluate_model_uri(model_uri, args.data_dir, args.experiment, args.dataset)
     return 0
 
 

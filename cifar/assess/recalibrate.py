@@ -39,7 +39,9 @@ def _model_id(model_uri: str) -> str:
     raise CifarError(f"{model_uri} is not a logged MLflow model (models:/m-..., models:/name/N or @alias).")
 
 
-def calibrate_model(model_uri: str | None = None, run_id: str | None = None, data_dir: Path | None = None):
+def calibrate_model(
+    model_uri: str | None = None, run_id: str | None = None, data_dir: Path | None = None, dataset: str = ""
+):
     """Refit and store the constants of a logged model, a registered version or a local model folder."""
     mlflow = _mlflow()
     local = Path(model_uri).expanduser() if model_uri and Path(model_uri).expanduser().is_dir() else None
@@ -56,7 +58,7 @@ def calibrate_model(model_uri: str | None = None, run_id: str | None = None, dat
                 raise CifarError(f"run {run_id} has no logged model (tag model_uri); it cannot be calibrated.")
         model_id = _model_id(model_uri)
         run_id = run_id or client.get_logged_model(model_id).source_run_id
-    data = ensure_cache(data_dir)
+    data = ensure_cache(data_dir, dataset=dataset)
     with tempfile.TemporaryDirectory() as tmp:
         folder = local or Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=f"{tmp}/model"))
         proto = onnx.load(str(find_onnx(folder)))
@@ -100,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run-id", help="a training run with a logged model")
     which.add_argument("--model-uri", help="models:/name@alias, models:/name/N, models:/m-ID or a model folder")
     parser.add_argument("--data-dir", type=Path, help="prepared data (default: data/)")
+    parser.add_argument("--dataset", default="", help="a prepared dataset other than CIFAR-10 (its data and model)")
     args = parser.parse_args(argv)
-    calibrate_model(args.model_uri, args.run_id, args.data_dir)
+    calibrate_model(args.model_uri, args.run_id, args.data_dir, args.dataset)
     return 0
 
 

@@ -18,7 +18,13 @@ import pandas as pd
 
 from cifar.assess.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cifar.cli import run_cli
-from cifar.contract.registered_model import PRODUCTION_URI, VersionTags, registered_version
+from cifar.contract.registered_model import (
+    PRODUCTION_URI,
+    VersionTags,
+    model_name,
+    production_uri,
+    registered_version,
+)
 from cifar.data import ensure_cache
 from cifar.serve.inference import Predictor
 from cifar.tracking import check_tracking_store
@@ -55,7 +61,7 @@ def mean_corruption_accuracy(table: pd.DataFrame) -> float:
 
 
 def robustness_report(
-    model_uri: str, data_dir: Path | None = None, count: int = 2000, experiment: str = "robustness"
+    model_uri: str, data_dir: Path | None = None, count: int = 2000, experiment: str = "robustness", dataset: str = ""
 ) -> tuple[pd.DataFrame, str]:
     """Measure, print and log the corruption table of a model. Returns (table, MLflow run id)."""
     from cifar.plots import corruption_figure  # lazy: seaborn takes ~1.5 s; `robustness --help` skips it
@@ -63,7 +69,7 @@ def robustness_report(
     mlflow = _mlflow()
     check_tracking_store()
     predictor = Predictor.from_uri(model_uri)
-    data = ensure_cache(data_dir)
+    data = ensure_cache(data_dir, dataset=dataset)
     images, labels = sample_test_split(data, count)
     table = corruption_table(predictor.predicted_classes, images, labels)
     mean = mean_corruption_accuracy(table)
@@ -101,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model-uri", default=PRODUCTION_URI)
+    parser.add_argument("--model-uri", help=f"default: the dataset's production model ({PRODUCTION_URI})")
     parser.add_argument("--images", type=int, default=2000, help="test images per condition (0: all 10,000)")
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--dataset", default="", help="a prepared dataset other than CIFAR-10 (its data and model)")
     parser.add_argument("--experiment", default="robustness", help="MLflow experiment for the report run")
     args = parser.parse_args(argv)
-    robustness_report(args.model_uri, args.data_dir, args.images, args.experiment)
+    model_uri = args.model_uri or production_uri(model_name(args.dataset))
+    robustness_report(model_uri, args.data_dir, args.images, args.experiment, args.dataset)
     return 0
 
 

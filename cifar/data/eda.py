@@ -209,11 +209,11 @@ def html_report(
     return "\n".join(parts)
 
 
-def run_eda(data_dir: Path | None = None, experiment: str = "eda") -> str:
+def run_eda(data_dir: Path | None = None, experiment: str = "eda", dataset: str = "") -> str:
     """Compute everything and log it as one MLflow run; returns the run id."""
     mlflow = _mlflow()
     check_tracking_store()
-    data = ensure_cache(data_dir)
+    data = ensure_cache(data_dir, dataset=dataset)
     balance, stats, duplicates = class_balance(data), image_statistics(data), find_duplicates(data)
     figs = figures(data, balance, stats, duplicates)
     pngs = {name: _png(fig) for name, fig in figs.items()}
@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", default="", help="prepared data (default $CIFAR_DATA or ./data)")
     parser.add_argument("--experiment", default="eda")
+    parser.add_argument("--dataset", default="", help="a prepared dataset other than CIFAR-10 (its data and model)")
     args = parser.parse_args(argv)
-    run_eda(Path(args.data_dir) if args.data_dir else None, args.experiment)
+    run_eda(Path(args.data_dir) if args.data_dir else None, args.experiment, args.dataset)
     return 0
 
 

@@ -47,6 +47,7 @@ class TuneOptions:
     subset: int | None = None
     seed: int | None = None  # None: a per-worker seed
     data_dir: Path | None = None
+    dataset: str = ""  # a prepared dataset other than CIFAR-10
     device: str = "auto"
     heartbeat_interval: int = 10
     grace_period: int = 30
@@ -214,6 +215,7 @@ def objective_for(
                 cfg,
                 TrainOptions(
                     data_dir=options.data_dir,
+                    dataset=options.dataset or None,
                     device=options.device,
                     run_name=f"{study_name}-trial-{trial.number}",
                     mlflow_experiment=study_name,
@@ -255,8 +257,8 @@ def _follow_trials(options: TuneOptions) -> None:
         try:
             train_experiment(
                 cfg,
-                TrainOptions(data_dir=options.data_dir, device=options.device, track=False, progress=False,
-                             on_epoch_end=follow),
+                TrainOptions(data_dir=options.data_dir, dataset=options.dataset or None, device=options.device,
+                             track=False, progress=False, on_epoch_end=follow),
             )  # fmt: skip
         except (_StopTrial, CifarError):
             pass  # pruned, or diverged (rank 0 saw the same loss and fails the trial)
