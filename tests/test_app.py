@@ -194,8 +194,8 @@ def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch)
         onnx.load(str(BUNDLE_DIR / "model.onnx")), yaml.safe_load((BUNDLE_DIR / "MLmodel").read_text())["metadata"]
     )
     with mlflow.start_run():
-        mlflow.log_metrics({"best_val_accuracy": 0.99, "test_accuracy": 0.9})
         uri = log_onnx_model(proto, meta, mini_example())
+        mlflow.log_metrics({"val/best_accuracy": 0.99, "test/accuracy": 0.9}, model_id=uri.removeprefix("models:/"))
         mlflow.set_tag("model_uri", uri)
     decision = registry.decide(registry.find_best_run(["newer"]), registry.MODEL_NAME, 0.0, False)
     assessment = registry.assess_model(uri, robustness_images=0)  # the bundled net is slow on 2 cores

@@ -19,6 +19,7 @@ from cifar.promote import registry
 from cifar.promote.bundle import BUNDLE_DIR
 from cifar.run import export
 from cifar.serve.inference import Predictor
+from cifar.tracking.names import mlflow_metrics
 
 
 def _op_types(path) -> set[str]:
@@ -86,8 +87,9 @@ def finished_run(tracking_env, prepared_dir, float_served, monkeypatch):
     data, served = float_served
     mlflow.set_experiment("trained")
     with mlflow.start_run() as run:
-        mlflow.log_metrics({"best_val_accuracy": 0.5, "test_accuracy": 0.5, **served.calibration.profile.metrics})
         uri = log_served(served, data)
+        figures = {"best_val_accuracy": 0.5, "test_accuracy": 0.5, **served.calibration.profile.metrics}
+        mlflow.log_metrics(mlflow_metrics(figures), model_id=uri.removeprefix("models:/"))  # as training links them
         mlflow.set_tags({"model_uri": uri, "git_commit": "abc", "data_digest": data.digest})
     return run.info.run_id, {"MLFLOW_TRACKING_URI": tracking_env, "CIFAR_DATA": str(prepared_dir)}
 
