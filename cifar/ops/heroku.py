@@ -43,6 +43,7 @@ FILES = (
     "cifar/data/__init__.py",
     "cifar/data/cache.py",
     "cifar/data/sources.py",
+    "cifar/data/fashion_mnist.py",
     "cifar/promote/__init__.py",
     "cifar/promote/bundle.py",
     "cifar/promote/candidates.py",
