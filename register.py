@@ -138,9 +138,12 @@ def _dataset_folder(args: argparse.Namespace) -> Path | None:
     """The data the chosen model is re-evaluated on: another dataset's must be prepared (checked before any choice)."""
     if not args.dataset:
         return args.data_dir
-    from cifar.data import ensure_cache
+    from cifar.data.cache import cache_dir, dataset_dir, ensure_cache
 
-    return Path(ensure_cache(args.data_dir, dataset=args.dataset).manifest["cache_dir"]).parent
+    folder = dataset_dir(args.data_dir, args.dataset)
+    if not (cache_dir(folder) / "manifest.json").is_file():
+        ensure_cache(args.data_dir, dataset=args.dataset)  # not prepared: says how (the cache is read once, later)
+    return folder
 
 
 if __name__ == "__main__":
