@@ -74,6 +74,19 @@ def test_whitening_stem_decorrelates_real_patches(prepared_dir):
     assert np.allclose(np.sort(torch.diag(cov).numpy())[::-1], expected, atol=0.01)
 
 
+def test_whitening_stem_on_grayscale_leaves_no_dead_channel(prepared_dir):
+    # Grayscale copied to RGB (as Fashion-MNIST is prepared) spans 4 of the 12 patch dimensions.
+    gray = np.asarray(load_cache(prepared_dir).images["train"], np.float32).mean(-1, keepdims=True).repeat(3, -1)
+    images = torch.from_numpy(gray).permute(0, 3, 1, 2) / 255
+    model = create_model("fastnet", mean=[float(images.mean())] * 3, std=[float(images.std())] * 3)
+    model.init_from_data(images)
+    with torch.no_grad():
+        out = model.body.whiten(model.normalize(images))
+    # A filter on an empty direction would output only its bias, which trains without bound.
+    assert out.std(dim=(0, 2, 3)).min() > 0.5
+    assert torch.linalg.matrix_rank(model.body.whiten.weight[:12].flatten(1)) == 4
+
+
 def test_normalization_is_inside_the_model():
     model = create_model("small_cnn", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
     assert model.normalize.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])

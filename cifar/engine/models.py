@@ -171,7 +171,12 @@ class FastNet(nn.Module):
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).float()
-        filters = filters.view(12, 3, 2, 2).flip(0)
+        filters = filters.view(12, 3, 2, 2).flip(0)  # largest variance first
+        # Grayscale copied to RGB spans 4 of the 12 patch dimensions. A filter on an empty one
+        # outputs only its bias, which BatchNorm makes scale-free, so it grows without bound
+        # (logits near 1e4 after one epoch); those slots repeat the live filters instead.
+        rank = int((eigenvalues > 1e-6 * eigenvalues.max()).sum())
+        filters = filters[torch.arange(12) % rank]
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
 
