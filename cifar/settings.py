@@ -15,6 +15,7 @@ code asks ``settings()`` and never ``os.environ``. MLflow's and Optuna's own var
 | CIFAR_MODEL_CACHE | model_cache (None: off) | $XDG_CACHE_HOME/cifar/models |
 | CIFAR_FASHION_MNIST | fashion_mnist | Debian's dataset-fashion-mnist |
 | CIFAR_MODEL_CHECK_SECONDS | model_check_seconds | 60 |
+| CIFAR_MODEL_NAME | model_name (None: the app offers each model in production) | None |
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Settings:
     model_cache: Path | None = None
     fashion_mnist: Path = Path("/usr/share/datasets/fashion-mnist")
     model_check_seconds: float = 60.0
+    model_name: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +73,7 @@ class Settings:
             model_cache=None if cache.lower() in _OFF else Path(cache).expanduser(),
             fashion_mnist=Path(get("CIFAR_FASHION_MNIST") or base.fashion_mnist),
             model_check_seconds=check,
+            model_name=get("CIFAR_MODEL_NAME"),
         )
 
 

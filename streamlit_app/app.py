@@ -1,9 +1,11 @@
-"""CIFAR-10 classifier app: serves the registry's production model (ONNX Runtime, no torch).
+"""Classifier app: serves a registered model's production version (ONNX Runtime, no torch).
 
     streamlit run streamlit_app/app.py        (or: make app)
 
-Reads ``$MLFLOW_TRACKING_URI`` (else the local mlflow.db), ``$MLFLOW_UI_URL`` (for run links) and
-``$CIFAR_MODEL_CHECK_SECONDS`` (how often an open page asks which version is production; 60).
+Reads ``$MLFLOW_TRACKING_URI`` (else the local mlflow.db), ``$MLFLOW_UI_URL`` (for run links),
+``$CIFAR_MODEL_NAME`` (the registered model to serve; unset, a selector offers each model in
+production, CIFAR-10's first) and ``$CIFAR_MODEL_CHECK_SECONDS`` (how often an open page asks which
+version is production; 60). Title, classes and sample gallery come from the model and its run.
 """
 
 from __future__ import annotations
@@ -21,22 +23,36 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from cifar.contract.images import decode_image  # noqa: E402
+from cifar.contract.registered_model import MODEL_NAME, model_title  # noqa: E402
 from cifar.errors import CifarError  # noqa: E402
 from cifar.serve import serving  # noqa: E402
 from cifar.settings import settings  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
 CHECK_SECONDS = settings().model_check_seconds  # read once per app process
 
 
-def check_production() -> None:
-    """Ask the registry which version is production; the answer (or what to run) stays in the session."""
+def check_production(name: str) -> None:
+    """Ask the registry which models are in production and the chosen one's version; the answers stay in the session."""
     try:
-        st.session_state["production"] = (serving.production_model(), None)
+        st.session_state["models"] = [settings().model_name] if settings().model_name else serving.served_model_names()
+    except CifarError:  # an unreachable store: production_model names it
+        st.session_state["models"] = []
+    try:
+        st.session_state["production"] = (serving.production_model(name), None)
     except CifarError as exc:
         st.session_state["production"] = (None, str(exc))
+    st.session_state["production_of"] = name
     st.session_state["checked_at"] = time.time()
+
+
+def choose_model() -> str:
+    """``$CIFAR_MODEL_NAME``; else a selector when several models are in production; else the one there is."""
+    names = st.session_state["models"]
+    if len(names) > 1:
+        default = names.index(MODEL_NAME) if MODEL_NAME in names else 0
+        return st.sidebar.selectbox("Model", names, index=default, key="model_name")
+    return names[0] if names else MODEL_NAME
 
 
 @st.fragment(run_every=CHECK_SECONDS)
@@ -45,7 +61,7 @@ def watch_production() -> None:
     served = st.session_state.get("production", (None, None))[0]
     # A page run in between (any click) does not ask again: at most once a period, as the timer does
     if time.time() - st.session_state.get("checked_at", 0) >= 0.9 * CHECK_SECONDS:
-        check_production()
+        check_production(st.session_state["production_of"])
         now = st.session_state["production"][0]
         if (now and now.version) != (served and served.version):
             st.rerun()  # the new model, its sidebar and its report
@@ -65,11 +81,13 @@ def report_for(run_id: str, tracking_uri: str) -> serving.RunReport:
 
 
 @st.cache_data(show_spinner=False)
-def latency_for(model_uri: str, tracking_uri: str) -> float | None:
-    samples = sorted(SAMPLES.glob("*.png"))
-    if not samples:
-        return None
-    return serving.time_one_prediction(predictor_for(model_uri, tracking_uri), samples[0].read_bytes())
+def samples_for(run_id: str, tracking_uri: str) -> list[tuple[str, bytes]]:
+    return serving.model_samples(run_id) if run_id else []
+
+
+@st.cache_data(show_spinner=False)
+def latency_for(model_uri: str, tracking_uri: str, image: bytes) -> float:
+    return serving.time_one_prediction(predictor_for(model_uri, tracking_uri), image)
 
 
 def preview(data: bytes) -> bytes | None:
@@ -109,7 +127,7 @@ def show_prediction(name: str, data: bytes, predictor: serving.Predictor) -> Non
     else:
         chart.markdown(f"### none of these?\nbest guess {prediction.label}, {prediction.confidence:.1%} confident")
         chart.warning(
-            f"This does not look like any of the 10 classes: its out-of-distribution score "
+            f"This does not look like any of the {len(predictor.classes)} classes: its out-of-distribution score "
             f"({prediction.ood_score:.2f}) is above the threshold that accepts "
             f"{predictor.trust.accept_rate:.0%} of validation images."
         )
@@ -145,30 +163,33 @@ def _pct(value: str) -> str:
         return value
 
 
-def predict_page(predictor: serving.Predictor) -> None:
+def predict_page(predictor: serving.Predictor, samples: list[tuple[str, bytes]], title: str) -> None:
     uploads = st.file_uploader("Upload one or more images", type=UPLOAD_TYPES, accept_multiple_files=True)
     with st.expander("Take a photo with the camera"):
         photo = st.camera_input("Camera")
-    st.markdown("**Or click a sample CIFAR-10 test image:**")
-    samples = sorted(SAMPLES.glob("*.png"))
-    columns = st.columns(10)
-    for i, sample in enumerate(samples):
-        column = columns[i % 10]
-        column.image(str(sample), width=48)
-        if column.button(sample.stem.split("_")[0], key=f"sample-{sample.stem}"):
-            st.session_state["sample"] = sample.name
+    if samples:
+        st.markdown(f"**Or click a sample {title} test image:**")
+        columns = st.columns(10)
+        seen: dict[str, int] = {}
+        for i, (label, image) in enumerate(samples):
+            seen[label] = seen.get(label, -1) + 1
+            name = f"{label}_{seen[label]}"  # the sample's own name, also its button's key
+            columns[i % 10].image(image, width=48)
+            if columns[i % 10].button(label, key=f"sample-{name}"):
+                st.session_state["sample"] = (f"{name}.png", image)
+    else:
+        st.caption("This model's run carries no sample images.")
     items = [(u.name, u.getvalue()) for u in uploads or []]
     if photo is not None:
         items.append(("camera photo", photo.getvalue()))
     if st.session_state.get("sample") and not items:
-        chosen = SAMPLES / st.session_state["sample"]
-        items.append((chosen.name, chosen.read_bytes()))
+        items.append(st.session_state["sample"])
     for name, data in items:
         st.divider()
         show_prediction(name, data, predictor)
 
 
-def model_page(info: serving.ModelInfo, predictor: serving.Predictor) -> None:
+def model_page(info: serving.ModelInfo, samples: list[tuple[str, bytes]]) -> None:
     report = report_for(info.run_id, info.tracking_uri) if info.run_id else serving.RunReport(None, None, None)
     st.subheader("Per-class accuracy on the test split")
     if report.per_class is not None:
@@ -195,17 +216,24 @@ def model_page(info: serving.ModelInfo, predictor: serving.Predictor) -> None:
         cell.metric(label, f"{float(value):.3f}" if value else "not measured", help=help_text)
     if not trust:
         st.caption("Measure them with python -m cifar calibrate and python -m cifar robustness.")
-    ms = latency_for(info.uri, info.tracking_uri)
-    if ms is not None:
-        st.metric("One prediction (decode, resize, predict; median of 20)", f"{ms:.1f} ms")
+    ms = latency_for(info.uri, info.tracking_uri, samples[0][1]) if samples else None
+    shown = f"{ms:.1f} ms" if ms is not None else "not measured (no sample image)"
+    st.metric("One prediction (decode, resize, predict; median of 20)", shown)
 
 
 def main() -> None:
-    st.set_page_config(page_title="CIFAR-10 classifier", layout="wide")
-    st.title("CIFAR-10 classifier")
-    st.caption("airplane · automobile · bird · cat · deer · dog · frog · horse · ship · truck")
-    if st.sidebar.button("Check for a new model") or "production" not in st.session_state:
-        check_production()
+    st.set_page_config(page_title="Image classifier", layout="wide")
+    clicked = st.sidebar.button("Check for a new model")
+    if "models" not in st.session_state:
+        check_production(settings().model_name or MODEL_NAME)
+    name = choose_model()
+    if st.session_state["production_of"] != name:
+        st.session_state.pop("sample", None)  # another model's sample
+    if clicked or st.session_state["production_of"] != name:
+        check_production(name)
+    title = model_title(name)
+    st.set_page_config(page_title=f"{title} classifier")
+    st.title(f"{title} classifier")
     info, error = st.session_state["production"]
     if info is not None:
         sidebar(info)
@@ -213,18 +241,22 @@ def main() -> None:
         watch_production()
     if error:
         st.error(error)
-        st.code("python register.py --import-bundled", language="bash")
+        if st.session_state["production_of"] == MODEL_NAME:
+            st.code("python register.py --import-bundled", language="bash")
         return
     try:
         predictor = predictor_for(info.uri, info.tracking_uri)
     except CifarError as exc:
         st.error(f"The production model could not be loaded: {exc}")
         return
+    shown = predictor.classes[:30] + [f"and {len(predictor.classes) - 30} more"] * (len(predictor.classes) > 30)
+    st.caption(" · ".join(shown))
+    samples = samples_for(info.run_id, info.tracking_uri)
     predict_tab, model_tab = st.tabs(["Predict", "About the model"])
     with predict_tab:
-        predict_page(predictor)
+        predict_page(predictor, samples, title)
     with model_tab:
-        model_page(info, predictor)
+        model_page(info, samples)
 
 
 main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -277,6 +278,34 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
         process.wait()
 
 
+@contextlib.contextmanager
+def streamlit_app(env: dict, tmp_path: Path):
+    """``streamlit run streamlit_app/app.py`` on a free port of 127.0.0.1: yields its URL, stops it after."""
+    port = free_port()
+    # The server's output goes to a file: an unread pipe fills up (MLflow's download bars, warnings
+    # from 20 sessions) and then blocks the app mid-write, which looked like a page that never loads.
+    log_path = tmp_path / "streamlit.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [PYTHON, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if not wait_until_serving(f"{url}/_stcore/health", server, 90):
+                pytest.fail(f"streamlit did not start: {log_path.read_text()[-2000:]}")
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            print(f"streamlit log (last lines): {log_path.read_text()[-1500:]}")
+
+
 def keep_screenshot(shot: Path) -> None:
     """A real page was drawn; ``$CIFAR_ARTIFACTS_DIR`` keeps the picture for a person to look at."""
     assert shot.stat().st_size > 20_000
@@ -294,11 +323,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def relabelled(proto, metadata: dict, shift: int = 1):
+def relabelled(proto, metadata: dict, shift: int = 1, classes: list[str] | None = None):
     """The same network with its label table rotated by ``shift``: a genuinely different served model.
 
     Every image gets another label (class i is named class i+shift), so a test can tell which
-    version answered. Returns (proto, metadata) for ``cifar.tracking.log_onnx_model``.
+    version answered; ``classes`` names them anew instead. Returns (proto, metadata) for
+    ``cifar.tracking.log_onnx_model``.
     """
     import copy
     import json
@@ -309,7 +339,7 @@ def relabelled(proto, metadata: dict, shift: int = 1):
     proto, metadata = copy.deepcopy(proto), copy.deepcopy(metadata)
     (table,) = [t for t in proto.graph.initializer if t.name == export.HEAD + "classes"]
     names = [s.decode() for s in table.string_data]
-    rotated = names[shift:] + names[:shift]
+    rotated = list(classes) if classes else names[shift:] + names[:shift]
     table.string_data[:] = [n.encode() for n in rotated]
     (entry,) = [p for p in proto.metadata_props if p.key == schema.METADATA_KEY]
     entry.value = json.dumps({**json.loads(entry.value), "classes": rotated})

@@ -14,13 +14,16 @@ from conftest import ROOT, relabelled
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from cifar.contract.gallery import read_samples, write_samples
+from cifar.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_split
 from cifar.data.sources import CIFAR10_CLASSES
 from cifar.promote import registry
 from cifar.promote.bundle import BUNDLE_DIR, import_bundled
+from cifar.settings import load_settings, settings
 from cifar.tracking import log_onnx_model
 
 APP = str(ROOT / "streamlit_app" / "app.py")
-SAMPLES = ROOT / "streamlit_app" / "samples"
+SAMPLES = ROOT / "models" / "bundled" / "samples"
 pytestmark = pytest.mark.integration
 
 
@@ -197,6 +200,7 @@ def test_switches_to_a_newly_promoted_version(served, prepared_dir, monkeypatch)
         uri = log_onnx_model(proto, meta, mini_example())
         mlflow.log_metrics({"val/best_accuracy": 0.99, "test/accuracy": 0.9}, model_id=uri.removeprefix("models:/"))
         mlflow.set_tag("model_uri", uri)
+        mlflow.log_artifacts(str(SAMPLES), "samples")  # its gallery (a run carries the dataset's samples)
     decision = registry.decide(registry.find_best_run(["newer"]), registry.MODEL_NAME, 0.0, False)
     assessment = registry.assess_model(uri, robustness_images=0)  # the bundled net is slow on 2 cores
     assert registry.register_and_promote(decision, registry.MODEL_NAME, assessment=assessment).version == "2"
@@ -239,6 +243,65 @@ def test_a_production_model_with_wrong_metadata_is_named_not_served(tracking_env
     at = run_app()
     assert "could not be loaded" in at.error[0].value
     assert "outputs 10 classes but its metadata names 5" in at.error[0].value
+
+
+def test_gallery_files_keep_any_class_name(tmp_path):
+    names = ["T-shirt/top", "Über blau", "über blau", "cat"]  # a slash; names alike once made ASCII
+    labels = np.repeat(np.arange(4), 3)
+    images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    samples = read_samples(write_samples(images, labels, names, tmp_path / "samples"))
+    assert [label for label, _ in samples] == [n for n in names for _ in range(2)]  # two per class, in order
+    assert len({path.name for _, path in samples}) == 8
+    assert np.array_equal(np.asarray(Image.open(samples[2][1])), images[3])  # the class's first image
+    many = read_samples(write_samples(images, np.arange(12) % 12, [f"c{i}" for i in range(12)], tmp_path / "m", 10))
+    assert [label for label, _ in many] == [f"c{i}" for i in range(10)]  # past the limit: one each, 10 in all
+    assert read_samples(tmp_path / "nothing") == []
+
+
+def fashion_named_model(data_dir) -> str:
+    """The bundled network registered as ``fashion-mnist-classifier``: Fashion-MNIST's class names, and its run
+    carries real Fashion-MNIST test images as samples."""
+    import yaml
+
+    proto, meta = relabelled(
+        onnx.load(str(BUNDLE_DIR / "model.onnx")),
+        yaml.safe_load((BUNDLE_DIR / "MLmodel").read_text())["metadata"],
+        classes=list(FASHION_MNIST_CLASSES),
+    )
+    images, labels = fashion_mnist_split(settings().fashion_mnist, "t10k")
+    mlflow.set_experiment("fashion")
+    with mlflow.start_run():
+        uri = log_onnx_model(proto, meta, images[:2])
+        mlflow.log_artifacts(str(write_samples(images[:200], labels[:200], meta["classes"], data_dir)), "samples")
+    version = mlflow.register_model(uri, "fashion-mnist-classifier").version
+    mlflow.MlflowClient().set_registered_model_alias("fashion-mnist-classifier", "production", version)
+    return version
+
+
+def test_a_selector_offers_each_model_in_production_and_each_brings_its_own_classes(served, tmp_path, monkeypatch):
+    fashion_named_model(tmp_path / "samples")
+    at = run_app()
+    (selector,) = at.sidebar.selectbox
+    assert selector.options == ["cifar10-classifier", "fashion-mnist-classifier"]
+    assert selector.value == "cifar10-classifier"
+    assert at.title[0].value == "CIFAR-10 classifier" and "airplane · automobile" in at.caption[0].value
+    selector.set_value("fashion-mnist-classifier").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Fashion-MNIST classifier"
+    assert at.caption[0].value == " · ".join(FASHION_MNIST_CLASSES)
+    assert "**fashion-mnist-classifier** version **1**" in text_of(at)
+    gallery = [b.label for b in at.button if b.key and b.key.startswith("sample-")]
+    assert sorted(gallery) == sorted(FASHION_MNIST_CLASSES * 2)  # its run's samples (two each), not CIFAR-10's
+    answer = answer_to_sample(at, "sample-Sneaker_0")
+    assert answer in FASHION_MNIST_CLASSES
+    monkeypatch.setenv("CIFAR_MODEL_NAME", "fashion-mnist-classifier")  # chosen by the host: no selector
+    load_settings()
+    try:
+        pinned = run_app()
+    finally:
+        monkeypatch.delenv("CIFAR_MODEL_NAME")
+        load_settings()
+    assert not pinned.sidebar.selectbox and pinned.title[0].value == "Fashion-MNIST classifier"
 
 
 def test_streamlit_binds_this_machine_and_the_hosting_command_every_interface():

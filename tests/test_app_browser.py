@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,14 +11,12 @@ from conftest import (
     BROWSER_TEST,
     CHROMIUM,
     CHROMIUM_FLAGS,
-    PYTHON,
     ROOT,
     clean_env,
-    free_port,
     keep_screenshot,
     relabelled,
     run_cli,
-    wait_until_serving,
+    streamlit_app,
 )
 
 CHECK_SECONDS = 30  # how often each open page asks for the production version (the app's default is 60)
@@ -37,45 +34,8 @@ def app_url(tmp_path):
     )
     imported = run_cli([str(ROOT / "register.py"), "--import-bundled"], env=env, cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr[-2000:]
-    port = free_port()
-    # The server's output goes to a file: an unread pipe fills up (MLflow's download bars, warnings
-    # from 20 sessions) and then blocks the app mid-write, which looked like a page that never loads.
-    log = open(tmp_path / "streamlit.log", "w")
-    server = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "streamlit",
-            "run",
-            str(ROOT / "streamlit_app" / "app.py"),
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--server.headless",
-            "true",
-            "--browser.gatherUsageStats",
-            "false",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_until_serving(f"{url}/_stcore/health", server, 90):
-            pytest.fail(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()[-2000:]}")
+    with streamlit_app(env, tmp_path) as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-        print(f"streamlit log (last lines): {(tmp_path / 'streamlit.log').read_text()[-1500:]}")
 
 
 def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):

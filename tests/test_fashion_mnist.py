@@ -1,18 +1,19 @@
 """The lifecycle on a second dataset: Fashion-MNIST from Debian's package, prepared, trained, searched,
-registered as its own model and served by ``mlflow models serve`` with its own labels."""
+registered as its own model, served by ``mlflow models serve`` with its own labels, and by the app in Chromium."""
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import BROWSER_TEST, CHROMIUM, CHROMIUM_FLAGS, ROOT, clean_env, keep_screenshot, run_cli, streamlit_app
+from PIL import Image
 from test_serving_rest import answers, serving
 
 from cifar.data import load_cache, prepare_cache
 from cifar.data.fashion_mnist import FASHION_MNIST_CLASSES
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = BROWSER_TEST
 SHORT = ["--experiment", "smoke", "--subset", "2000", "--device", "cpu"]
 
 
@@ -49,3 +50,31 @@ def test_fashion_mnist_is_prepared_trained_tuned_registered_and_served(tmp_path,
         labels = answers(url, sneakers)["label"]
     assert set(labels) <= set(FASHION_MNIST_CLASSES)
     assert labels.count("Sneaker") >= 12, labels  # 20 test sneakers, a 2-epoch model on 2,000 images
+    upload = tmp_path / "my_sneaker.png"
+    Image.fromarray(sneakers[labels.index("Sneaker")]).resize((200, 200), Image.Resampling.BICUBIC).save(upload)
+    app_page(clean_env({**env, "PYTHONPATH": str(ROOT)}), tmp_path, upload)
+
+
+def app_page(env: dict, tmp_path, upload) -> None:
+    """The app serves the one model in production, Fashion-MNIST's: its title, classes, gallery and answers."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with streamlit_app(env, tmp_path) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            expect(page.get_by_role("heading", name="Fashion-MNIST classifier")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(" · ".join(FASHION_MNIST_CLASSES))).to_be_visible()
+            expect(page.get_by_text("fashion-mnist-classifier version 1")).to_be_visible()
+            expect(page.get_by_role("button", name="Ankle boot").first).to_be_visible()  # its run's gallery
+            page.locator('input[type="file"]').first.set_input_files(str(upload))
+            expect(page.get_by_text("my_sneaker.png").first).to_be_visible(timeout=60_000)
+            expect(page.locator("h3").filter(has_text="Sneaker").first).to_be_visible(timeout=60_000)
+            expect(page.locator('[data-testid*="VegaLiteChart"]').first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1500)  # let the chart finish drawing before the picture
+            shot = tmp_path / "app_fashion_mnist.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    keep_screenshot(shot)

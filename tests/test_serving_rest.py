@@ -72,7 +72,7 @@ def scoring_server(tmp_path_factory):
 
 def test_the_scoring_server_answers_like_cifar_predict_and_the_predictor(scoring_server, tmp_path):
     url, env, root = scoring_server
-    files = sorted((ROOT / "streamlit_app" / "samples").glob("*.png"))  # real CIFAR-10 test images
+    files = sorted((ROOT / "models" / "bundled" / "samples").glob("*.png"))  # real CIFAR-10 test images
     rng = np.random.default_rng(7)
     for i in range(3):  # and uniform noise, which no class should claim
         noise = tmp_path / f"noise_{i}.png"

@@ -23,6 +23,12 @@ def model_name(dataset: str | None = None) -> str:
     return f"{dataset or 'cifar10'}-classifier"
 
 
+def model_title(name: str) -> str:
+    """How the app names a registered model's classifier: ``CIFAR-10``, ``Fashion-MNIST``, else the dataset's name."""
+    dataset = name.removesuffix("-classifier")
+    return {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST"}.get(dataset, dataset)
+
+
 def production_uri(name: str = MODEL_NAME) -> str:
     """``models:/<name>@production``: what the app serves."""
     return f"models:/{name}@{PRODUCTION}"

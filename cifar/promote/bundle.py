@@ -22,6 +22,7 @@ import yaml
 from cifar.cli import run_cli
 from cifar.config import PROJECT_ROOT
 from cifar.contract import schema
+from cifar.contract.gallery import SAMPLES_FOLDER, write_samples
 from cifar.contract.registered_model import MODEL_NAME, VersionTags
 from cifar.data import ensure_cache
 from cifar.errors import CifarError
@@ -166,6 +167,7 @@ def _write_bundle(
     title = "Test split (int8)" if metadata.get("precision") == "int8" else "Test split"
     confusion_matrix_figure(cm, data.classes, title).savefig(folder / "confusion_matrix.png", dpi=80)
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    write_samples(data.images["test"], labels, data.classes, folder / SAMPLES_FOLDER)
     (folder / "README.md").write_text(model_card(metadata, metrics, report, recipe))
 
 
@@ -297,6 +299,8 @@ def import_bundled(bundle_dir: Path | None = None, name: str = MODEL_NAME) -> tu
                     if (folder / file).is_file():
                         mlflow.log_artifact(str(folder / file), artifact_dir)
                 mlflow.log_dict(metrics, "bundle/metrics.json")
+                if (folder / SAMPLES_FOLDER).is_dir():
+                    mlflow.log_artifacts(str(folder / SAMPLES_FOLDER), SAMPLES_FOLDER)
                 uri = log_onnx_model(proto, metadata, example)
                 trust = (metadata.get("trust") or {}).get("metrics", {})  # what the graph's constants do
                 scores = {"best_val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"]}

@@ -7,6 +7,7 @@
       evaluation/         the test report (cifar.assess.evaluate): confusion matrix, per-class table, ...
       trust/              reliability diagrams, OOD score histogram, trust.json (cifar.assess.recalibrate)
       weights/            model.safetensors + model_config.json
+      samples/            a few test images per class with their labels: the app's gallery
       model/              the served model: model.onnx, metadata.json, example.npy
       tensorboard/        augmented_batch.png, for the run's TensorBoard images (not an artifact folder)
 
@@ -27,6 +28,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 from cifar.config import ExperimentConfig
+from cifar.contract.gallery import SAMPLES_FOLDER, write_samples
 from cifar.contract.schema import PROBABILITIES
 from cifar.contract.trust import headline_ood_auroc
 from cifar.data.loader import Augmentation, augment_batch, images_to_tensor
@@ -35,7 +37,7 @@ from cifar.run.calibration import write_trust_report
 from cifar.run.classification_report import build_report, write_report
 from cifar.run.export import save_weights
 
-ARTIFACT_FOLDERS = ("plots", "evaluation", "trust", "weights")  # the run's artifact folders, as logged
+ARTIFACT_FOLDERS = ("plots", "evaluation", "trust", "weights", SAMPLES_FOLDER)  # the run's artifact folders, as logged
 MODEL_FOLDER, TENSORBOARD_FOLDER = "model", "tensorboard"
 
 
@@ -75,6 +77,7 @@ def write_results(folder: Path, *, cfg: ExperimentConfig, fit, test, data, model
     (folder / "plots").mkdir(exist_ok=True)
     training_curves(fit.history, fit.best_epoch).savefig(folder / "plots" / "training_curves.png")
     write_report(report, np.asarray(data.images["test"]), folder / "evaluation")
+    write_samples(data.images["test"], test.labels, data.classes, folder / SAMPLES_FOLDER)
     save_weights(model, folder / "weights", served.metadata)
     write_trust_report(calibration, test.labels, folder / "trust")
     write_model_folder(folder / MODEL_FOLDER, served.proto, served.metadata, np.asarray(data.images["val"][:2]))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from cifar.contract.gallery import SAMPLES_FOLDER, read_samples
 from cifar.contract.images import decode_image
 from cifar.contract.registered_model import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
 from cifar.errors import CifarError
@@ -60,6 +61,12 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
     try:
         version = registered_version(production_uri(name), client)
     except mlflow.exceptions.MlflowException:
+        if name != MODEL_NAME:
+            dataset = name.removesuffix("-classifier")
+            raise CifarError(
+                f"no production version of '{name}' in {uri}. Train one with python train.py --dataset {dataset} "
+                f"and run python register.py --dataset {dataset}."
+            ) from None
         raise CifarError(
             f"no production version of '{name}' in {uri}. Run: python register.py --import-bundled "
             "(the model shipped with the repository), or train one and run python register.py."
@@ -85,6 +92,24 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
         tags.trust(),
         tags.precision_name,
     )
+
+
+def served_model_names() -> list[str]:
+    """The registered models that have a production version, by name."""
+    mlflow = _mlflow()
+    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        ping_tracking_server(mlflow.get_tracking_uri())
+    models = mlflow.MlflowClient().search_registered_models()
+    return sorted(m.name for m in models if PRODUCTION in (m.aliases or {}))
+
+
+def model_samples(run_id: str) -> list[tuple[str, bytes]]:
+    """(true class, PNG bytes) of the test images the model's run carries; none for a run without them."""
+    try:
+        folder = _mlflow().artifacts.download_artifacts(run_id=run_id, artifact_path=SAMPLES_FOLDER)
+    except Exception:  # a run logged before runs carried samples: the page says so
+        return []
+    return [(label, path.read_bytes()) for label, path in read_samples(Path(folder))]
 
 
 @dataclass(frozen=True)
