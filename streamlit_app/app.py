@@ -81,7 +81,7 @@ def report_for(run_id: str, tracking_uri: str) -> serving.RunReport:
 
 
 @st.cache_data(show_spinner=False)
-def samples_for(run_id: str, tracking_uri: str) -> list[tuple[str, bytes]]:
+def samples_for(run_id: str, tracking_uri: str) -> list[tuple[str, Path, bytes]]:
     return serving.model_samples(run_id) if run_id else []
 
 
@@ -163,20 +163,17 @@ def _pct(value: str) -> str:
         return value
 
 
-def predict_page(predictor: serving.Predictor, samples: list[tuple[str, bytes]], title: str) -> None:
+def predict_page(predictor: serving.Predictor, samples: list[tuple[str, Path, bytes]], title: str) -> None:
     uploads = st.file_uploader("Upload one or more images", type=UPLOAD_TYPES, accept_multiple_files=True)
     with st.expander("Take a photo with the camera"):
         photo = st.camera_input("Camera")
     if samples:
         st.markdown(f"**Or click a sample {title} test image:**")
         columns = st.columns(10)
-        seen: dict[str, int] = {}
-        for i, (label, image) in enumerate(samples):
-            seen[label] = seen.get(label, -1) + 1
-            name = f"{label}_{seen[label]}"  # the sample's own name, also its button's key
+        for i, (label, file, image) in enumerate(samples):
             columns[i % 10].image(image, width=48)
-            if columns[i % 10].button(label, key=f"sample-{name}"):
-                st.session_state["sample"] = (f"{name}.png", image)
+            if columns[i % 10].button(label, key=f"sample-{file.stem}"):
+                st.session_state["sample"] = (file.name, image)
     else:
         st.caption("This model's run carries no sample images.")
     items = [(u.name, u.getvalue()) for u in uploads or []]
@@ -189,7 +186,7 @@ def predict_page(predictor: serving.Predictor, samples: list[tuple[str, bytes]],
         show_prediction(name, data, predictor)
 
 
-def model_page(info: serving.ModelInfo, samples: list[tuple[str, bytes]]) -> None:
+def model_page(info: serving.ModelInfo, samples: list[tuple[str, Path, bytes]]) -> None:
     report = report_for(info.run_id, info.tracking_uri) if info.run_id else serving.RunReport(None, None, None)
     st.subheader("Per-class accuracy on the test split")
     if report.per_class is not None:
@@ -216,7 +213,7 @@ def model_page(info: serving.ModelInfo, samples: list[tuple[str, bytes]]) -> Non
         cell.metric(label, f"{float(value):.3f}" if value else "not measured", help=help_text)
     if not trust:
         st.caption("Measure them with python -m cifar calibrate and python -m cifar robustness.")
-    ms = latency_for(info.uri, info.tracking_uri, samples[0][1]) if samples else None
+    ms = latency_for(info.uri, info.tracking_uri, samples[0][2]) if samples else None
     shown = f"{ms:.1f} ms" if ms is not None else "not measured (no sample image)"
     st.metric("One prediction (decode, resize, predict; median of 20)", shown)
 

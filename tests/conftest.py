@@ -289,7 +289,7 @@ def streamlit_app(env: dict, tmp_path: Path):
         server = subprocess.Popen(
             [PYTHON, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"), "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
@@ -297,12 +297,7 @@ def streamlit_app(env: dict, tmp_path: Path):
                 pytest.fail(f"streamlit did not start: {log_path.read_text()[-2000:]}")
             yield url
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process_group(server, timeout=20)
             print(f"streamlit log (last lines): {log_path.read_text()[-1500:]}")
 
 

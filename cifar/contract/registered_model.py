@@ -23,10 +23,14 @@ def model_name(dataset: str | None = None) -> str:
     return f"{dataset or 'cifar10'}-classifier"
 
 
+def dataset_of(name: str) -> str:
+    """The dataset a registered model was named for (``model_name``'s inverse)."""
+    return name.removesuffix("-classifier")
+
+
 def model_title(name: str) -> str:
     """How the app names a registered model's classifier: ``CIFAR-10``, ``Fashion-MNIST``, else the dataset's name."""
-    dataset = name.removesuffix("-classifier")
-    return {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST"}.get(dataset, dataset)
+    return {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST"}.get(dataset_of(name), dataset_of(name))
 
 
 def production_uri(name: str = MODEL_NAME) -> str:

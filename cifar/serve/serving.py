@@ -16,7 +16,14 @@ from PIL import Image
 
 from cifar.contract.gallery import SAMPLES_FOLDER, read_samples
 from cifar.contract.images import decode_image
-from cifar.contract.registered_model import MODEL_NAME, PRODUCTION, VersionTags, production_uri, registered_version
+from cifar.contract.registered_model import (
+    MODEL_NAME,
+    PRODUCTION,
+    VersionTags,
+    dataset_of,
+    production_uri,
+    registered_version,
+)
 from cifar.errors import CifarError
 from cifar.serve.inference import Predictor
 from cifar.serve.occlusion import heatmap_overlay
@@ -62,7 +69,7 @@ def production_model(name: str = MODEL_NAME) -> ModelInfo:
         version = registered_version(production_uri(name), client)
     except mlflow.exceptions.MlflowException:
         if name != MODEL_NAME:
-            dataset = name.removesuffix("-classifier")
+            dataset = dataset_of(name)
             raise CifarError(
                 f"no production version of '{name}' in {uri}. Train one with python train.py --dataset {dataset} "
                 f"and run python register.py --dataset {dataset}."
@@ -103,13 +110,13 @@ def served_model_names() -> list[str]:
     return sorted(m.name for m in models if PRODUCTION in (m.aliases or {}))
 
 
-def model_samples(run_id: str) -> list[tuple[str, bytes]]:
-    """(true class, PNG bytes) of the test images the model's run carries; none for a run without them."""
+def model_samples(run_id: str) -> list[tuple[str, Path, bytes]]:
+    """(true class, file, PNG bytes) of the test images the model's run carries; none for a run without them."""
     try:
         folder = _mlflow().artifacts.download_artifacts(run_id=run_id, artifact_path=SAMPLES_FOLDER)
     except Exception:  # a run logged before runs carried samples: the page says so
         return []
-    return [(label, path.read_bytes()) for label, path in read_samples(Path(folder))]
+    return [(label, path, path.read_bytes()) for label, path in read_samples(Path(folder))]
 
 
 @dataclass(frozen=True)
