@@ -91,7 +91,8 @@ def test_a_time_budget_chooses_the_epochs_here_and_training_ends_within_it(tmp_p
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "CIFAR_DATA": str(prepared_dir), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     result = run_cli(
-        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "1", "--time-budget", "12", "--no-progress"],
+        # --epochs asks for far more than 12 s hold, so a plan of any size (1 on a loaded machine) is the budget's
+        [str(ROOT / "train.py"), "--experiment", "smoke", "--epochs", "1000", "--time-budget", "12", "--no-progress"],
         env=env,
         cwd=tmp_path,
     )
@@ -109,7 +110,7 @@ def test_a_time_budget_chooses_the_epochs_here_and_training_ends_within_it(tmp_p
     # each move starts where the one before ended; the last ends at the epochs that ran (none: the plan ran)
     ends = [epochs] + [int(m.split(" -> ")[1].split(" ")[0]) for m in moves]
     assert ends[-1] == ran and all(f"{a} -> {b} " in m for a, b, m in zip(ends, ends[1:], moves)), moves
-    assert epochs > 1 and len(client.get_metric_history(run.info.run_id, "train/loss")) == ran  # not --epochs 1
+    assert epochs < 1000 and len(client.get_metric_history(run.info.run_id, "train/loss")) == ran  # not --epochs
     assert f"of {ran})" in tags["mlflow.note.content"]  # the description names the epochs that ran
     assert run.info.run_name == "smoke-small_cnn-12s-s0"  # named by its budget: the deadline may move its epochs
     probe = float(tags["budget.reason"].split(": ")[1].split(" s ")[0])
