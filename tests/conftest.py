@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
@@ -276,29 +275,6 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-@contextlib.contextmanager
-def streamlit_app(env: dict, tmp_path: Path):
-    """``streamlit run streamlit_app/app.py`` on a free port of 127.0.0.1: yields its URL, stops it after."""
-    port = free_port()
-    # The server's output goes to a file: an unread pipe fills up (MLflow's download bars, warnings
-    # from 20 sessions) and then blocks the app mid-write, which looked like a page that never loads.
-    log_path = tmp_path / "streamlit.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [PYTHON, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            if not wait_until_serving(f"{url}/_stcore/health", server, 90):
-                pytest.fail(f"streamlit did not start: {log_path.read_text()[-2000:]}")
-            yield url
-        finally:
-            stop_process_group(server, timeout=20)
-            print(f"streamlit log (last lines): {log_path.read_text()[-1500:]}")
 
 
 def keep_screenshot(shot: Path) -> None:

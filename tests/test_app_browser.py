@@ -16,8 +16,8 @@ from conftest import (
     keep_screenshot,
     relabelled,
     run_cli,
-    streamlit_app,
 )
+from servers import streamlit_app
 
 CHECK_SECONDS = 30  # how often each open page asks for the production version (the app's default is 60)
 pytestmark = BROWSER_TEST
@@ -51,7 +51,7 @@ def test_upload_a_photo_in_chromium(app_url, tmp_path, mini_raw):
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(app_url)
             expect(page.get_by_text("cifar10-classifier version 1")).to_be_visible(timeout=60_000)
-            page.locator('input[type="file"]').first.set_input_files(str(photo))
+            page.locator('input[type="file"]').first.set_input_files(str(photo), timeout=60_000)
             expect(page.get_by_text("my_cat.jpg").first).to_be_visible(timeout=60_000)
             heading = page.locator("h3").filter(has_text="cat")
             expect(heading.first).to_be_visible(timeout=60_000)
@@ -80,7 +80,7 @@ def test_uniform_noise_is_flagged_none_of_these_in_chromium(app_url, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1300})
             page.goto(app_url)
             expect(page.get_by_text("cifar10-classifier version 1")).to_be_visible(timeout=60_000)
-            page.locator('input[type="file"]').first.set_input_files(str(noise))
+            page.locator('input[type="file"]').first.set_input_files(str(noise), timeout=60_000)
             expect(page.locator("h3").filter(has_text="none of these?").first).to_be_visible(timeout=60_000)
             expect(page.get_by_text("This does not look like any of the 10 classes").first).to_be_visible()
             expect(page.locator('[data-testid*="VegaLiteChart"]').first).to_be_visible(timeout=30_000)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
-from conftest import BROWSER_TEST, CHROMIUM, CHROMIUM_FLAGS, ROOT, clean_env, keep_screenshot, run_cli, streamlit_app
+from conftest import BROWSER_TEST, CHROMIUM, CHROMIUM_FLAGS, ROOT, clean_env, keep_screenshot, run_cli
 from PIL import Image
-from test_serving_rest import answers, serving
+from servers import answers, mlflow_models_serve, streamlit_app
 
 from cifar.data import load_cache, prepare_cache
 from cifar.data.fashion_mnist import FASHION_MNIST_CLASSES
@@ -46,7 +46,7 @@ def test_fashion_mnist_is_prepared_trained_tuned_registered_and_served(tmp_path,
 
     data = load_cache(data_dir / "fashion-mnist")
     sneakers = np.asarray(data.images["test"][data.labels["test"] == 7][:20])
-    with serving(env, tmp_path, "fashion", model="models:/fashion-mnist-classifier@production") as url:
+    with mlflow_models_serve(env, tmp_path, "fashion", model="models:/fashion-mnist-classifier@production") as url:
         labels = answers(url, sneakers)["label"]
     assert set(labels) <= set(FASHION_MNIST_CLASSES)
     assert labels.count("Sneaker") >= 12, labels  # 20 test sneakers, a 2-epoch model on 2,000 images
@@ -64,11 +64,12 @@ def app_page(env: dict, tmp_path, upload) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url)
-            expect(page.get_by_role("heading", name="Fashion-MNIST classifier")).to_be_visible(timeout=60_000)
+            expect.set_options(timeout=60_000)  # the page draws in stages (model, then gallery): slow when loaded
+            expect(page.get_by_role("heading", name="Fashion-MNIST classifier")).to_be_visible()
             expect(page.get_by_text(" · ".join(FASHION_MNIST_CLASSES))).to_be_visible()
             expect(page.get_by_text("fashion-mnist-classifier version 1")).to_be_visible()
             expect(page.get_by_role("button", name="Ankle boot").first).to_be_visible()  # its run's gallery
-            page.locator('input[type="file"]').first.set_input_files(str(upload))
+            page.locator('input[type="file"]').first.set_input_files(str(upload), timeout=60_000)
             expect(page.get_by_text("my_sneaker.png").first).to_be_visible(timeout=60_000)
             expect(page.locator("h3").filter(has_text="Sneaker").first).to_be_visible(timeout=60_000)
             expect(page.locator('[data-testid*="VegaLiteChart"]').first).to_be_visible(timeout=30_000)

@@ -94,7 +94,7 @@ def test_heroku_tree_installs_small_and_serves_from_its_procfile(tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 1100})
                 page.goto(url)
                 expect(page.get_by_text("cifar10-classifier version 1")).to_be_visible(timeout=90_000)
-                page.get_by_role("button", name="ship").first.click()
+                page.get_by_role("button", name="ship").first.click(timeout=60_000)
                 expect(page.locator("h3").filter(has_text="ship").first).to_be_visible(timeout=60_000)
                 expect(page.get_by_text("confident").first).to_be_visible()
                 time.sleep(1.5)  # let the chart finish drawing before the picture

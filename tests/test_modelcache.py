@@ -126,6 +126,13 @@ def test_fingerprint_follows_every_write_and_only_sqlite_is_cached(tmp_path, mon
     with sqlite3.connect(db) as connection:
         connection.execute("insert into t values (1)")
     assert modelcache.store_state(uri, uri) != before
+    inode, size, mtime = (lambda s: (s.st_ino, s.st_size, s.st_mtime_ns))(db.stat())
+    before = modelcache.store_state(uri, uri)
+    with sqlite3.connect(db) as connection:  # a same-size write...
+        connection.execute("update t set x = 2")
+    os.utime(db, ns=(mtime, mtime))  # ...within the same clock tick as the last one
+    assert (db.stat().st_ino, db.stat().st_size) == (inode, size)
+    assert modelcache.store_state(uri, uri) != before
     for other in ("http://127.0.0.1:5000", "postgresql://u@127.0.0.1/mlflow", "databricks"):
         assert modelcache.store_state(other, other) is None
         assert modelcache.store_state(uri, other) is None

@@ -60,7 +60,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared_dir
     assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/checkpoint.safetensors"]
     local = tmp_path / "checkpoints" / run_id / "checkpoint.safetensors"
     _, info = load_checkpoint(local)
-    assert info["epoch"] == 2 and 0 < info["step"] < 50, "stopped mid-epoch"
+    # mid-epoch: epoch 2, or 3 when a loaded machine delivered the signal after epoch 2's last step
+    assert info["epoch"] in (2, 3) and 0 < info["step"] < 50, "stopped mid-epoch"
     local.unlink()  # resume from the copy logged to the run, as on another machine
 
     resumed = run_cli(

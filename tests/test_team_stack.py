@@ -6,6 +6,7 @@ Needs PostgreSQL's server binaries (Debian ``postgresql``; ``make system-deps`` 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tempfile
 import time
@@ -169,7 +170,9 @@ def test_training_survives_the_server_going_away(stack, prepared_dir, tmp_path, 
         server.stop()
         if back_before_the_end:
             read_until(process, "warning: cannot reach the tracking server")
+            process.send_signal(signal.SIGSTOP)  # training waits while the server restarts (however slowly)
             server.start()
+            process.send_signal(signal.SIGCONT)
         out, _ = process.communicate(timeout=600)
     finally:
         if process.poll() is None:

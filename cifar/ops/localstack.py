@@ -151,7 +151,8 @@ class MlflowServer:
             str(self.workers),
         ]
 
-    def start(self, timeout: float = 90) -> MlflowServer:
+    def start(self, timeout: float = 300) -> MlflowServer:
+        # 300 s: the first start on an empty PostgreSQL runs all of MLflow's migrations, minutes on 2 busy cores
         # The job runner (8 huey workers, ~3 GB) serves MLflow's GenAI jobs, which this project does not use.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
