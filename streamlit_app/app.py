@@ -172,7 +172,7 @@ def predict_page(predictor: serving.Predictor, samples: list[tuple[str, Path, by
         columns = st.columns(10)
         for i, (label, file, image) in enumerate(samples):
             columns[i % 10].image(image, width=48)
-            if columns[i % 10].button(label, key=f"sample-{file.stem}"):
+            if columns[i % 10].button(label, key=f"sample-{file.stem}", wrap=True):  # "Ankle boot" whole, not "Ankle …"
                 st.session_state["sample"] = (file.name, image)
     else:
         st.caption("This model's run carries no sample images.")
