@@ -34,12 +34,13 @@ FORMATS = {
     "PPM": ("1", "L", "RGB"),
     "TGA": ("L", "P", "RGB", "RGBA"),
 }
-LIMITS = settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+# deadline=None: check() bounds each decode by CPU time; a wall-clock deadline would measure the load beside it
+LIMITS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def check(data: bytes) -> str:
     """Decode; return 'ok' or 'error', asserting the contract either way."""
-    start = time.perf_counter()
+    start = time.thread_time()  # this thread's CPU time: work done, however loaded the machine
     try:
         array = decode_image(data)
     except CifarError as exc:
@@ -48,7 +49,7 @@ def check(data: bytes) -> str:
     else:
         assert array.shape == (32, 32, 3) and array.dtype == np.uint8
         outcome = "ok"
-    assert time.perf_counter() - start < 5
+    assert time.thread_time() - start < 5
     return outcome
 
 
@@ -156,12 +157,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 
 @pytest.mark.parametrize("width, height", [(20_000, 20_000), (9_000, 9_000), (1_000_000, 100)])
 def test_decompression_bombs_are_refused_before_decoding(width, height, tmp_path):
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: never decoded, however loaded the machine
     data = png_claiming(width, height)
     assert len(data) < 200
     with pytest.raises(CifarError, match=f"too large.*limit is {MAX_PIXELS:,} pixels"):
         decode_image(data)
-    assert time.perf_counter() - start < 1
+    assert time.thread_time() - start < 1
     # The peak memory of a fresh process (ru_maxrss is a lifetime peak: this one's is long past)
     (tmp_path / "bomb.png").write_bytes(data)
     out = subprocess.run([sys.executable, "-c", PEAK_GROWTH, str(tmp_path / "bomb.png")], cwd=ROOT,
