@@ -100,9 +100,7 @@ def all_at_once(write) -> None:
     assert not errors, errors
 
 
-@pytest.mark.parametrize("write_order", [worst_last, all_at_once], ids=["worst-last", "barrier"])
-def test_concurrent_promotions_end_in_the_same_registry(store, served, write_order):
-    runs = read_then_write(served, write_order)
+def assert_one_registry(runs: dict) -> None:
     client = mlflow.MlflowClient()
     versions = {v.run_id: v for v in client.search_model_versions(f"name = '{NAME}'")}
     assert len(versions) == 5  # no promotion lost
@@ -112,3 +110,31 @@ def test_concurrent_promotions_end_in_the_same_registry(store, served, write_ord
     assert [v.run_id for v in versions.values() if v.current_stage == "Production"] == [runs[0.9]]
     assert production.tags["val_accuracy"] == "0.900000"
     assert {v.tags["promotion"] for v in versions.values()} == {"won"}
+
+
+@pytest.mark.parametrize("write_order", [worst_last, all_at_once], ids=["worst-last", "barrier"])
+def test_concurrent_promotions_end_in_the_same_registry(store, served, write_order):
+    assert_one_registry(read_then_write(served, write_order))
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_an_alias_another_promoter_created_at_the_same_moment_is_read_again(store, served, monkeypatch):
+    """``mlflow server`` on PostgreSQL sets an alias by select-then-insert, so two promoters creating
+    ``previous`` at once leave one with a unique-key violation (seen in CI). That one reads again."""
+    from mlflow.exceptions import MlflowException
+
+    real, clashes = mlflow.MlflowClient.set_registered_model_alias, []
+
+    def clashing(self, name, alias, version):
+        real(self, name, alias, version)  # the other promoter's insert landed first...
+        if alias == "previous" and not clashes:  # ...and this one's failed, as the server answers it
+            clashes.append(version)
+            raise MlflowException(
+                "BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "
+                '"registered_model_alias_pk"'
+            )
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", clashing)
+    runs = read_then_write(served, worst_last)
+    assert clashes
+    assert_one_registry(runs)

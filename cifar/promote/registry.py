@@ -126,12 +126,18 @@ def settle(name: str, attempts: int = 20) -> None:
         staged = sorted(str(v.version) for v in versions if v.current_stage == "Production")
         if production is None or (current, aliases.get(PREVIOUS), staged) == (production, previous, [production]):
             return
-        client.set_registered_model_alias(name, PRODUCTION, production)
-        if previous is not None:
-            client.set_registered_model_alias(name, PREVIOUS, previous)
-        elif PREVIOUS in aliases:
-            client.delete_registered_model_alias(name, PREVIOUS)
-        _sync_stage(name, production, versions)
+        try:
+            client.set_registered_model_alias(name, PRODUCTION, production)
+            if previous is not None:
+                client.set_registered_model_alias(name, PREVIOUS, previous)
+            elif PREVIOUS in aliases:
+                client.delete_registered_model_alias(name, PREVIOUS)
+            _sync_stage(name, production, versions)
+        except _mlflow().exceptions.MlflowException as exc:
+            # MLflow's store sets an alias by select-then-insert: two promoters creating the same one at
+            # once make one a unique-key violation. Another promoter wrote it: read again and repair.
+            if "unique" not in str(exc).lower() and "duplicate key" not in str(exc).lower():
+                raise
     raise CifarError(f"the registry of '{name}' kept changing while promoting; run python register.py --list to check")
 
 
