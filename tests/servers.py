@@ -19,53 +19,39 @@ PRODUCTION = "models:/cifar10-classifier@production"
 
 
 @contextlib.contextmanager
+def server(args: list[str], port: int, health: str, log_path: Path, timeout: float, **popen):
+    """Start ``args`` (listening on ``port``) in a process group of its own; yield its URL once ``health``
+    answers, and stop the whole group after. Its output goes to ``log_path``: an unread pipe fills up
+    (MLflow's download bars, warnings from 20 sessions) and then blocks the server mid-write."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        try:
+            if not wait_until_serving(f"{url}{health}", process, timeout):
+                pytest.fail(f"{log_path.stem} did not answer {health}: {log_path.read_text()[-3000:]}")
+            yield url
+        finally:
+            stop_process_group(process, timeout=20)
+            with contextlib.suppress(ProcessLookupError):  # a child the leader left behind (uvicorn after a 504)
+                os.killpg(process.pid, signal.SIGKILL)
+            print(f"{log_path.name} (last lines): {log_path.read_text()[-1500:]}")
+
+
 def streamlit_app(env: dict, tmp_path: Path):
     """``streamlit run streamlit_app/app.py`` on a free port of 127.0.0.1: yields its URL, stops it after."""
     port = free_port()
-    # The server's output goes to a file: an unread pipe fills up (MLflow's download bars, warnings
-    # from 20 sessions) and then blocks the app mid-write, which looked like a page that never loads.
-    log_path = tmp_path / "streamlit.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [PYTHON, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            if not wait_until_serving(f"{url}/_stcore/health", server, 90):
-                pytest.fail(f"streamlit did not start: {log_path.read_text()[-2000:]}")
-            yield url
-        finally:
-            stop_process_group(server, timeout=20)
-            print(f"streamlit log (last lines): {log_path.read_text()[-1500:]}")
+    args = [PYTHON, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"), "--server.port", str(port)]
+    args += ["--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    return server(args, port, "/_stcore/health", tmp_path / "streamlit.log", 90, env=env, cwd=ROOT)
 
 
-@contextlib.contextmanager
 def mlflow_models_serve(env: dict, root: Path, name: str, *options: str, model: str = PRODUCTION):
     """``mlflow models serve`` on 127.0.0.1 (a free port) for ``model`` (the production one); yields its URL."""
     port, bin_dir = free_port(), Path(sys.executable).parent
-    log_path = root / f"{name}.log"
-    log = open(log_path, "w")
-    server = subprocess.Popen(  # MLflow starts uvicorn from PATH: the venv's bin first
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local"]
-        + ["-h", "127.0.0.1", "-p", str(port), *options],
-        env=clean_env({**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}),
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # stopped with its uvicorn child
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_until_serving(f"{url}/ping", server, 240):
-            pytest.fail(f"the scoring server did not answer /ping: {log_path.read_text()[-3000:]}")
-        yield url
-    finally:
-        stop_process_group(server)
-        with contextlib.suppress(ProcessLookupError):  # uvicorn waits for a request MLflow cannot stop (a 504's)
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+    args = [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local"]
+    args += ["-h", "127.0.0.1", "-p", str(port), *options]
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"  # MLflow starts uvicorn from PATH: the venv's bin first
+    return server(args, port, "/ping", root / f"{name}.log", 240, env=clean_env({**env, "PATH": path}), cwd=root)
 
 
 def inputs(images) -> str:

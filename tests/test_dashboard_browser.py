@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import optuna
 import pytest
 from conftest import (
@@ -14,9 +12,8 @@ from conftest import (
     clean_env,
     free_port,
     keep_screenshot,
-    stop_process_group,
-    wait_until_serving,
 )
+from servers import server
 
 pytestmark = BROWSER_TEST
 
@@ -32,22 +29,10 @@ def dashboard(tmp_path):
     pruned = study.ask({"optim.lr": optuna.distributions.FloatDistribution(0.05, 2.0, log=True)})
     study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
     port = free_port()
-    server = subprocess.Popen(
-        ["make", "--no-print-directory", "dashboard", f"DASHBOARD_PORT={port}"],
-        cwd=ROOT,
-        env=clean_env({"OPTUNA_STORAGE": storage}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # make, then optuna-dashboard and its workers: stopped as one group
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_until_serving(f"{url}/api/studies", server, 120):
-            pytest.fail(f"make dashboard did not serve: {server.stdout.read()[-2000:] if server.poll() else ''}")
+    args = ["make", "--no-print-directory", "dashboard", f"DASHBOARD_PORT={port}"]  # make, optuna-dashboard: one group
+    with server(args, port, "/api/studies", tmp_path / "dashboard.log", 120, cwd=ROOT,
+                env=clean_env({"OPTUNA_STORAGE": storage})) as url:  # fmt: skip
         yield url
-    finally:
-        stop_process_group(server)
 
 
 def test_the_dashboard_lists_the_study_and_its_trials(dashboard, tmp_path):

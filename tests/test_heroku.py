@@ -6,7 +6,6 @@ import subprocess
 import time
 import venv
 
-import pytest
 from conftest import (
     BROWSER_TEST,
     CHROMIUM,
@@ -15,9 +14,8 @@ from conftest import (
     ROOT,
     free_port,
     keep_screenshot,
-    stop_process_group,
-    wait_until_serving,
 )
+from servers import server
 
 pytestmark = BROWSER_TEST
 SLUG_LIMIT_MB = 500  # Heroku's, on the slug after compression
@@ -76,15 +74,7 @@ def test_heroku_tree_installs_small_and_serves_from_its_procfile(tmp_path):
     web = next(line.split(":", 1)[1].strip() for line in procfile if line.startswith("web:"))
     port = free_port()
     env = {"PATH": f"{env_dir / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path / "home"), "PORT": str(port)}
-    log = open(tmp_path / "web.log", "w")  # a file, not a pipe: an unread pipe fills and blocks the app
-    server = subprocess.Popen(
-        ["bash", "-c", web], cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_until_serving(f"{url}/_stcore/health", server, 180):
-            pytest.fail(f"the web command did not serve: {(tmp_path / 'web.log').read_text()[-3000:]}")
-
+    with server(["bash", "-c", web], port, "/_stcore/health", tmp_path / "web.log", 180, cwd=tree, env=env) as url:
         # (5) Chromium loads the page and predicts a sample.
         from playwright.sync_api import expect, sync_playwright
 
@@ -103,7 +93,3 @@ def test_heroku_tree_installs_small_and_serves_from_its_procfile(tmp_path):
             finally:
                 browser.close()
         keep_screenshot(shot)
-    finally:
-        stop_process_group(server)
-        log.close()
-        print(f"web log (last lines): {(tmp_path / 'web.log').read_text()[-1500:]}")
